@@ -1,0 +1,9 @@
+"""vcrd: fused, validity-calibrated and distribution-corrected reasoning distillation losses."""
+
+from .config import VCRDConfig
+from .functional import vcrd_loss
+from .losses import VCRDLoss
+from .stats import VCRDStats
+
+__all__ = ["VCRDConfig", "VCRDLoss", "VCRDStats", "vcrd_loss"]
+__version__ = "0.1.0"

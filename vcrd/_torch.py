@@ -1,0 +1,170 @@
+"""The CPU fast path: rows in chunks, loss and gradient computed together in the forward pass.
+
+Per chunk of rows, in order: (1) statistics sweep over the chunk's logits (both LSEs, label
+log-probs, argmaxes and the teacher's judgement of them, H_u, CE_su, D); (2) the weights, from
+the causal window whose prefix sums carry across chunks (SPEC §5: the window is causal, so the
+chunk's weights are final once its own rows are in); (3) gradient sweep writing the chunk's rows
+of ``∂L/∂s`` (unnormalised; the backward scales by ``grad_output / Z``). The chunk is still in
+cache for (3). The per-chunk math is plain tensor code that ``torch.compile`` can fuse
+(``compile=True`` / ``VCRD_COMPILE=1``); the only ``[N, V]`` buffer is the gradient itself.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+
+from .config import VCRDConfig
+from .inputs import RowBatch
+from .windows import CausalWindowMean
+
+Rows = Dict[str, torch.Tensor]
+
+
+def _plogr(w: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
+    return torch.where(w > 0, w * log_ratio, 0.0)
+
+
+def _log_mixture(logp: torch.Tensor, logq: torch.Tensor, beta: float) -> torch.Tensor:
+    return torch.logaddexp(logq + math.log(beta), logp + math.log1p(-beta))
+
+
+def chunk_stats(s: torch.Tensor, u: torch.Tensor, y: torch.Tensor, temperature: float,
+                divergence: str, beta: float, need_lse1: bool) -> Rows:
+    """One sweep over a chunk ``s, u [C, V]``, ``y [C]`` (ignored rows: any in-range label).
+
+    Returns ``[C]`` fp32 rows: ``lse_s, lse_u, lp_s, lp_u, lq_as, lq_au, H_u, CE_su, D, agree``
+    and ``lse1`` (untempered student LSE, for CE) when ``need_lse1``. Sums are taken against the
+    row maxima (``e = exp((x - max)/T)``) so one read after the max gives every statistic; the
+    log-ratio inside a sum is ``d = (u - s)/T - (max u - max s)/T``, small when the models agree.
+    """
+    dtype = torch.promote_types(s.dtype, torch.float32)
+    x, z = s.to(dtype), u.to(dtype)
+    V = x.shape[-1]
+    mx, mz = x.amax(-1, keepdim=True), z.amax(-1, keepdim=True)
+    index = torch.arange(V, device=x.device)
+    a_s = torch.where(x == mx, index, V).amin(-1, keepdim=True)
+    a_u = torch.where(z == mz, index, V).amin(-1, keepdim=True)
+    xs, zs = (x - mx) / temperature, (z - mz) / temperature  # tempered, shifted: <= 0
+    es, eu = xs.exp(), zs.exp()
+    Ss, Su = es.sum(-1), eu.sum(-1)
+    log_Ss, log_Su = Ss.log(), Su.log()
+    lse_s, lse_u = mx.squeeze(-1) / temperature + log_Ss, mz.squeeze(-1) / temperature + log_Su
+    logq_row = lambda idx: zs.gather(1, idx).squeeze(-1) - log_Su  # noqa: E731
+    rows = dict(
+        lse_s=lse_s, lse_u=lse_u,
+        lp_s=xs.gather(1, y[:, None]).squeeze(-1) - log_Ss, lp_u=logq_row(y[:, None]),
+        lq_as=logq_row(a_s), lq_au=logq_row(a_u), agree=(a_s == a_u).squeeze(-1),
+        H_u=log_Su - _plogr(eu, zs).sum(-1) / Su,
+        CE_su=log_Su - _plogr(es, zs).sum(-1) / Ss,
+    )
+    if divergence == "fkl":
+        rows["D"] = _plogr(eu, zs - xs).sum(-1) / Su + log_Ss - log_Su
+    elif divergence == "rkl":
+        rows["D"] = _plogr(es, xs - zs).sum(-1) / Ss + log_Su - log_Ss
+    else:
+        logp, logq = xs - log_Ss[:, None], zs - log_Su[:, None]
+        logm = _log_mixture(logp, logq, beta)
+        rows["D"] = beta * _plogr(logq.exp(), logq - logm).sum(-1) + (1 - beta) * _plogr(logp.exp(), logp - logm).sum(-1)
+    if need_lse1:
+        rows["lse1"] = lse_s if temperature == 1.0 else mx.squeeze(-1) + torch.logsumexp(x - mx, -1)
+    return rows
+
+
+def chunk_grad(s: torch.Tensor, u: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, lse_s: torch.Tensor, lse_u: torch.Tensor,
+               lse1: Optional[torch.Tensor], D: torch.Tensor, coef_kd: torch.Tensor, coef_ce: torch.Tensor,
+               temperature: float, divergence: str, beta: float) -> torch.Tensor:
+    """``coef_kd ⊙ ∂D/∂s + coef_ce ⊙ (softmax(s) - onehot(y))`` for a chunk, ``[C, V]``, 0 where not valid.
+
+    ``∂D/∂s`` is ``(p - q)/T`` (fkl), ``p ⊙ (log p - log q - D)/T`` (rkl),
+    ``(1-β)/T · p ⊙ (log p - log m - KL(p‖m))`` (jsd, with ``m = βq + (1-β)p``).
+    """
+    dtype = torch.promote_types(s.dtype, torch.float32)
+    logp = s.to(dtype) / temperature - lse_s[:, None]
+    logq = u.to(dtype) / temperature - lse_u[:, None]
+    p = logp.exp()
+    if divergence == "fkl":
+        dD = p - logq.exp()
+    elif divergence == "rkl":
+        dD = _plogr(p, logp - logq - D[:, None])
+    else:
+        logm = _log_mixture(logp, logq, beta)
+        kl_pm = _plogr(p, logp - logm).sum(-1, keepdim=True)
+        dD = (1 - beta) * _plogr(p, logp - logm - kl_pm)
+    grad = (coef_kd / temperature)[:, None] * dD
+    if lse1 is not None:
+        p1 = (s.to(dtype) - lse1[:, None]).exp()
+        grad = grad + coef_ce[:, None] * p1
+        grad = grad.scatter_add(1, y[:, None], -coef_ce[:, None])
+    return torch.where(valid[:, None], grad, 0.0)
+
+
+def _compiled(fn):
+    return torch.compile(fn, dynamic=True)
+
+
+_COMPILED = {}
+
+
+def _kernels(compile: bool):
+    if not compile:
+        return chunk_stats, chunk_grad
+    if not _COMPILED:
+        _COMPILED["stats"], _COMPILED["grad"] = _compiled(chunk_stats), _compiled(chunk_grad)
+    return _COMPILED["stats"], _COMPILED["grad"]
+
+
+def weights(rows: Rows, valid: torch.Tensor, window: CausalWindowMean, cfg: VCRDConfig) -> Rows:
+    """``g, w_val, n, w_dc`` for one chunk's rows (SPEC §4–5); pushes the chunk into ``window``."""
+    if cfg.validity == "argmax":
+        g = rows["lq_au"] - rows["lq_as"]
+    elif cfg.validity == "expected":
+        g = rows["CE_su"] - rows["H_u"]
+    else:
+        g = torch.zeros_like(rows["D"])
+    if cfg.validity is None:
+        w_val = torch.ones_like(g)
+    else:
+        w_val = cfg.validity_floor + (1 - cfg.validity_floor) * torch.sigmoid((g - cfg.validity_margin) / cfg.validity_tau)
+    means = window.push(torch.stack([rows["lp_s"], rows["lp_s"] - rows["lp_u"]], 1), valid)
+    n, lbar = means[:, 0], means[:, 1]
+    w_dc = torch.sigmoid((lbar - cfg.correction_bias) / cfg.correction_tau) if cfg.correction else torch.ones_like(g)
+    return dict(g=g, w_val=w_val, n=n, w_dc=w_dc)
+
+
+def loss_and_grad(batch: RowBatch, cfg: VCRDConfig, grad_out: Optional[torch.Tensor], grad_scale: float,
+                  chunk_rows: int, compile: bool) -> Rows:
+    """Rows of SPEC §2–6 for a checked batch, writing ``grad_scale · ∂(Σ_r loss_r)/∂s`` into ``grad_out``.
+
+    ``grad_out`` is ``[N, V]`` (a view of the student gradient, any float dtype) or None for no
+    gradient. Returns ``[N]`` rows: ``per_row`` (unnormalised ``m·[kd·w·D + ce·CE]``), ``w``
+    (``m·w``), and the statistics of SPEC §7.
+    """
+    s, u, y, valid, starts = batch.s, batch.u, batch.labels, batch.valid, batch.starts
+    N = s.shape[0]
+    stats_fn, grad_fn = _kernels(compile)
+    divergence, T, beta = cfg.effective_divergence, cfg.temperature, cfg.beta
+    need_ce = cfg.ce_weight > 0
+    window = CausalWindowMean(starts, 2)
+    parts = []
+    for c0 in range(0, N, chunk_rows):
+        c1 = min(N, c0 + chunk_rows)
+        sc, uc, yc, vc = s[c0:c1], u[c0:c1], y[c0:c1], valid[c0:c1]
+        rows = stats_fn(sc, uc, yc, T, divergence, beta, need_ce)
+        rows.update(weights(rows, vc, window, cfg))
+        w = rows["w_val"] * rows["w_dc"]
+        coef_kd = torch.where(vc, grad_scale * cfg.kd_weight * w, 0.0)
+        coef_ce = torch.where(vc, grad_scale * cfg.ce_weight, 0.0)
+        ce = rows["lse1"] - sc.gather(1, yc[:, None]).squeeze(-1).to(w.dtype) if need_ce else 0.0
+        rows["per_row"] = torch.where(vc, cfg.kd_weight * w * rows["D"] + cfg.ce_weight * ce, 0.0)
+        rows["w"] = torch.where(vc, w, 0.0)
+        if grad_out is not None:
+            grad_out[c0:c1] = grad_fn(sc, uc, yc, vc, rows["lse_s"], rows["lse_u"], rows.get("lse1"), rows["D"],
+                                  coef_kd, coef_ce, T, divergence, beta)
+        parts.append(rows)
+    if not parts:
+        empty = torch.zeros(0, dtype=torch.promote_types(s.dtype, torch.float32), device=s.device)
+        return {k: empty for k in ("per_row", "w", "D", "w_val", "w_dc", "g", "n", "lp_s", "lp_u", "agree")}
+    return {k: torch.cat([r[k] for r in parts]) for k in parts[0]}

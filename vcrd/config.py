@@ -1,0 +1,116 @@
+"""The loss options as one dataclass (SPEC §9), with the presets ``kd``, ``discord`` and ``vcrd``.
+
+Every default below is vcrd's own choice (the papers give no numbers); docs/spec.md labels them so.
+Invalid values raise ``ValueError`` when the config is built, before any tensor is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal, Optional, Union
+
+Divergence = Literal["fkl", "rkl", "jsd"]
+Validity = Optional[Literal["argmax", "expected"]]
+
+PRESETS = ("kd", "discord", "vcrd")
+
+
+@dataclass(frozen=True)
+class VCRDConfig:
+    """Options of the VCRD loss; field names and defaults are those of SPEC §9.
+
+    ``divergence`` picks D_r (§3), ``validity`` the validity gap g_r (§4), ``correction`` and
+    ``window_steps`` the distribution-correction weight over the causal local window (§5),
+    ``kd_weight``/``ce_weight``/``normalize`` the final sum (§6).
+    """
+
+    divergence: Divergence = "fkl"
+    beta: float = 0.5
+    temperature: float = 1.0
+    validity: Validity = "argmax"
+    validity_floor: float = 0.1
+    validity_margin: float = 0.5
+    validity_tau: float = 0.25
+    correction: bool = True
+    window_steps: Optional[int] = 4
+    correction_bias: float = 0.0
+    correction_tau: float = 1.0
+    kd_weight: float = 1.0
+    ce_weight: float = 0.0
+    normalize: Literal["tokens", "weights"] = "tokens"
+    ignore_index: int = -100
+
+    def __post_init__(self) -> None:
+        def bad(name: str, expected: str) -> ValueError:
+            return ValueError(f"VCRDConfig.{name}: expected {expected}, got {getattr(self, name)!r}")
+
+        if self.divergence not in ("fkl", "rkl", "jsd"):
+            raise bad("divergence", "'fkl', 'rkl' or 'jsd'")
+        if self.validity not in ("argmax", "expected", None):
+            raise bad("validity", "'argmax', 'expected' or None")
+        if self.normalize not in ("tokens", "weights"):
+            raise bad("normalize", "'tokens' or 'weights'")
+        for name in ("beta", "temperature", "validity_floor", "validity_margin", "validity_tau",
+                     "correction_bias", "correction_tau", "kd_weight", "ce_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+                raise bad(name, "a real number")
+        if not 0.0 <= self.beta <= 1.0:
+            raise bad("beta", "a number in [0, 1]")
+        if self.temperature <= 0:
+            raise bad("temperature", "a number > 0")
+        if not 0.0 <= self.validity_floor <= 1.0:
+            raise bad("validity_floor", "a number in [0, 1]")
+        if self.validity_tau <= 0:
+            raise bad("validity_tau", "a number > 0")
+        if self.correction_tau <= 0:
+            raise bad("correction_tau", "a number > 0")
+        if self.kd_weight < 0 or self.ce_weight < 0:
+            raise bad("kd_weight" if self.kd_weight < 0 else "ce_weight", "a number >= 0")
+        if not isinstance(self.correction, bool):
+            raise bad("correction", "True or False")
+        if self.window_steps is not None and (
+            isinstance(self.window_steps, bool) or not isinstance(self.window_steps, int) or self.window_steps < 0
+        ):
+            raise bad("window_steps", "an int >= 0 or None")
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise bad("ignore_index", "an int")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "VCRDConfig":
+        """A named preset (``kd``, ``discord`` or ``vcrd``), with any field overridden.
+
+        ``kd``: forward KL, no weights. ``discord``: forward KL with per-token distribution
+        correction. ``vcrd``: the defaults (argmax validity, correction over a 4-step window).
+        """
+        base = {
+            "kd": dict(validity=None, correction=False),
+            "discord": dict(validity=None, correction=True, window_steps=None),
+            "vcrd": {},
+        }
+        if name not in base:
+            raise ValueError(f"preset: expected one of {PRESETS}, got {name!r}")
+        return cls(**{**base[name], **overrides})
+
+    def replace(self, **changes) -> "VCRDConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def effective_divergence(self) -> Divergence:
+        """The divergence actually computed: ``jsd`` with beta 0 is ``fkl``, with beta 1 ``rkl``."""
+        if self.divergence == "jsd" and self.beta in (0.0, 1.0):
+            return "fkl" if self.beta == 0.0 else "rkl"
+        return self.divergence
+
+
+def resolve_config(config: Union[VCRDConfig, str, None]) -> VCRDConfig:
+    """``None`` → the ``vcrd`` preset; a string → that preset; a ``VCRDConfig`` → itself."""
+    if config is None:
+        return VCRDConfig()
+    if isinstance(config, str):
+        return VCRDConfig.preset(config)
+    if isinstance(config, VCRDConfig):
+        return config
+    raise TypeError(f"config: expected a VCRDConfig, a preset name or None, got {type(config).__name__}")

@@ -1,0 +1,37 @@
+"""``nn.Module`` wrappers: they store options and call :mod:`vcrd.functional`."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from .config import VCRDConfig, resolve_config
+from .functional import vcrd_loss
+
+
+class VCRDLoss(nn.Module):
+    """Module form of :func:`vcrd.vcrd_loss`; ``config`` is a :class:`VCRDConfig` or a preset name.
+
+    ``forward(student_logits [N, V] | [B, T, V], teacher_logits, labels [N] | [B, T], step_ids=None,
+    cu_seqlens=None, num_items_in_batch=None, vocab_size=None, return_stats=False)``.
+    """
+
+    def __init__(self, config: Union[VCRDConfig, str, None] = None, *, reduction: str = "mean",
+                 impl: str = "auto") -> None:
+        super().__init__()
+        self.config = resolve_config(config)
+        self.reduction = reduction
+        self.impl = impl
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                step_ids: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None,
+                num_items_in_batch: Optional[Union[int, torch.Tensor]] = None, vocab_size: Optional[int] = None,
+                return_stats: bool = False):
+        return vcrd_loss(student_logits, teacher_logits, labels, step_ids=step_ids, cu_seqlens=cu_seqlens,
+                         config=self.config, num_items_in_batch=num_items_in_batch, vocab_size=vocab_size,
+                         reduction=self.reduction, impl=self.impl, return_stats=return_stats)
+
+    def extra_repr(self) -> str:
+        return f"config={self.config}, reduction={self.reduction!r}, impl={self.impl!r}"

@@ -1,0 +1,142 @@
+"""SPEC.md in plain PyTorch: the oracle every fast path is tested against.
+
+Readable over fast: full ``[N, V]`` log-softmaxes, windows built literally from their definition
+(an ``[N, N]`` mask), autograd for the gradient. Works in float64. Inputs are assumed valid
+(``vcrd.functional`` checks them); shapes follow SPEC §1.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+
+from .config import VCRDConfig, resolve_config
+from .stats import VCRDStats
+
+
+def _plogr(w: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
+    """``w * log_ratio`` with the convention ``0 * anything = 0`` (so ``0 log 0`` terms vanish)."""
+    return torch.where(w > 0, w * log_ratio, torch.zeros_like(w))
+
+
+def divergence(logp: torch.Tensor, logq: torch.Tensor, divergence: str, beta: float) -> torch.Tensor:
+    """``D_r`` of SPEC §3 per row from student/teacher log-probs ``[N, V]`` → ``[N]``."""
+    p, q = logp.exp(), logq.exp()
+    if divergence == "jsd" and beta == 0.0:
+        divergence = "fkl"
+    if divergence == "jsd" and beta == 1.0:
+        divergence = "rkl"
+    if divergence == "fkl":
+        return _plogr(q, logq - logp).sum(-1)
+    if divergence == "rkl":
+        return _plogr(p, logp - logq).sum(-1)
+    logm = torch.logaddexp(logq + torch.log(torch.tensor(beta, dtype=logq.dtype)),
+                           logp + torch.log1p(torch.tensor(-beta, dtype=logq.dtype)))
+    return beta * _plogr(q, logq - logm).sum(-1) + (1 - beta) * _plogr(p, logp - logm).sum(-1)
+
+
+def rows_layout(labels: torch.Tensor, step_ids: Optional[torch.Tensor],
+                cu_seqlens: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Sequence index and step index of every row, both ``[N]``, built with plain loops."""
+    if labels.dim() == 2:
+        B, T = labels.shape
+        seq = torch.arange(B).repeat_interleave(T)
+        pos = torch.arange(T).repeat(B)
+    else:
+        bounds = [0, labels.numel()] if cu_seqlens is None else cu_seqlens.tolist()
+        seq = torch.cat([torch.full((e - b,), i) for i, (b, e) in enumerate(zip(bounds[:-1], bounds[1:]))])
+        pos = torch.cat([torch.arange(e - b) for b, e in zip(bounds[:-1], bounds[1:])])
+    steps = pos if step_ids is None else step_ids.reshape(-1).cpu()
+    return seq, steps
+
+
+def window_mask(seq: torch.Tensor, steps: torch.Tensor, valid: torch.Tensor,
+                window_steps: Optional[int]) -> torch.Tensor:
+    """``[N, N]`` bool, row r marks W_r: same sequence, ``j <= r``, step >= step_r - k, j valid."""
+    n = seq.numel()
+    j, r = torch.arange(n)[None, :], torch.arange(n)[:, None]
+    if window_steps is None:
+        inside = j == r
+    else:
+        inside = (j <= r) & (seq[None, :] == seq[:, None]) & (steps[None, :] >= steps[:, None] - window_steps)
+    return inside & valid.cpu()[None, :]
+
+
+def vcrd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    step_ids: Optional[torch.Tensor] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    config: Union[VCRDConfig, str, None] = None,
+    num_items_in_batch: Optional[Union[int, torch.Tensor]] = None,
+    vocab_size: Optional[int] = None,
+    reduction: str = "mean",
+    return_stats: bool = False,
+):
+    """The VCRD loss of SPEC §1–7, straight from the formulas. Returns ``loss`` or ``(loss, stats)``."""
+    cfg = resolve_config(config)
+    V = vocab_size if vocab_size is not None else student_logits.shape[-1]
+    s = student_logits.reshape(-1, student_logits.shape[-1])[:, :V]
+    u = teacher_logits.reshape(-1, teacher_logits.shape[-1])[:, :V].detach()
+    y = labels.reshape(-1)
+    valid = y != cfg.ignore_index
+    y_safe = torch.where(valid, y, torch.zeros_like(y))
+    dtype = torch.promote_types(s.dtype, torch.float32)
+    T = cfg.temperature
+
+    logp = torch.log_softmax(s.to(dtype) / T, dim=-1)
+    logq = torch.log_softmax(u.to(dtype) / T, dim=-1)
+    D = divergence(logp, logq, cfg.divergence, cfg.beta)
+
+    with torch.no_grad():
+        lp_s = logp.gather(1, y_s := y_safe[:, None]).squeeze(1)
+        lp_u = logq.gather(1, y_s).squeeze(1)
+        a_s, a_u = s.argmax(-1), u.argmax(-1)
+        lq_as = logq.gather(1, a_s[:, None]).squeeze(1)
+        lq_au = logq.gather(1, a_u[:, None]).squeeze(1)
+        H_u = -_plogr(logq.exp(), logq).sum(-1)
+        CE_su = -_plogr(logp.exp(), logq).sum(-1)
+
+        if cfg.validity == "argmax":
+            g = lq_au - lq_as
+        elif cfg.validity == "expected":
+            g = CE_su - H_u
+        else:
+            g = torch.zeros_like(D)
+        if cfg.validity is None:
+            w_val = torch.ones_like(D)
+        else:
+            sig = torch.sigmoid((g - cfg.validity_margin) / cfg.validity_tau)
+            w_val = cfg.validity_floor + (1 - cfg.validity_floor) * sig
+
+        seq, steps = rows_layout(labels, step_ids, cu_seqlens)
+        W = window_mask(seq, steps, valid, cfg.window_steps).to(dtype).to(s.device)
+        count = W.sum(1).clamp_min(1)
+        n = (W @ torch.where(valid, lp_s, 0)) / count
+        lbar = (W @ torch.where(valid, lp_s - lp_u, 0)) / count
+        w_dc = torch.sigmoid((lbar - cfg.correction_bias) / cfg.correction_tau) if cfg.correction \
+            else torch.ones_like(D)
+        w = w_val * w_dc
+
+    CE = -torch.log_softmax(s.to(dtype), dim=-1).gather(1, y_safe[:, None]).squeeze(1)
+    per_row = cfg.kd_weight * w * D + cfg.ce_weight * CE
+    per_row = torch.where(valid, per_row, torch.zeros_like(per_row))
+
+    if reduction == "none":
+        loss = per_row.reshape(labels.shape)
+    elif reduction == "sum":
+        loss = per_row.sum()
+    elif cfg.normalize == "weights":
+        loss = per_row.sum() / torch.where(valid, w, 0).sum().clamp_min(torch.finfo(dtype).tiny)
+    elif num_items_in_batch is not None:
+        loss = per_row.sum() / num_items_in_batch
+    else:
+        loss = per_row.sum() / valid.sum().clamp_min(1)
+
+    if not return_stats:
+        return loss
+    rows = dict(D=D, w_val=w_val, w_dc=w_dc, g=g, n=n, lp_s=lp_s, lp_u=lp_u, agree=a_s == a_u)
+    return loss, VCRDStats.from_rows(rows, valid, labels.shape)

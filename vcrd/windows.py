@@ -1,0 +1,98 @@
+"""Causal local windows over token rows (SPEC §5), in O(N) with prefix sums.
+
+The window of row r (sequence b, step i = step_ids[r]) is
+``W_r = {j in b : j <= r, step_ids[j] >= i - k, j not ignored}``. Because step ids never decrease
+along a sequence, the rows ``j <= r`` with ``step_ids[j] >= i - k`` form one contiguous range
+``[start_r, r]``, so a window mean is a difference of two prefix sums divided by a difference of
+two prefix counts. ``start`` depends only on the layout and the step ids, never on the logits, so
+it is computed once, before any sweep over the vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def sequence_ids(n_rows: int, batch: Optional[int], cu_seqlens: Optional[torch.Tensor],
+                 device: torch.device) -> torch.Tensor:
+    """The sequence index of every row, ``[N]`` int64.
+
+    ``batch`` is B for ``[B, T]`` inputs (row r belongs to sequence ``r // T``); ``cu_seqlens``
+    ``[S+1]`` gives packed boundaries; with neither, all rows form one sequence.
+    """
+    if cu_seqlens is not None:
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device=device, dtype=torch.int64)
+        return torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
+    if batch is not None:
+        return torch.arange(n_rows, device=device) // (n_rows // batch)
+    return torch.zeros(n_rows, dtype=torch.int64, device=device)
+
+
+def positions_in_sequence(seq: torch.Tensor) -> torch.Tensor:
+    """Position of each row within its sequence (0, 1, 2, ... restarting at each new sequence)."""
+    n = seq.numel()
+    idx = torch.arange(n, device=seq.device)
+    is_first = torch.ones(n, dtype=torch.bool, device=seq.device)
+    is_first[1:] = seq[1:] != seq[:-1]
+    first_index = torch.cummax(torch.where(is_first, idx, 0), dim=0).values
+    return idx - first_index
+
+
+def window_starts(seq: torch.Tensor, step_ids: Optional[torch.Tensor],
+                  window_steps: Optional[int]) -> torch.Tensor:
+    """First row of each row's causal window, ``[N]`` int64 (the window is ``[start_r, r]``).
+
+    ``window_steps=None`` gives the row alone; without ``step_ids`` every token is its own step,
+    so ``k`` counts tokens. Rows must be grouped by sequence, step ids non-decreasing within one.
+    """
+    n = seq.numel()
+    idx = torch.arange(n, device=seq.device)
+    if window_steps is None:
+        return idx
+    steps = positions_in_sequence(seq) if step_ids is None else step_ids.reshape(-1).to(torch.int64)
+    if n == 0:
+        return idx
+    # Order rows by (sequence, step) with one integer key: steps relative to the sequence's first
+    # step are >= 0 and < span, so key = seq * span + rel is sorted along the rows.
+    first_step = steps[torch.searchsorted(seq, seq, right=False)]
+    rel = steps - first_step
+    span = int(rel.max()) + 1
+    key = seq * span + rel
+    target = seq * span + (rel - window_steps).clamp_min(0)
+    return torch.searchsorted(key, target, right=False)
+
+
+class CausalWindowMean:
+    """Streaming window means: push rows in order, get each pushed row's mean over its window.
+
+    ``starts`` ``[N]`` comes from :func:`window_starts`. ``push(values [C, K], valid [C])`` for the
+    next C rows returns ``[C, K]`` means of ``values`` over the valid rows of each window (0 where
+    a window holds no valid row). Prefix sums are float64, so long sequences lose no precision.
+    """
+
+    def __init__(self, starts: torch.Tensor, width: int) -> None:
+        n = starts.numel()
+        self.starts = starts
+        self.sums = torch.zeros(n + 1, width, dtype=torch.float64, device=starts.device)
+        self.counts = torch.zeros(n + 1, dtype=torch.float64, device=starts.device)
+        self.next_row = 0
+
+    def push(self, values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        c0, c1 = self.next_row, self.next_row + values.shape[0]
+        if c1 > self.starts.numel():
+            raise ValueError(f"push: {c1} rows pushed into windows over {self.starts.numel()} rows")
+        mask = valid.to(torch.float64)
+        self.sums[c0 + 1:c1 + 1] = self.sums[c0] + torch.cumsum(values.to(torch.float64) * mask[:, None], 0)
+        self.counts[c0 + 1:c1 + 1] = self.counts[c0] + torch.cumsum(mask, 0)
+        self.next_row = c1
+        start = self.starts[c0:c1]
+        total = self.sums[c0 + 1:c1 + 1] - self.sums[start]
+        count = self.counts[c0 + 1:c1 + 1] - self.counts[start]
+        return (total / count.clamp_min(1.0)[:, None]).to(values.dtype)
+
+
+def window_means(values: torch.Tensor, valid: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """All window means at once: ``values [N, K]``, ``valid [N]``, ``starts [N]`` → ``[N, K]``."""
+    return CausalWindowMean(starts, values.shape[1]).push(values, valid)
