@@ -156,7 +156,7 @@ def loss_and_grad(batch: RowBatch, cfg: VCRDConfig, grad_out: Optional[torch.Ten
         rows.update(weights(rows, vc, window, cfg))
         w = rows["w_val"] * rows["w_dc"]
         coef_kd = torch.where(vc, grad_scale * cfg.kd_weight * w, 0.0)
-        coef_ce = torch.where(vc, grad_scale * cfg.ce_weight, 0.0)
+        coef_ce = vc.to(w.dtype) * (grad_scale * cfg.ce_weight)
         ce = rows["lse1"] - sc.gather(1, yc[:, None]).squeeze(-1).to(w.dtype) if need_ce else 0.0
         rows["per_row"] = torch.where(vc, cfg.kd_weight * w * rows["D"] + cfg.ce_weight * ce, 0.0)
         rows["w"] = torch.where(vc, w, 0.0)

@@ -16,8 +16,11 @@ from .stats import VCRDStats
 
 
 def _plogr(w: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
-    """``w * log_ratio`` with the convention ``0 * anything = 0`` (so ``0 log 0`` terms vanish)."""
-    return torch.where(w > 0, w * log_ratio, torch.zeros_like(w))
+    """``w * log_ratio`` with the convention ``0 * anything = 0`` (so ``0 log 0`` terms vanish).
+
+    The inner ``where`` keeps ``-inf - -inf`` out of the product, so its gradient is 0, not NaN."""
+    zero = torch.zeros_like(w)
+    return torch.where(w > 0, w * torch.where(w > 0, log_ratio, zero), zero)
 
 
 def divergence(logp: torch.Tensor, logq: torch.Tensor, divergence: str, beta: float) -> torch.Tensor:
@@ -31,8 +34,8 @@ def divergence(logp: torch.Tensor, logq: torch.Tensor, divergence: str, beta: fl
         return _plogr(q, logq - logp).sum(-1)
     if divergence == "rkl":
         return _plogr(p, logp - logq).sum(-1)
-    logm = torch.logaddexp(logq + torch.log(torch.tensor(beta, dtype=logq.dtype)),
-                           logp + torch.log1p(torch.tensor(-beta, dtype=logq.dtype)))
+    m = beta * q + (1 - beta) * p
+    logm = torch.where(m > 0, torch.log(torch.where(m > 0, m, torch.ones_like(m))), -torch.inf)
     return beta * _plogr(q, logq - logm).sum(-1) + (1 - beta) * _plogr(p, logp - logm).sum(-1)
 
 
