@@ -45,8 +45,9 @@ def chunk_stats(s: torch.Tensor, u: torch.Tensor, y: torch.Tensor, temperature: 
     V = x.shape[-1]
     mx, mz = x.amax(-1, keepdim=True), z.amax(-1, keepdim=True)
     index = torch.arange(V, device=x.device)
-    a_s = torch.where(x == mx, index, V).amin(-1, keepdim=True)
-    a_u = torch.where(z == mz, index, V).amin(-1, keepdim=True)
+    # lowest index of the maximum (clamped: a NaN row has none, and its result is NaN anyway)
+    a_s = torch.where(x == mx, index, V).amin(-1, keepdim=True).clamp_max(V - 1)
+    a_u = torch.where(z == mz, index, V).amin(-1, keepdim=True).clamp_max(V - 1)
     xs, zs = (x - mx) / temperature, (z - mz) / temperature  # tempered, shifted: <= 0
     es, eu = xs.exp(), zs.exp()
     Ss, Su = es.sum(-1), eu.sum(-1)

@@ -83,9 +83,9 @@ class CausalWindowMean:
         c0, c1 = self.next_row, self.next_row + values.shape[0]
         if c1 > self.starts.numel():
             raise ValueError(f"push: {c1} rows pushed into windows over {self.starts.numel()} rows")
-        mask = valid.to(torch.float64)
-        self.sums[c0 + 1:c1 + 1] = self.sums[c0] + torch.cumsum(values.to(torch.float64) * mask[:, None], 0)
-        self.counts[c0 + 1:c1 + 1] = self.counts[c0] + torch.cumsum(mask, 0)
+        kept = torch.where(valid[:, None], values.to(torch.float64), 0.0)  # NaN in an ignored row stays out
+        self.sums[c0 + 1:c1 + 1] = self.sums[c0] + torch.cumsum(kept, 0)
+        self.counts[c0 + 1:c1 + 1] = self.counts[c0] + torch.cumsum(valid.to(torch.float64), 0)
         self.next_row = c1
         start = self.starts[c0:c1]
         total = self.sums[c0 + 1:c1 + 1] - self.sums[start]
