@@ -44,10 +44,11 @@ def chunk_stats(s: torch.Tensor, u: torch.Tensor, y: torch.Tensor, temperature: 
     x, z = s.to(dtype), u.to(dtype)
     V = x.shape[-1]
     mx, mz = x.amax(-1, keepdim=True), z.amax(-1, keepdim=True)
-    index = torch.arange(V, device=x.device)
-    # lowest index of the maximum (clamped: a NaN row has none, and its result is NaN anyway)
-    a_s = torch.where(x == mx, index, V).amin(-1, keepdim=True).clamp_max(V - 1)
-    a_u = torch.where(z == mz, index, V).amin(-1, keepdim=True).clamp_max(V - 1)
+    # lowest index of the maximum, found in the same loop as the sums; indices as floats (exact below
+    # 2^24, and vectorised at full width); clamped: a NaN row has none, and its result is NaN anyway
+    index = torch.arange(V, device=x.device, dtype=torch.float32)
+    a_s = torch.where(x == mx, index, V).amin(-1, keepdim=True).clamp_max(V - 1).long()
+    a_u = torch.where(z == mz, index, V).amin(-1, keepdim=True).clamp_max(V - 1).long()
     xs, zs = (x - mx) / temperature, (z - mz) / temperature  # tempered, shifted: <= 0
     es, eu = xs.exp(), zs.exp()
     Ss, Su = es.sum(-1), eu.sum(-1)
@@ -74,10 +75,11 @@ def chunk_stats(s: torch.Tensor, u: torch.Tensor, y: torch.Tensor, temperature: 
     return rows
 
 
-def chunk_grad(s: torch.Tensor, u: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, lse_s: torch.Tensor, lse_u: torch.Tensor,
+def chunk_grad(out: torch.Tensor, s: torch.Tensor, u: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, lse_s: torch.Tensor, lse_u: torch.Tensor,
                lse1: Optional[torch.Tensor], D: torch.Tensor, coef_kd: torch.Tensor, coef_ce: torch.Tensor,
                temperature: float, divergence: str, beta: float) -> torch.Tensor:
-    """``coef_kd ⊙ ∂D/∂s + coef_ce ⊙ (softmax(s) - onehot(y))`` for a chunk, ``[C, V]``, 0 where not valid.
+    """Write ``coef_kd ⊙ ∂D/∂s + coef_ce ⊙ (softmax(s) - onehot(y))`` for a chunk into ``out [C, V]``
+    (any float dtype; 0 in rows that are not valid).
 
     ``∂D/∂s`` is ``(p - q)/T`` (fkl), ``p ⊙ (log p - log q - D)/T`` (rkl),
     ``(1-β)/T · p ⊙ (log p - log m - KL(p‖m))`` (jsd, with ``m = βq + (1-β)p``).
@@ -99,7 +101,7 @@ def chunk_grad(s: torch.Tensor, u: torch.Tensor, y: torch.Tensor, valid: torch.T
         p1 = (s.to(dtype) - lse1[:, None]).exp()
         grad = grad + coef_ce[:, None] * p1
         grad = grad.scatter_add(1, y[:, None], -coef_ce[:, None])
-    return torch.where(valid[:, None], grad, 0.0)
+    out.copy_(torch.where(valid[:, None], grad, 0.0))
 
 
 def _compiled(fn):
@@ -162,7 +164,7 @@ def loss_and_grad(batch: RowBatch, cfg: VCRDConfig, grad_out: Optional[torch.Ten
         rows["per_row"] = torch.where(vc, cfg.kd_weight * w * rows["D"] + cfg.ce_weight * ce, 0.0)
         rows["w"] = torch.where(vc, w, 0.0)
         if grad_out is not None:
-            grad_out[c0:c1] = grad_fn(sc, uc, yc, vc, rows["lse_s"], rows["lse_u"], rows.get("lse1"), rows["D"],
+            grad_fn(grad_out[c0:c1], sc, uc, yc, vc, rows["lse_s"], rows["lse_u"], rows.get("lse1"), rows["D"],
                                   coef_kd, coef_ce, T, divergence, beta)
         parts.append(rows)
     if not parts:

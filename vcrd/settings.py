@@ -1,7 +1,7 @@
 """Every ``VCRD_*`` environment variable, read in this one place (listed in docs/api.md).
 
 - ``VCRD_COMPILE`` (``1``): ``torch.compile`` the CPU fast path's per-chunk math; ``0`` runs it eagerly.
-- ``VCRD_CHUNK_ROWS`` (``32``): rows per chunk of the CPU fast path.
+- ``VCRD_CHUNK_ROWS`` (``64``): rows per chunk of the CPU fast path.
 
 Read at call time, not import time, so tests and scripts can change them.
 """
@@ -30,8 +30,8 @@ def compile_enabled() -> bool:
 
 
 def chunk_rows() -> int:
-    """``VCRD_CHUNK_ROWS``: rows per chunk of the CPU fast path (default 32)."""
-    return _int("VCRD_CHUNK_ROWS", 32, 1)
+    """``VCRD_CHUNK_ROWS``: rows per chunk of the CPU fast path (default 64)."""
+    return _int("VCRD_CHUNK_ROWS", 64, 1)
 
 
 def triton_interpreter() -> bool:
