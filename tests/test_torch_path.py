@@ -29,10 +29,10 @@ def batch(N=63, V=1271, std=10.0, agreement=0.8, dtype=torch.float32, B=None, se
     return s.to(dtype), u.to(dtype), y, steps
 
 
-def three_way(s, u, y, steps, cfg, reduction="mean", upstream=None, **kw):
-    """Loss and gradient: impl="torch" in the input dtype vs reference in fp64 (truth) and fp32 (base)."""
+def three_way(s, u, y, steps, cfg, reduction="mean", upstream=None, impl="torch", **kw):
+    """Loss and gradient: ``impl`` in the input dtype vs reference in fp64 (truth) and fp32 (base)."""
     out = {}
-    for name, dtype, impl in [("impl", s.dtype, "torch"), ("base", torch.float32, "reference"),
+    for name, dtype, impl in [("impl", s.dtype, impl), ("base", torch.float32, "reference"),
                               ("truth", torch.float64, "reference")]:
         x = s.detach().to(dtype).requires_grad_()
         loss = vcrd_loss(x, u.to(dtype), y, step_ids=steps, config=cfg, reduction=reduction, impl=impl, **kw)

@@ -18,6 +18,7 @@ import torch
 
 from .config import VCRDConfig
 from .inputs import RowBatch
+from .weights import row_weights
 from .windows import CausalWindowMean
 
 Rows = Dict[str, torch.Tensor]
@@ -119,24 +120,6 @@ def _kernels(compile: bool):
     return _COMPILED["stats"], _COMPILED["grad"]
 
 
-def weights(rows: Rows, valid: torch.Tensor, window: CausalWindowMean, cfg: VCRDConfig) -> Rows:
-    """``g, w_val, n, w_dc`` for one chunk's rows (SPEC §4–5); pushes the chunk into ``window``."""
-    if cfg.validity == "argmax":
-        g = rows["lq_au"] - rows["lq_as"]
-    elif cfg.validity == "expected":
-        g = rows["CE_su"] - rows["H_u"]
-    else:
-        g = torch.zeros_like(rows["D"])
-    if cfg.validity is None:
-        w_val = torch.ones_like(g)
-    else:
-        w_val = cfg.validity_floor + (1 - cfg.validity_floor) * torch.sigmoid((g - cfg.validity_margin) / cfg.validity_tau)
-    means = window.push(torch.stack([rows["lp_s"], rows["lp_s"] - rows["lp_u"]], 1), valid)
-    n, lbar = means[:, 0], means[:, 1]
-    w_dc = torch.sigmoid((lbar - cfg.correction_bias) / cfg.correction_tau) if cfg.correction else torch.ones_like(g)
-    return dict(g=g, w_val=w_val, n=n, w_dc=w_dc)
-
-
 def loss_and_grad(batch: RowBatch, cfg: VCRDConfig, grad_out: Optional[torch.Tensor], grad_scale: float,
                   chunk_rows: int, compile: bool) -> Rows:
     """Rows of SPEC §2–6 for a checked batch, writing ``grad_scale · ∂(Σ_r loss_r)/∂s`` into ``grad_out``.
@@ -156,7 +139,7 @@ def loss_and_grad(batch: RowBatch, cfg: VCRDConfig, grad_out: Optional[torch.Ten
         c1 = min(N, c0 + chunk_rows)
         sc, uc, yc, vc = s[c0:c1], u[c0:c1], y[c0:c1], valid[c0:c1]
         rows = stats_fn(sc, uc, yc, T, divergence, beta, need_ce)
-        rows.update(weights(rows, vc, window, cfg))
+        rows.update(row_weights(rows, vc, window, cfg))
         w = rows["w_val"] * rows["w_dc"]
         coef_kd = torch.where(vc, grad_scale * cfg.kd_weight * w, 0.0)
         coef_ce = vc.to(w.dtype) * (grad_scale * cfg.ce_weight)

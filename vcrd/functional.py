@@ -11,7 +11,7 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 
-from . import _torch, reference, settings
+from . import _torch, _triton, reference, settings
 from ._autograd import AttachGrad
 from .config import VCRDConfig, resolve_config
 from .inputs import check_options, normalizer, prepare
@@ -31,7 +31,6 @@ def triton_unavailable(student_logits: torch.Tensor) -> List[str]:
         reasons.append(f"tensors are on {student_logits.device.type}, not CUDA, and TRITON_INTERPRET=1 is not set")
     if student_logits.dtype == torch.float64:
         reasons.append("float64 logits (the kernels take float32, bfloat16 or float16)")
-    reasons.append("vcrd.kernels has no loss kernels yet (issue 3)")
     return reasons
 
 
@@ -94,7 +93,7 @@ def vcrd_loss(
     want_grad = torch.is_grad_enabled() and student_logits.requires_grad
     tokens_mean = reduction == "mean" and cfg.normalize == "tokens"
     Z = normalizer(num_items_in_batch, batch.n_valid) if tokens_mean else 1.0
-    grad = None
+    grad = grad_rows = None
     if want_grad:
         grad = torch.empty_like(student_logits, memory_format=torch.contiguous_format)
         grad_rows = grad.reshape(-1, grad.shape[-1])
@@ -102,8 +101,11 @@ def vcrd_loss(
             grad_rows[:, batch.s.shape[1]:] = 0
         grad_rows = grad_rows[:, :batch.s.shape[1]]
     with torch.no_grad():
-        rows = _torch.loss_and_grad(batch, cfg, grad_rows if want_grad else None, 1.0 / Z,
-                                    settings.chunk_rows(), settings.compile_enabled())
+        if impl == "triton":
+            rows = _triton.loss_and_grad(batch, cfg, grad_rows, 1.0 / Z)
+        else:
+            rows = _torch.loss_and_grad(batch, cfg, grad_rows, 1.0 / Z, settings.chunk_rows(),
+                                        settings.compile_enabled())
         per_row = rows["per_row"]
         post_scale = 1.0
         if reduction == "none":

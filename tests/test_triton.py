@@ -1,0 +1,117 @@
+"""Tier 2 for the Triton kernels: run under the interpreter on CPU (``TRITON_INTERPRET=1`` set before
+Python starts; ``make test`` does a separate run with ``-m triton``) or on a CUDA device."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from vcrd import VCRDConfig, vcrd_loss
+
+from .conftest import realistic_logits
+from .test_torch_path import CONFIGS, batch, three_way
+
+RUNNABLE = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+pytestmark = [
+    pytest.mark.triton,
+    pytest.mark.skipif(not RUNNABLE, reason="needs TRITON_INTERPRET=1 (set before Python starts) or a CUDA device"),
+    pytest.mark.filterwarnings("ignore::RuntimeWarning"),  # numpy under the interpreter: where(-inf - -inf)
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_matches_reference(name, dtype):
+    three_way(*batch(N=31, V=1271, dtype=dtype), CONFIGS[name], impl="triton")
+
+
+@pytest.mark.parametrize("name", ["vcrd", "rkl-expected", "jsd0.3-T2-ce"])
+def test_vocab_spanning_several_blocks(name):
+    three_way(*batch(N=9, V=9001, std=20.0), CONFIGS[name], impl="triton")
+
+
+@pytest.mark.parametrize("std,agreement", [(30.0, 0.8), (10.0, 0.999)], ids=["std30", "near-equal"])
+@pytest.mark.parametrize("div", ["fkl", "rkl", "jsd"])
+def test_logit_scales(div, std, agreement):
+    three_way(*batch(N=24, V=777, std=std, agreement=agreement), VCRDConfig(divergence=div, beta=0.4), impl="triton")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("normalize", ["tokens", "weights"])
+def test_reductions_and_normalisation(reduction, normalize):
+    cfg = VCRDConfig(normalize=normalize, window_steps=1, ce_weight=0.2)
+    three_way(*batch(N=24, V=301, B=2), cfg, reduction=reduction, upstream="random", impl="triton")
+
+
+@pytest.mark.parametrize("window", [0, 1, 4, None])
+def test_windows(window):
+    three_way(*batch(N=40, V=211), VCRDConfig(window_steps=window), impl="triton")
+
+
+def test_packed_rows_and_vocab_truncation():
+    s, u, y, steps = batch(N=30, V=300)
+    s = torch.cat([s, torch.randn(30, 7) * 40], 1)  # strided rows after truncation
+    u = torch.cat([u, torch.randn(30, 11) * 40], 1)
+    three_way(s, u, y, steps, CONFIGS["vcrd"], cu_seqlens=torch.tensor([0, 12, 30]), vocab_size=300, impl="triton")
+
+
+def test_extreme_and_masked_logits():
+    s, u, y, steps = batch(N=16, V=97)
+    s[:, 90:] = float("-inf")
+    u[:, 90:] = float("-inf")
+    s[0, 3], u[1, 5], s[2, 7] = 1e4, -1e4, -1e4
+    y = torch.where(y >= 90, 1, y)
+    for div in ("fkl", "rkl", "jsd"):
+        three_way(s, u, y, steps, VCRDConfig(divergence=div, validity="expected"), impl="triton")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_all_ignored(reduction):
+    s, u, y, steps = batch(N=8, V=50)
+    x = s.clone().requires_grad_()
+    loss = vcrd_loss(x, u, torch.full_like(y, -100), step_ids=steps, reduction=reduction, impl="triton")
+    loss.sum().backward()
+    assert torch.all(loss == 0) and torch.all(x.grad == 0)
+
+
+def test_stats_match_torch_path():
+    s, u, y, steps = batch(N=31, V=500)
+    _, a = vcrd_loss(s, u, y, step_ids=steps, impl="triton", return_stats=True)
+    _, b = vcrd_loss(s.double(), u.double(), y, step_ids=steps, impl="reference", return_stats=True)
+    for name in ("D", "w_val", "w_dc", "g", "n", "lp_s", "lp_u"):
+        torch.testing.assert_close(getattr(a, name).double(), getattr(b, name), rtol=1e-4, atol=1e-4)
+    assert torch.equal(a.agree, b.agree)
+
+
+def test_kernels_write_every_output_element():
+    """Outputs poisoned with NaN beforehand: every element, ignored rows included, gets written."""
+    from vcrd.kernels.grad import launch_grad
+    from vcrd.kernels.stats import NUM_STATS, launch_stats
+
+    s, u, y, _ = batch(N=12, V=700)
+    labels = torch.where(y == -100, -1, y)
+    for div in ("fkl", "rkl", "jsd"):
+        stats = launch_stats(s, u, labels, 1.5, div, True, out=torch.full((12, NUM_STATS), float("nan")))
+        grad = torch.full((12, 700), float("nan"))
+        coef = torch.rand(12, 2)
+        launch_grad(s, u, labels, stats, coef, grad, 1.5, div, 0.3, True)
+        assert torch.isfinite(stats).all() and torch.isfinite(grad).all(), div
+        assert torch.all(grad[labels < 0] == 0) and torch.all(stats[labels < 0] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_label_logprob_kernel(dtype):
+    from vcrd.kernels.label_logprob import label_logprob
+
+    s, _, y = realistic_logits(13, 5003, std=15.0)
+    y[3] = -100
+    s = s.to(dtype)
+    lse, lp = label_logprob(s, torch.where(y < 0, -1, y), temperature=1.3)
+    want = torch.log_softmax(s.double() / 1.3, -1)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s.double() / 1.3, -1), rtol=0, atol=1e-4)
+    keep = y >= 0
+    torch.testing.assert_close(lp[keep].double(), want[keep].gather(1, y[keep, None]).squeeze(1), rtol=0, atol=1e-4)
+    assert lp[3] == 0
