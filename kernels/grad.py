@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .stats import DIVERGENCE_CODES, block_size
+from .stats import DIVERGENCE_CODES, launch_config
 
 
 @triton.jit
@@ -111,5 +111,5 @@ def launch_grad(s: torch.Tensor, u: torch.Tensor, labels: torch.Tensor, stats: t
         s, u, labels, stats, coef, grad if write else stats,
         s.stride(0), u.stride(0), stats.stride(0), grad.stride(0) if write else 0,
         V, 1.0 / temperature, float(beta),
-        DIVERGENCE=DIVERGENCE_CODES[divergence], HAS_CE=has_ce, WRITE_GRAD=write, BLOCK_V=block_size(V),
+        DIVERGENCE=DIVERGENCE_CODES[divergence], HAS_CE=has_ce, WRITE_GRAD=write, **launch_config(V),
     )

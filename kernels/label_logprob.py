@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .stats import block_size
+from .stats import launch_config
 
 
 @triton.jit
@@ -52,5 +52,5 @@ def label_logprob(x: torch.Tensor, labels: torch.Tensor, temperature: float = 1.
         raise ValueError(f"label_logprob: expected labels of shape ({N},), got {tuple(labels.shape)}")
     out = torch.empty((N, 2), dtype=torch.float32, device=x.device)
     if N:
-        label_logprob_kernel[(N,)](x, labels, out, x.stride(0), V, 1.0 / temperature, BLOCK_V=block_size(V))
+        label_logprob_kernel[(N,)](x, labels, out, x.stride(0), V, 1.0 / temperature, **launch_config(V))
     return out[:, 0], out[:, 1]

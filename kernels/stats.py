@@ -131,9 +131,11 @@ def stats_kernel(
         tl.store(out + cols, tl.zeros([16], tl.float32), mask=cols < 11)
 
 
-def block_size(V: int, max_block: int = 4096) -> int:
-    """Tile width: the next power of two of V, at most ``max_block``."""
-    return min(triton.next_power_of_2(V), max_block)
+def launch_config(V: int) -> dict:
+    """``BLOCK_V`` (next power of two of V, at most 4096) and ``num_warps`` (8 for full tiles: 16
+    elements per thread per tensor keeps every kernel spill-free on sm_80/sm_90, see ``vcrd aot``)."""
+    block = min(triton.next_power_of_2(V), 4096)
+    return {"BLOCK_V": block, "num_warps": 8 if block >= 2048 else 4}
 
 
 def launch_stats(s: torch.Tensor, u: torch.Tensor, labels: torch.Tensor, temperature: float, divergence: str,
@@ -150,6 +152,6 @@ def launch_stats(s: torch.Tensor, u: torch.Tensor, labels: torch.Tensor, tempera
             s, u, labels, out,
             s.stride(0), u.stride(0), out.stride(0),
             V, 1.0 / temperature,
-            DIVERGENCE=DIVERGENCE_CODES[divergence], NEED_LSE1=need_lse1, BLOCK_V=block_size(V),
+            DIVERGENCE=DIVERGENCE_CODES[divergence], NEED_LSE1=need_lse1, **launch_config(V),
         )
     return out

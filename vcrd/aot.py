@@ -17,7 +17,7 @@ from typing import Dict, Iterable, List
 
 ARCHS = (80, 90)
 DTYPES = ("fp32", "bf16")
-BLOCK_V = 4096  # the tile the launchers use for V >= 4096 (every LM vocabulary)
+V_LM = 151936  # an LM vocabulary: the launchers' full-tile configuration
 
 
 @dataclass
@@ -32,11 +32,12 @@ class KernelReport:
 
 
 def _variants():
-    """(name, variant, jit function, signature, constexprs) for every kernel configuration we launch."""
+    """(name, variant, dtype, jit function, signature, constexprs) for every kernel configuration we launch."""
     from vcrd.kernels.grad import grad_kernel
     from vcrd.kernels.label_logprob import label_logprob_kernel
-    from vcrd.kernels.stats import DIVERGENCE_CODES, stats_kernel
+    from vcrd.kernels.stats import DIVERGENCE_CODES, launch_config, stats_kernel
 
+    BLOCK_V = launch_config(V_LM)["BLOCK_V"]
     for dtype in DTYPES:
         t = f"*{dtype}"
         for div, code in DIVERGENCE_CODES.items():
@@ -89,11 +90,14 @@ def compile_all(archs: Iterable[int] = ARCHS) -> List[KernelReport]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from vcrd.kernels.stats import launch_config
+
+    num_warps = launch_config(V_LM)["num_warps"]
     reports = []
     for name, variant, dtype, fn, signature, constexprs in _variants():
         for arch in archs:
             src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32))
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "enable_fp_fusion": True})
             usage = resource_usage(compiled.asm["cubin"])
             reports.append(KernelReport(name, variant, arch, dtype, usage["REG"], usage["LOCAL"], usage["SHARED"]))
     return reports

@@ -1,4 +1,4 @@
-"""``vcrd`` command line: ``vcrd demo`` (more subcommands arrive with their features)."""
+"""``vcrd`` command line: ``vcrd demo``, ``vcrd aot`` (more subcommands arrive with their features)."""
 
 from __future__ import annotations
 
@@ -61,6 +61,19 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def aot(args: argparse.Namespace) -> int:
+    from .aot import compile_all, format_table
+
+    reports = compile_all(args.arch)
+    print(format_table(reports))
+    spilling = [r for r in reports if r.spill_bytes]
+    if spilling:
+        print(f"\n{len(spilling)} kernel variant(s) spill registers to local memory", file=sys.stderr)
+        return 1
+    print(f"\n{len(reports)} kernel variants compiled, none spills.")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vcrd", description="Validity-calibrated reasoning distillation losses.")
     parser.add_argument("--version", action="version", version=f"vcrd {__version__}")
@@ -75,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--impl", default="auto", choices=["auto", "torch", "triton", "reference"])
     d.set_defaults(func=demo)
+    a = sub.add_parser("aot", help="compile every Triton kernel for sm_80/sm_90 and report registers and spills",
+                       description="Compile every Triton kernel ahead of time (no GPU needed) and print registers, "
+                                   "spill bytes and shared memory per kernel, read from the cubin with cuobjdump. "
+                                   "Exits 1 if any kernel spills.")
+    a.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="SM versions (default: 80 90)")
+    a.set_defaults(func=aot)
     return parser
 
 
