@@ -35,7 +35,8 @@ def logits_table(data: dict) -> str:
         naive = by_n[N].get("naive-fkl", (None,))[0]
         for provider, (t, extra, buf, V) in sorted(by_n[N].items(), key=lambda kv: kv[1][0]):
             speed = f"{naive / t:.2f}×" if naive else "–"
-            lines.append(f"| {N} | {V} | {provider} | {t:.3f} | {speed} | {extra / 2**30:.2f} GiB | {extra / buf:.2f} |")
+            memory = f"{extra / 2**30:.2f} GiB | {extra / buf:.2f}"
+            lines.append(f"| {N} | {V} | {provider} | {t:.3f} | {speed} | {memory} |")
     return "\n".join(lines)
 
 

@@ -25,7 +25,8 @@ def main() -> None:
     p.add_argument("--itemsize", type=int, default=2, help="bytes per logit (2 = bf16)")
     a = p.parse_args()
     unit = a.tokens * a.vocab * a.itemsize
-    print(f"MODELLED, not measured: N={a.tokens}, V={a.vocab}, {a.itemsize}-byte logits, one unit = {unit / 1e9:.2f} GB\n")
+    print(f"MODELLED, not measured: N={a.tokens}, V={a.vocab}, {a.itemsize}-byte logits, "
+          f"one unit = {unit / 1e9:.2f} GB\n")
     print("| traffic | units | GB | " + " | ".join(GPUS) + " |")
     print("|---|---|---|" + "---|" * len(GPUS))
     for name, k in UNITS.items():

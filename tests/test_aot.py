@@ -12,7 +12,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
 
 def test_every_kernel_compiles_for_sm80_and_sm90_without_spills():
     pytest.importorskip("triton", reason="triton is not installed")
-    from vcrd.aot import cuobjdump, compile_all
+    from vcrd.aot import compile_all, cuobjdump
 
     try:
         cuobjdump()

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import vcrd
-from vcrd import VCRDConfig, VCRDLoss, vcrd_loss
-from vcrd import functional
+from vcrd import VCRDConfig, VCRDLoss, functional, vcrd_loss
 
 from .conftest import realistic_logits
 

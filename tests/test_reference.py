@@ -14,6 +14,10 @@ from vcrd.reference import vcrd_loss as reference_loss
 from .conftest import ignore_some, realistic_logits, step_ids_for
 
 
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
 def naive(s, u, y, seq, steps, cfg: VCRDConfig, num_items=None):
     """SPEC §2–6 one row and one window member at a time, float64. Returns (per_row, w, D, n, loss_mean)."""
     N = len(y)
@@ -46,7 +50,7 @@ def naive(s, u, y, seq, steps, cfg: VCRDConfig, num_items=None):
         else:
             g = 0.0
         w_val = 1.0 if cfg.validity is None else \
-            cfg.validity_floor + (1 - cfg.validity_floor) / (1 + math.exp(-(g - cfg.validity_margin) / cfg.validity_tau))
+            cfg.validity_floor + (1 - cfg.validity_floor) * sigmoid((g - cfg.validity_margin) / cfg.validity_tau)
         ce = -math.log(float(torch.softmax(s[r], 0)[yr]))
         stats.append(dict(D=D, lp_s=lp_s, lp_u=lp_u, w_val=w_val, ce=ce))
     per_row, ws, ns = [], [], []
@@ -56,7 +60,7 @@ def naive(s, u, y, seq, steps, cfg: VCRDConfig, num_items=None):
         k = max(len(members), 1)
         n = sum(stats[j]["lp_s"] for j in members) / k
         lbar = sum(stats[j]["lp_s"] - stats[j]["lp_u"] for j in members) / k
-        w_dc = 1 / (1 + math.exp(-(lbar - cfg.correction_bias) / cfg.correction_tau)) if cfg.correction else 1.0
+        w_dc = sigmoid((lbar - cfg.correction_bias) / cfg.correction_tau) if cfg.correction else 1.0
         w = stats[r]["w_val"] * w_dc
         ws.append(w if valid[r] else 0.0)
         ns.append(n)

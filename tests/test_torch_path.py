@@ -32,10 +32,10 @@ def batch(N=63, V=1271, std=10.0, agreement=0.8, dtype=torch.float32, B=None, se
 def three_way(s, u, y, steps, cfg, reduction="mean", upstream=None, impl="torch", **kw):
     """Loss and gradient: ``impl`` in the input dtype vs reference in fp64 (truth) and fp32 (base)."""
     out = {}
-    for name, dtype, impl in [("impl", s.dtype, impl), ("base", torch.float32, "reference"),
-                              ("truth", torch.float64, "reference")]:
+    for name, dtype, which in [("impl", s.dtype, impl), ("base", torch.float32, "reference"),
+                               ("truth", torch.float64, "reference")]:
         x = s.detach().to(dtype).requires_grad_()
-        loss = vcrd_loss(x, u.to(dtype), y, step_ids=steps, config=cfg, reduction=reduction, impl=impl, **kw)
+        loss = vcrd_loss(x, u.to(dtype), y, step_ids=steps, config=cfg, reduction=reduction, impl=which, **kw)
         g = torch.randn(loss.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64) \
             if upstream == "random" else torch.ones(loss.shape, dtype=torch.float64)
         loss.backward(g.to(loss.dtype))

@@ -31,7 +31,7 @@ class TrafficCounter:
         for name, (lo, hi) in self.regions.items():
             counter[name] += int((live & (addr >= lo) & (addr < hi)).sum()) * itemsize
 
-    def __enter__(self) -> "TrafficCounter":
+    def __enter__(self) -> TrafficCounter:
         from triton.runtime import interpreter
 
         builder = interpreter.InterpreterBuilder
@@ -56,4 +56,5 @@ class TrafficCounter:
     def __exit__(self, *exc) -> None:
         from triton.runtime import interpreter
 
-        interpreter.InterpreterBuilder.create_masked_load, interpreter.InterpreterBuilder.create_masked_store = self._saved
+        builder = interpreter.InterpreterBuilder
+        builder.create_masked_load, builder.create_masked_store = self._saved

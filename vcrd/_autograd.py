@@ -1,25 +1,27 @@
-"""Autograd glue: the fast paths compute the gradient during the forward pass; this attaches it.
+"""Autograd glue: the fast paths compute gradients during the forward pass; this attaches them.
 
-``AttachGrad.apply(student_logits, value, grad, post_scale)`` returns ``value`` with a backward
-that hands ``grad ⊙ grad_output · post_scale`` to ``student_logits``. The multiply happens in
-place in ``grad``, so no second ``[N, V]`` buffer is allocated; a second backward through the same
-graph is therefore refused with a clear error instead of returning a wrongly scaled gradient.
+``attach_grads(value, [(input, grad), ...], post_scale)`` returns ``value`` with a backward that
+hands ``grad ⊙ grad_output · post_scale`` to each input. The multiply happens in place, so no
+second copy of any gradient is allocated; a second backward through the same graph is therefore
+refused with a clear error instead of returning a wrongly scaled gradient.
 """
 
 from __future__ import annotations
+
+from typing import Sequence, Tuple
 
 import torch
 
 
 class AttachGrad(torch.autograd.Function):
-    """Carry a precomputed gradient for ``student_logits`` (shape of ``grad``)."""
+    """``forward(value, post_scale, n, *inputs, *grads)``: carry precomputed gradients of ``n`` inputs."""
 
     @staticmethod
-    def forward(ctx, student_logits: torch.Tensor, value: torch.Tensor, grad: torch.Tensor,
-                post_scale: float) -> torch.Tensor:
-        ctx.save_for_backward(grad)
+    def forward(ctx, value: torch.Tensor, post_scale: float, n: int, *tensors: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(*tensors[n:])
         ctx.post_scale = post_scale
         ctx.value_shape = value.shape
+        ctx.n = n
         ctx.used = False
         return value.detach().clone()
 
@@ -29,10 +31,19 @@ class AttachGrad(torch.autograd.Function):
             raise RuntimeError("vcrd loss: backward was already run through this loss; its gradient is "
                                "scaled in place, so retain_graph=True double backward is not supported")
         ctx.used = True
-        (grad,) = ctx.saved_tensors
+        grads = ctx.saved_tensors
         scale = grad_output * ctx.post_scale
-        if scale.dim():  # reduction="none": one upstream value per row
-            grad.mul_(scale.reshape(*ctx.value_shape, 1).to(grad.dtype))
-        elif scale.device.type != "cpu" or float(scale) != 1.0:
-            grad.mul_(scale.to(grad.dtype))
-        return grad, None, None, None
+        for grad in grads:
+            if scale.dim():  # reduction="none": one upstream value per row
+                grad.mul_(scale.reshape(*ctx.value_shape, 1).to(grad.dtype))
+            elif scale.device.type != "cpu" or float(scale) != 1.0:
+                grad.mul_(scale.to(grad.dtype))
+        return (None, None, None, *grads, *([None] * ctx.n))
+
+
+def attach_grads(value: torch.Tensor, pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]],
+                 post_scale: float = 1.0) -> torch.Tensor:
+    """``value`` whose backward gives each ``input`` its ``grad`` (times the upstream gradient and
+    ``post_scale``)."""
+    inputs, grads = zip(*pairs)
+    return AttachGrad.apply(value, post_scale, len(inputs), *inputs, *grads)

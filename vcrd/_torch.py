@@ -11,6 +11,7 @@ cache for (3). The per-chunk math is plain tensor code that ``torch.compile`` ca
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Dict, Optional
 
@@ -70,15 +71,16 @@ def chunk_stats(s: torch.Tensor, u: torch.Tensor, y: torch.Tensor, temperature: 
     else:
         logp, logq = xs - log_Ss[:, None], zs - log_Su[:, None]
         logm = _log_mixture(logp, logq, beta)
-        rows["D"] = beta * _plogr(logq.exp(), logq - logm).sum(-1) + (1 - beta) * _plogr(logp.exp(), logp - logm).sum(-1)
+        kl_qm, kl_pm = _plogr(logq.exp(), logq - logm).sum(-1), _plogr(logp.exp(), logp - logm).sum(-1)
+        rows["D"] = beta * kl_qm + (1 - beta) * kl_pm
     if need_lse1:
         rows["lse1"] = lse_s if temperature == 1.0 else mx.squeeze(-1) + torch.logsumexp(x - mx, -1)
     return rows
 
 
-def chunk_grad(out: torch.Tensor, s: torch.Tensor, u: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, lse_s: torch.Tensor, lse_u: torch.Tensor,
-               lse1: Optional[torch.Tensor], D: torch.Tensor, coef_kd: torch.Tensor, coef_ce: torch.Tensor,
-               temperature: float, divergence: str, beta: float) -> torch.Tensor:
+def chunk_grad(out: torch.Tensor, s: torch.Tensor, u: torch.Tensor, y: torch.Tensor, valid: torch.Tensor,
+               lse_s: torch.Tensor, lse_u: torch.Tensor, lse1: Optional[torch.Tensor], D: torch.Tensor,
+               coef_kd: torch.Tensor, coef_ce: torch.Tensor, temperature: float, divergence: str, beta: float) -> None:
     """Write ``coef_kd ⊙ ∂D/∂s + coef_ce ⊙ (softmax(s) - onehot(y))`` for a chunk into ``out [C, V]``
     (any float dtype; 0 in rows that are not valid).
 
@@ -105,35 +107,27 @@ def chunk_grad(out: torch.Tensor, s: torch.Tensor, u: torch.Tensor, y: torch.Ten
     out.copy_(torch.where(valid[:, None], grad, 0.0))
 
 
-def _compiled(fn):
-    return torch.compile(fn, dynamic=True)
-
-
-_COMPILED = {}
-
-
-def _kernels(compile: bool):
-    if not compile:
-        return chunk_stats, chunk_grad
-    if not _COMPILED:
-        _COMPILED["stats"], _COMPILED["grad"] = _compiled(chunk_stats), _compiled(chunk_grad)
-    return _COMPILED["stats"], _COMPILED["grad"]
+@functools.cache
+def _compiled_kernels():
+    """The two chunk functions under ``torch.compile`` (built on first use, never at import)."""
+    return torch.compile(chunk_stats, dynamic=True), torch.compile(chunk_grad, dynamic=True)
 
 
 def loss_and_grad(batch: RowBatch, cfg: VCRDConfig, grad_out: Optional[torch.Tensor], grad_scale: float,
-                  chunk_rows: int, compile: bool) -> Rows:
+                  chunk_rows: int, compile: bool, window: Optional[CausalWindowMean] = None) -> Rows:
     """Rows of SPEC §2–6 for a checked batch, writing ``grad_scale · ∂(Σ_r loss_r)/∂s`` into ``grad_out``.
 
     ``grad_out`` is ``[N, V]`` (a view of the student gradient, any float dtype) or None for no
-    gradient. Returns ``[N]`` rows: ``per_row`` (unnormalised ``m·[kd·w·D + ce·CE]``), ``w``
-    (``m·w``), and the statistics of SPEC §7.
+    gradient. ``window`` carries the causal window from earlier rows (the fused-linear loss walks
+    token chunks); by default a new one over ``batch.starts``. Returns ``[N]`` rows: ``per_row``
+    (unnormalised ``m·[kd·w·D + ce·CE]``), ``w`` (``m·w``), and the statistics of SPEC §7.
     """
     s, u, y, valid, starts = batch.s, batch.u, batch.labels, batch.valid, batch.starts
     N = s.shape[0]
-    stats_fn, grad_fn = _kernels(compile)
+    stats_fn, grad_fn = _compiled_kernels() if compile else (chunk_stats, chunk_grad)
     divergence, T, beta = cfg.effective_divergence, cfg.temperature, cfg.beta
     need_ce = cfg.ce_weight > 0
-    window = CausalWindowMean(starts, 2)
+    window = window if window is not None else CausalWindowMean(starts, 2)
     parts = []
     for c0 in range(0, N, chunk_rows):
         c1 = min(N, c0 + chunk_rows)

@@ -23,8 +23,8 @@ def _unit_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def loss_and_grad(batch: RowBatch, cfg: VCRDConfig, grad_out: Optional[torch.Tensor], grad_scale: float
-                  ) -> Dict[str, torch.Tensor]:
+def loss_and_grad(batch: RowBatch, cfg: VCRDConfig, grad_out: Optional[torch.Tensor], grad_scale: float,
+                  window: Optional[CausalWindowMean] = None) -> Dict[str, torch.Tensor]:
     """Same contract as :func:`vcrd._torch.loss_and_grad`, on the Triton kernels."""
     from vcrd.kernels.grad import launch_grad
     from vcrd.kernels.stats import launch_stats
@@ -36,7 +36,8 @@ def loss_and_grad(batch: RowBatch, cfg: VCRDConfig, grad_out: Optional[torch.Ten
     stats = launch_stats(s, u, labels, T, divergence, need_lse1=need_ce and T != 1.0)
     rows = {name: stats[:, i] for i, name in enumerate(STAT_NAMES)}
     rows["agree"] = rows["agree"] > 0.5
-    rows.update(row_weights(rows, valid, CausalWindowMean(batch.starts, 2), cfg))
+    window = window if window is not None else CausalWindowMean(batch.starts, 2)
+    rows.update(row_weights(rows, valid, window, cfg))
     w = rows["w_val"] * rows["w_dc"]
     coef = torch.stack([torch.where(valid, grad_scale * cfg.kd_weight * w, 0.0),
                         valid.to(torch.float32) * (grad_scale * cfg.ce_weight)], 1).float().contiguous()

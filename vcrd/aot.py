@@ -97,7 +97,8 @@ def compile_all(archs: Iterable[int] = ARCHS) -> List[KernelReport]:
     for name, variant, dtype, fn, signature, constexprs in _variants():
         for arch in archs:
             src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "enable_fp_fusion": True})
+            options = {"num_warps": num_warps, "enable_fp_fusion": True}
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
             usage = resource_usage(compiled.asm["cubin"])
             reports.append(KernelReport(name, variant, arch, dtype, usage["REG"], usage["LOCAL"], usage["SHARED"]))
     return reports

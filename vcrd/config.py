@@ -78,7 +78,7 @@ class VCRDConfig:
             raise bad("ignore_index", "an int")
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "VCRDConfig":
+    def preset(cls, name: str, **overrides) -> VCRDConfig:
         """A named preset (``kd``, ``discord`` or ``vcrd``), with any field overridden.
 
         ``kd``: forward KL, no weights. ``discord``: forward KL with per-token distribution
@@ -93,7 +93,7 @@ class VCRDConfig:
             raise ValueError(f"preset: expected one of {PRESETS}, got {name!r}")
         return cls(**{**base[name], **overrides})
 
-    def replace(self, **changes) -> "VCRDConfig":
+    def replace(self, **changes) -> VCRDConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 

@@ -12,7 +12,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 
 from . import _torch, _triton, reference, settings
-from ._autograd import AttachGrad
+from ._autograd import attach_grads
 from .config import VCRDConfig, resolve_config
 from .inputs import check_options, normalizer, prepare
 from .stats import VCRDStats
@@ -117,7 +117,7 @@ def vcrd_loss(
             value, post_scale = per_row.sum() / Zw, 1.0 / Zw
         else:
             value = per_row.sum() / Z
-    loss = AttachGrad.apply(student_logits, value, grad, post_scale) if want_grad else value
+    loss = attach_grads(value, [(student_logits, grad)], post_scale) if want_grad else value
     if return_stats:
         return loss, VCRDStats.from_rows(rows, batch.valid, batch.shape)
     return loss

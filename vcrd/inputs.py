@@ -139,7 +139,8 @@ def prepare(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     _tensor("labels", labels, "int")
     lead = student_logits.shape[:-1]
     if labels.shape != lead:
-        raise ValueError(f"labels: expected shape {tuple(lead)} like the logits' leading dims, got {tuple(labels.shape)}")
+        raise ValueError(f"labels: expected shape {tuple(lead)} like the logits' leading dims, "
+                         f"got {tuple(labels.shape)}")
     if labels.device != student_logits.device:
         raise ValueError(f"labels: expected device {student_logits.device} like student_logits, got {labels.device}")
     y, valid, starts, n_valid = rows_of(labels.shape, labels, step_ids, cu_seqlens, cfg, V)

@@ -31,7 +31,7 @@ class VCRDStats:
     valid: torch.Tensor
 
     @classmethod
-    def from_rows(cls, rows: Dict[str, torch.Tensor], valid: torch.Tensor, shape: torch.Size) -> "VCRDStats":
+    def from_rows(cls, rows: Dict[str, torch.Tensor], valid: torch.Tensor, shape: torch.Size) -> VCRDStats:
         """Zero the ignored rows, detach, and reshape ``[N]`` rows to the labels' shape."""
         out = {}
         for name in ROW_FIELDS:

@@ -27,7 +27,8 @@ def row_weights(rows: Dict[str, torch.Tensor], valid: torch.Tensor, window: Caus
     if cfg.validity is None:
         w_val = torch.ones_like(g)
     else:
-        w_val = cfg.validity_floor + (1 - cfg.validity_floor) * torch.sigmoid((g - cfg.validity_margin) / cfg.validity_tau)
+        sig = torch.sigmoid((g - cfg.validity_margin) / cfg.validity_tau)
+        w_val = cfg.validity_floor + (1 - cfg.validity_floor) * sig
     means = window.push(torch.stack([rows["lp_s"], rows["lp_s"] - rows["lp_u"]], 1), valid)
     n, lbar = means[:, 0], means[:, 1]
     w_dc = torch.sigmoid((lbar - cfg.correction_bias) / cfg.correction_tau) if cfg.correction else torch.ones_like(g)
