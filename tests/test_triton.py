@@ -115,3 +115,10 @@ def test_label_logprob_kernel(dtype):
     keep = y >= 0
     torch.testing.assert_close(lp[keep].double(), want[keep].gather(1, y[keep, None]).squeeze(1), rtol=0, atol=1e-4)
     assert lp[3] == 0
+
+
+@pytest.mark.parametrize("name", ["vcrd", "jsd-T2-ce-expected"])
+def test_fused_linear_on_the_kernels(name):
+    from . import test_fused_linear as fl
+
+    fl.three_way(fl.heads(N=30, V=600), fl.CONFIGS[name], impl="triton", chunk_size=7)

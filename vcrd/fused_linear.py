@@ -51,7 +51,8 @@ def _check(student_hidden, student_weight, teacher_hidden, teacher_weight, label
                          f"got {tuple(labels.shape)}")
     for name, h, w in (("student_weight", h_s, w_s), ("teacher_weight", h_t, w_t)):
         if w.shape[1] != h.shape[-1]:
-            raise ValueError(f"{name}: expected shape [V, {h.shape[-1]}] to match the hidden size, got {tuple(w.shape)}")
+            raise ValueError(f"{name}: expected shape [V, {h.shape[-1]}] to match the hidden size, "
+                             f"got {tuple(w.shape)}")
     for name, b, w in (("student_bias", student_bias, w_s), ("teacher_bias", teacher_bias, w_t)):
         if b is not None and (_matrix(name, b, 1).shape[0] != w.shape[0]):
             raise ValueError(f"{name}: expected shape [{w.shape[0]}], got {tuple(b.shape)}")
@@ -137,11 +138,12 @@ def fused_linear_vcrd_loss(
     h_s = student_hidden.reshape(-1, H_s)
     h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
     impl = resolve_impl(impl, h_s)
-    # fp32 LM heads once per call (bf16 heads: the GEMMs accumulate and output fp32, never rounded)
-    w_s = student_weight[:V].float()
-    w_t = teacher_weight[:V].float()
-    b_s = None if student_bias is None else student_bias[:V].float()
-    b_t = None if teacher_bias is None else teacher_bias[:V].float()
+    # fp32 LM heads once per call (bf16 heads: the GEMMs accumulate and output fp32, never rounded);
+    # fp64 inputs stay fp64
+    dtype = torch.promote_types(student_weight.dtype, torch.float32)
+    w_s, w_t = student_weight[:V].to(dtype), teacher_weight[:V].to(dtype)
+    b_s = None if student_bias is None else student_bias[:V].to(dtype)
+    b_t = None if teacher_bias is None else teacher_bias[:V].to(dtype)
 
     need_h, need_w, need_b = (torch.is_grad_enabled() and t is not None and t.requires_grad
                               for t in (student_hidden, student_weight, student_bias))
@@ -155,15 +157,15 @@ def fused_linear_vcrd_loss(
     window = CausalWindowMean(torch.searchsorted(rows_idx, starts[rows_idx]), 2)
     C = auto_chunk_size(n, V, settings.fused_budget_bytes()) if chunk_size == "auto" else chunk_size
     dev = h_s.device
-    grad_h = torch.zeros((h_s.shape[0], H_s), dtype=torch.float32, device=dev) if need_h else None
-    grad_w = torch.zeros((student_weight.shape[0], H_s), dtype=torch.float32, device=dev) if need_w else None
-    grad_b = torch.zeros(student_weight.shape[0], dtype=torch.float32, device=dev) if need_b else None
-    grad_logits = torch.empty((min(C, n), V), dtype=torch.float32, device=dev) if want_grad and n else None
+    grad_h = torch.zeros((h_s.shape[0], H_s), dtype=dtype, device=dev) if need_h else None
+    grad_w = torch.zeros((student_weight.shape[0], H_s), dtype=dtype, device=dev) if need_w else None
+    grad_b = torch.zeros(student_weight.shape[0], dtype=dtype, device=dev) if need_b else None
+    grad_logits = torch.empty((min(C, n), V), dtype=dtype, device=dev) if want_grad and n else None
     parts = []
     with torch.no_grad():
         for c0 in range(0, n, C):
             idx = rows_idx[c0:c0 + C]
-            hs, ht = h_s[idx].float(), h_t[idx].float()
+            hs, ht = h_s[idx].to(dtype), h_t[idx].to(dtype)
             chunk = RowBatch(_logits(hs, w_s, b_s), _logits(ht, w_t, b_t), y[idx],
                              torch.ones(idx.numel(), dtype=torch.bool, device=dev), starts[idx], idx.shape, idx.numel())
             g = grad_logits[: idx.numel()] if want_grad else None
