@@ -82,7 +82,7 @@ def chunk_grad(out: torch.Tensor, s: torch.Tensor, u: torch.Tensor, y: torch.Ten
                lse_s: torch.Tensor, lse_u: torch.Tensor, lse1: Optional[torch.Tensor], D: torch.Tensor,
                coef_kd: torch.Tensor, coef_ce: torch.Tensor, temperature: float, divergence: str, beta: float) -> None:
     """Write ``coef_kd ⊙ ∂D/∂s + coef_ce ⊙ (softmax(s) - onehot(y))`` for a chunk into ``out [C, V]``
-    (any float dtype; 0 in rows that are not valid).
+    (any float dtype; 0 in rows that are not valid, and where the value is subnormal).
 
     ``∂D/∂s`` is ``(p - q)/T`` (fkl), ``p ⊙ (log p - log q - D)/T`` (rkl),
     ``(1-β)/T · p ⊙ (log p - log m - KL(p‖m))`` (jsd, with ``m = βq + (1-β)p``).
@@ -104,7 +104,9 @@ def chunk_grad(out: torch.Tensor, s: torch.Tensor, u: torch.Tensor, y: torch.Ten
         p1 = (s.to(dtype) - lse1[:, None]).exp()
         grad = grad + coef_ce[:, None] * p1
         grad = grad.scatter_add(1, y[:, None], -coef_ce[:, None])
-    out.copy_(torch.where(valid[:, None], grad, 0.0))
+    # subnormal entries (|g| < smallest normal) become 0: they make CPU GEMMs on the gradient ~5× slower
+    keep = valid[:, None] & (grad.abs() >= torch.finfo(dtype).tiny)
+    out.copy_(torch.where(keep, grad, 0.0))
 
 
 @functools.cache

@@ -66,9 +66,12 @@ def _check(student_hidden, student_weight, teacher_hidden, teacher_weight, label
 
 
 def auto_chunk_size(n_rows: int, vocab: int, budget_bytes: int) -> int:
-    """Rows per chunk so that about four ``[C, V]`` fp32 buffers (two logits, the gradient, one
-    temporary) fit ``budget_bytes``; at least 8 rows and never more than the rows there are."""
-    return max(1, min(n_rows, max(8, budget_bytes // (16 * vocab))))
+    """Rows per chunk: the three ``[C, V]`` fp32 buffers of a chunk (both logits and the gradient)
+    fit ``budget_bytes``, at least 64 rows, and the rows are split into equal chunks (a small last
+    chunk would run its GEMMs inefficiently). Depends on N, never a fixed number of chunks."""
+    largest = max(64, budget_bytes // (12 * vocab))
+    n_chunks = max(1, -(-n_rows // largest))
+    return max(1, -(-n_rows // n_chunks))
 
 
 def _logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
