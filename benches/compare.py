@@ -124,7 +124,8 @@ def machine_line(rows) -> str:
 
 
 def table(rows) -> str:
-    out = ["| N | H | V | provider | median fwd+bwd (s) | time / GEMM floor | peak RSS (GiB) | op-only peak delta (GiB) |",
+    out = ["| N | H | V | provider | median fwd+bwd (s) | time / GEMM floor | peak RSS (GiB) "
+           "| op-only peak delta (GiB) |",
            "|---|---|---|---|---|---|---|---|"]
     shapes = sorted({(r["N"], r["H"], r["V"]) for r in rows}, key=lambda k: (k[2], k[0]))
     for N, H, V in shapes:

@@ -1,4 +1,4 @@
-"""``vcrd`` command line: ``vcrd demo``, ``vcrd aot`` (more subcommands arrive with their features)."""
+"""``vcrd`` command line: ``vcrd demo``, ``vcrd aot``, ``vcrd score``."""
 
 from __future__ import annotations
 
@@ -74,6 +74,39 @@ def aot(args: argparse.Namespace) -> int:
     return 0
 
 
+def score(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .data import read_jsonl, write_jsonl
+    from .naturalness import score_responses
+    from .select import rank_teachers, select_responses
+
+    examples = read_jsonl(args.data)  # every line checked before the model loads
+    if not examples:
+        raise ValueError(f"data: {args.data} holds no examples")
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"--model: expected a local Hugging Face model folder with config.json, "
+                                f"got {str(model_dir)!r}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).to(args.device).eval()
+    prompts = [e.prompt for e in examples]
+    responses = [e.steps if e.steps is not None else e.response for e in examples]
+    scores = score_responses(model, tokenizer, prompts, responses, window=args.window, drop_first=args.drop_first,
+                             max_step_tokens=args.max_step_tokens, token_budget=args.token_budget, progress=True)
+    chosen = select_responses(prompts, scores)
+    write_jsonl(args.out, ({**examples[i].to_json(), "lalp": scores[i].lalp, "galp": scores[i].galp,
+                            "step_scores": scores[i].step_scores} for i in chosen))
+    print(f"\n{len(examples)} responses to {len(chosen)} prompts scored (window {args.window}); "
+          f"wrote the best-LALP response per prompt to {args.out}\n")
+    print(f"{'teacher':<20} {'responses':>9} {'mean LALP':>10} {'mean GALP':>10} {'win rate':>9}")
+    for r in rank_teachers(prompts, [e.teacher for e in examples], scores):
+        print(f"{r.teacher:<20} {r.n_responses:>9} {r.mean_lalp:>10.4f} {r.mean_galp:>10.4f} {r.win_rate:>9.2%}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vcrd", description="Validity-calibrated reasoning distillation losses.")
     parser.add_argument("--version", action="version", version=f"vcrd {__version__}")
@@ -94,16 +127,36 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Exits 1 if any kernel spills.")
     a.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="SM versions (default: 80 90)")
     a.set_defaults(func=aot)
+    s = sub.add_parser("score", help="score responses by local naturalness (LALP), keep the best per prompt",
+                       description="Score every response of a jsonl file (fields: prompt, response, optional "
+                                   "teacher and steps) with a local causal LM, write the best-LALP response per "
+                                   "prompt, and print a per-teacher summary (SPEC §8).")
+    s.add_argument("--model", required=True, help="local Hugging Face model folder (the student)")
+    s.add_argument("--data", required=True, help="input jsonl")
+    s.add_argument("--out", required=True, help="output jsonl: the selected responses with their scores")
+    s.add_argument("--window", type=int, default=4, help="previous steps in context (default 4)")
+    s.add_argument("--drop-first", type=int, default=0, help="ids not scored at the start of each step (default 0)")
+    s.add_argument("--max-step-tokens", type=int, default=256, help="split longer steps at sentence ends")
+    s.add_argument("--token-budget", type=int, default=8192, help="tokens per forward batch (default 8192)")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=score)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("batch", "seq_len", "vocab", "repeats"):
+    for name in ("batch", "seq_len", "vocab", "repeats", "max_step_tokens", "token_budget"):
         if getattr(args, name, 1) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    return args.func(args)
+    for name in ("window", "drop_first"):
+        if getattr(args, name, 0) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"vcrd {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
