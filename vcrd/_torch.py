@@ -119,8 +119,8 @@ def loss_and_grad(batch: RowBatch, cfg: VCRDConfig, grad_out: Optional[torch.Ten
                   chunk_rows: int, compile: bool, window: Optional[CausalWindowMean] = None) -> Rows:
     """Rows of SPEC §2–6 for a checked batch, writing ``grad_scale · ∂(Σ_r loss_r)/∂s`` into ``grad_out``.
 
-    ``grad_out`` is ``[N, V]`` (a view of the student gradient, any float dtype) or None for no
-    gradient. ``window`` carries the causal window from earlier rows (the fused-linear loss walks
+    ``grad_out`` is ``[N, V]`` (a view of the student gradient, any float dtype; it may be ``s``
+    itself, each chunk's rows are read before they are overwritten) or None for no gradient. ``window`` carries the causal window from earlier rows (the fused-linear loss walks
     token chunks); by default a new one over ``batch.starts``. Returns ``[N]`` rows: ``per_row``
     (unnormalised ``m·[kd·w·D + ce·CE]``), ``w`` (``m·w``), and the statistics of SPEC §7.
     """

@@ -41,9 +41,10 @@ def loss_and_grad(batch: RowBatch, cfg: VCRDConfig, grad_out: Optional[torch.Ten
     w = rows["w_val"] * rows["w_dc"]
     coef = torch.stack([torch.where(valid, grad_scale * cfg.kd_weight * w, 0.0),
                         valid.to(torch.float32) * (grad_scale * cfg.ce_weight)], 1).float().contiguous()
+    # CE reads s[y] before the gradient kernel, which may write over s (the fused-linear loss does)
+    ce = rows["lse1"] - s.gather(1, batch.labels[:, None]).squeeze(1).float() if need_ce else 0.0
     launch_grad(s, u, labels, stats, coef, grad_out, T, divergence, cfg.beta, need_ce)
     rows["D"] = stats[:, 8]  # JSD's D is written by the gradient kernel
-    ce = rows["lse1"] - s.gather(1, batch.labels[:, None]).squeeze(1).float() if need_ce else 0.0
     rows["per_row"] = torch.where(valid, cfg.kd_weight * w * rows["D"] + cfg.ce_weight * ce, 0.0)
     rows["w"] = torch.where(valid, w, 0.0)
     return rows

@@ -3,7 +3,7 @@
 Token chunks are walked in order. Per chunk: both models' logits with fp32 accumulation
 (``h @ W^T + b``), the per-row statistics, the weights (the causal window's prefix sums carry
 across chunks, so a chunk's weights are final once its rows are in: SPEC §5), the gradient
-w.r.t. the chunk's student logits, then ``grad_hidden[chunk] = g @ W_s`` and
+w.r.t. the chunk's student logits (written over them: two ``[C, V]`` buffers per chunk), then ``grad_hidden[chunk] = g @ W_s`` and
 ``grad_W_s += g^T @ h_s`` (and ``grad_b_s += Σ g``) in fp32. Rows with ``ignore_index`` are
 dropped before the GEMMs. The backward only scales the stored gradients by the upstream gradient.
 """
@@ -66,10 +66,11 @@ def _check(student_hidden, student_weight, teacher_hidden, teacher_weight, label
 
 
 def auto_chunk_size(n_rows: int, vocab: int, budget_bytes: int) -> int:
-    """Rows per chunk: the three ``[C, V]`` fp32 buffers of a chunk (both logits and the gradient)
-    fit ``budget_bytes``, at least 64 rows, and the rows are split into equal chunks (a small last
-    chunk would run its GEMMs inefficiently). Depends on N, never a fixed number of chunks."""
-    largest = max(64, budget_bytes // (12 * vocab))
+    """Rows per chunk: the two ``[C, V]`` fp32 buffers of a chunk (both logits; the gradient
+    overwrites the student's) fit ``budget_bytes``, but at least 256 rows (GEMMs with fewer rows run
+    markedly slower on CPU) and at most 1024; the rows are then split into equal chunks (a small
+    last chunk would waste its GEMMs). Depends on N, never a fixed number of chunks."""
+    largest = min(1024, max(256, budget_bytes // (8 * vocab)))
     n_chunks = max(1, -(-n_rows // largest))
     return max(1, -(-n_rows // n_chunks))
 
@@ -163,7 +164,6 @@ def fused_linear_vcrd_loss(
     grad_h = torch.zeros((h_s.shape[0], H_s), dtype=dtype, device=dev) if need_h else None
     grad_w = torch.zeros((student_weight.shape[0], H_s), dtype=dtype, device=dev) if need_w else None
     grad_b = torch.zeros(student_weight.shape[0], dtype=dtype, device=dev) if need_b else None
-    grad_logits = torch.empty((min(C, n), V), dtype=dtype, device=dev) if want_grad and n else None
     parts = []
     with torch.no_grad():
         for c0 in range(0, n, C):
@@ -171,7 +171,7 @@ def fused_linear_vcrd_loss(
             hs, ht = h_s[idx].to(dtype), h_t[idx].to(dtype)
             chunk = RowBatch(_logits(hs, w_s, b_s), _logits(ht, w_t, b_t), y[idx],
                              torch.ones(idx.numel(), dtype=torch.bool, device=dev), starts[idx], idx.shape, idx.numel())
-            g = grad_logits[: idx.numel()] if want_grad else None
+            g = chunk.s if want_grad else None  # the gradient overwrites the student logits, row by row
             if impl == "triton":
                 rows = _triton.loss_and_grad(chunk, cfg, g, 1.0 / Z, window=window)
             else:

@@ -2,7 +2,8 @@
 
 - ``VCRD_COMPILE`` (``1``): ``torch.compile`` the CPU fast path's per-chunk math; ``0`` runs it eagerly.
 - ``VCRD_CHUNK_ROWS`` (``64``): rows per chunk of the CPU fast path.
-- ``VCRD_FUSED_BUDGET_MB`` (``1024``): memory for one fused-linear chunk's ``[C, V]`` fp32 buffers.
+- ``VCRD_FUSED_BUDGET_MB`` (``256``): memory for one fused-linear chunk's two ``[C, V]`` fp32 buffers
+  (chunks keep 256–1024 rows whatever the budget).
 
 Read at call time, not import time, so tests and scripts can change them.
 """
@@ -36,8 +37,8 @@ def chunk_rows() -> int:
 
 
 def fused_budget_bytes() -> int:
-    """``VCRD_FUSED_BUDGET_MB``: memory for one fused-linear chunk's ``[C, V]`` buffers (default 1024 MB)."""
-    return _int("VCRD_FUSED_BUDGET_MB", 1024, 1) * 2**20
+    """``VCRD_FUSED_BUDGET_MB``: memory for one fused-linear chunk's ``[C, V]`` buffers (default 256 MB)."""
+    return _int("VCRD_FUSED_BUDGET_MB", 256, 1) * 2**20
 
 
 def triton_interpreter() -> bool:
