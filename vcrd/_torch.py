@@ -120,8 +120,9 @@ def loss_and_grad(batch: RowBatch, cfg: VCRDConfig, grad_out: Optional[torch.Ten
     """Rows of SPEC §2–6 for a checked batch, writing ``grad_scale · ∂(Σ_r loss_r)/∂s`` into ``grad_out``.
 
     ``grad_out`` is ``[N, V]`` (a view of the student gradient, any float dtype; it may be ``s``
-    itself, each chunk's rows are read before they are overwritten) or None for no gradient. ``window`` carries the causal window from earlier rows (the fused-linear loss walks
-    token chunks); by default a new one over ``batch.starts``. Returns ``[N]`` rows: ``per_row``
+    itself, each chunk's rows are read before they are overwritten) or None for no gradient.
+    ``window`` carries the causal window from earlier rows (the fused-linear loss walks token
+    chunks); by default a new one over ``batch.starts``. Returns ``[N]`` rows: ``per_row``
     (unnormalised ``m·[kd·w·D + ce·CE]``), ``w`` (``m·w``), and the statistics of SPEC §7.
     """
     s, u, y, valid, starts = batch.s, batch.u, batch.labels, batch.valid, batch.starts
