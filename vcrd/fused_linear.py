@@ -4,8 +4,9 @@ Token chunks are walked in order. Per chunk: both models' logits with fp32 accum
 (``h @ W^T + b``), the per-row statistics, the weights (the causal window's prefix sums carry
 across chunks, so a chunk's weights are final once its rows are in: SPEC §5), the gradient
 w.r.t. the chunk's student logits (written over them: two ``[C, V]`` buffers per chunk), then
-``grad_hidden[chunk] = g @ W_s`` and ``grad_W_s += g^T @ h_s`` (and ``grad_b_s += Σ g``) in fp32. Rows with ``ignore_index`` are
-dropped before the GEMMs. The backward only scales the stored gradients by the upstream gradient.
+``grad_hidden[chunk] = g @ W_s`` and ``grad_W_s += g^T @ h_s`` (and ``grad_b_s += Σ g``) in fp32.
+Rows with ``ignore_index`` are dropped before the GEMMs. The backward only scales the stored
+gradients by the upstream gradient.
 """
 
 from __future__ import annotations
