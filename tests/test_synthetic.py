@@ -1,0 +1,38 @@
+"""The built-in reasoning task: problems are consistent, solutions check, styles split into steps."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from vcrd.naturalness import split_steps
+from vcrd.synthetic import check_answer, make_dataset, make_problem
+from vcrd.tokenizer import build_char_tokenizer
+
+
+def test_solutions_are_right_and_steps_evaluate():
+    for p in make_dataset(200, seed=3):
+        for style in ("terse", "verbose"):
+            assert check_answer(p.solution(style), p.answer)
+        for eq, _ in p.steps:  # every equation is true
+            lhs, rhs = eq.split("=")
+            assert eval(lhs.replace("/", "//")) == int(rhs)  # noqa: S307 (our own generated arithmetic)
+        assert int(p.steps[-1][0].split("=")[1]) == p.answer
+
+
+def test_same_seed_same_data_and_styles_split_into_steps():
+    assert [p.question for p in make_dataset(5, seed=1)] == [p.question for p in make_dataset(5, seed=1)]
+    tok = build_char_tokenizer()
+    p = make_problem(random.Random(0), n_events=3)
+    for style in ("terse", "verbose"):
+        steps = split_steps(p.solution(style), tok)
+        assert len(steps) == len(p.steps) + 1 and steps[-1].startswith("Answer:")
+        assert all(tok.unk_token_id not in tok(s, add_special_tokens=False)["input_ids"] for s in steps)
+
+
+def test_answer_checker_and_bad_style():
+    assert check_answer("x\n\nAnswer: 12", 12) and not check_answer("Answer: 12\n\nAnswer: 13", 12)
+    assert not check_answer("no answer here", 1)
+    with pytest.raises(ValueError, match="style"):
+        make_problem(random.Random(0)).solution("chatty")
