@@ -154,18 +154,38 @@ def plot(rows, path: Path) -> bool:
             axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider)
             axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=provider)
     V = sweep[0]["V"]
+    Ns = sorted({r["N"] for r in sweep})
     axes[0].set(xscale="log", yscale="log", xlabel="tokens N", ylabel="median fwd+bwd (s)", title=f"time, V={V}")
     axes[1].set(xscale="log", xlabel="tokens N", ylabel="peak RSS (GiB)", title=f"memory, V={V}")
+    for ax in axes:
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xticks(Ns, [str(n) for n in Ns])
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return True
 
 
+def write_report(data: dict) -> None:
+    """The docs/benchmarks.md section and docs/compare.png from ``{"machine": ..., "rows": [...]}``."""
+    rows = data["rows"]
+    md = ROOT / "docs" / "benchmarks.md"
+    png = md.with_name("compare.png")
+    section = "\n".join(["<!-- compare:begin -->", data["machine"], "", table(rows), "",
+                         "![time and memory over tokens](compare.png)" if plot(rows, png) else "(no plot)",
+                         "<!-- compare:end -->"])
+    text = md.read_text()
+    if "<!-- compare:begin -->" not in text:
+        text += "\n<!-- compare:begin -->\n<!-- compare:end -->\n"
+    md.write_text(re.sub(r"<!-- compare:begin -->.*<!-- compare:end -->", lambda _: section, text, flags=re.S))
+    print(f"wrote {md} and {png}")
+
+
 def orchestrate(args) -> None:
     shapes = [(256, 256, 8000), (1024, 256, 8000)] if args.quick else \
         [(1024, 512, 151936), (256, 512, 32000), (1024, 512, 32000), (4096, 512, 32000)]
     rows = []
+    machine = None
     for N, H, V in shapes:
         for provider in args.providers:
             cmd = [sys.executable, __file__, "--worker", "--provider", provider, "--N", str(N), "--H", str(H),
@@ -178,23 +198,16 @@ def orchestrate(args) -> None:
                 continue
             row = json.loads(done.stdout.strip().splitlines()[-1])
             rows.append(row)
+            machine = machine or machine_line(rows)  # the checkout as the run starts
             print(f"{row['median_s']:.3f} s, peak RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB")
     out = ROOT / "benches" / "results" / ("compare-quick.json" if args.quick else "compare.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1))
+    out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
+    print(f"wrote {out}")
     if args.quick:
         print(table(rows))
-        return
-    md = ROOT / "docs" / "benchmarks.md"
-    png = md.with_name("compare.png")
-    section = "\n".join(["<!-- compare:begin -->", machine_line(rows), "", table(rows), "",
-                         "![time and memory over tokens](compare.png)" if plot(rows, png) else "(no plot)",
-                         "<!-- compare:end -->"])
-    text = md.read_text()
-    if "<!-- compare:begin -->" not in text:
-        text += "\n<!-- compare:begin -->\n<!-- compare:end -->\n"
-    md.write_text(re.sub(r"<!-- compare:begin -->.*<!-- compare:end -->", lambda _: section, text, flags=re.S))
-    print(f"wrote {out}, {md} and {png}")
+    else:
+        write_report({"machine": machine, "rows": rows})
 
 
 def main() -> None:
@@ -202,13 +215,19 @@ def main() -> None:
     p.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="small shapes, print the table only")
+    p.add_argument("--report", metavar="JSON", help="only rewrite the docs section and plot from a results file")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--provider", help=argparse.SUPPRESS)
     p.add_argument("--N", type=int)
     p.add_argument("--H", type=int)
     p.add_argument("--V", type=int)
     args = p.parse_args()
-    worker(args) if args.worker else orchestrate(args)
+    if args.worker:
+        worker(args)
+    elif args.report:
+        write_report(json.loads(Path(args.report).read_text()))
+    else:
+        orchestrate(args)
 
 
 if __name__ == "__main__":
