@@ -14,7 +14,8 @@ import torch
 from . import _torch, _triton, reference, settings
 from ._autograd import attach_grads
 from .config import VCRDConfig, resolve_config
-from .inputs import check_options, normalizer, prepare
+from .inputs import check_options, prepare
+from .reduction import normalizer, reduce_rows
 from .stats import VCRDStats
 
 IMPLS = ("auto", "triton", "torch", "reference")
@@ -106,17 +107,7 @@ def vcrd_loss(
         else:
             rows = _torch.loss_and_grad(batch, cfg, grad_rows, 1.0 / Z, settings.chunk_rows(),
                                         settings.compile_enabled())
-        per_row = rows["per_row"]
-        post_scale = 1.0
-        if reduction == "none":
-            value = per_row.reshape(batch.shape)
-        elif reduction == "sum":
-            value = per_row.sum()
-        elif cfg.normalize == "weights":
-            Zw = rows["w"].sum().clamp_min(torch.finfo(per_row.dtype).tiny)
-            value, post_scale = per_row.sum() / Zw, 1.0 / Zw
-        else:
-            value = per_row.sum() / Z
+        value, post_scale = reduce_rows(rows["per_row"], rows["w"], reduction, cfg, Z, batch.shape)
     loss = attach_grads(value, [(student_logits, grad)], post_scale) if want_grad else value
     if return_stats:
         return loss, VCRDStats.from_rows(rows, batch.valid, batch.shape)

@@ -20,7 +20,8 @@ from . import _torch, _triton, settings
 from ._autograd import attach_grads
 from .config import VCRDConfig, resolve_config
 from .functional import IMPLS, resolve_impl
-from .inputs import RowBatch, check_options, check_vocab, normalizer, rows_of
+from .inputs import RowBatch, check_options, check_vocab, rows_of
+from .reduction import normalizer, reduce_rows
 from .stats import VCRDStats
 from .windows import CausalWindowMean
 
@@ -186,16 +187,9 @@ def fused_linear_vcrd_loss(
                 grad_b[:V] += g.sum(0)
             parts.append(rows)
 
-        per_row = torch.cat([r["per_row"] for r in parts]) if parts else torch.zeros(0, device=dev)
-        post_scale = 1.0
-        if reduction == "sum":
-            value = per_row.sum()
-        elif cfg.normalize == "weights":
-            Zw = torch.cat([r["w"] for r in parts]).sum().clamp_min(torch.finfo(torch.float32).tiny) if parts \
-                else torch.ones((), device=dev)
-            value, post_scale = per_row.sum() / Zw, 1.0 / Zw
-        else:
-            value = per_row.sum() / Z
+        kept = {k: torch.cat([r[k] for r in parts]) if parts else torch.zeros(0, dtype=dtype, device=dev)
+                for k in ("per_row", "w", "D", "w_val", "w_dc", "g", "n", "lp_s", "lp_u", "agree")}
+        value, post_scale = reduce_rows(kept["per_row"], kept["w"], reduction, cfg, Z, torch.Size([]))
 
     loss = value
     if want_grad:
@@ -204,10 +198,8 @@ def fused_linear_vcrd_loss(
         loss = attach_grads(value, pairs, post_scale)
     if not return_stats:
         return loss
-    full = {}
-    for name in ("D", "w_val", "w_dc", "g", "n", "lp_s", "lp_u", "agree"):
-        kept = torch.cat([r[name] for r in parts]) if parts else torch.zeros(0, device=dev)
-        full[name] = torch.zeros(h_s.shape[0], dtype=kept.dtype, device=dev).index_copy(0, rows_idx, kept)
+    full = {name: torch.zeros(h_s.shape[0], dtype=kept[name].dtype, device=dev).index_copy(0, rows_idx, kept[name])
+            for name in ("D", "w_val", "w_dc", "g", "n", "lp_s", "lp_u", "agree")}
     return loss, VCRDStats.from_rows(full, valid, labels.shape)
 
 

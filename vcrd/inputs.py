@@ -9,7 +9,7 @@ mask and the first row of each row's causal window.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
@@ -148,9 +148,3 @@ def prepare(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     u = teacher_logits.reshape(-1, teacher_logits.shape[-1])[:, :V]
     return RowBatch(s, u, y, valid, starts, labels.shape, n_valid)
 
-
-def normalizer(num_items_in_batch: Union[int, float, torch.Tensor, None], n_valid: int) -> float:
-    """``Z`` for ``normalize='tokens'``: ``num_items_in_batch`` if given, else the valid rows (>= 1)."""
-    if num_items_in_batch is None:
-        return float(max(n_valid, 1))
-    return float(num_items_in_batch)
