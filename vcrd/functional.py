@@ -13,6 +13,7 @@ import torch
 
 from . import _torch, _triton, reference, settings
 from ._autograd import attach_grads
+from ._memory import advise_huge_pages
 from .config import VCRDConfig, resolve_config
 from .inputs import check_options, prepare
 from .reduction import normalizer, reduce_rows
@@ -97,6 +98,7 @@ def vcrd_loss(
     grad = grad_rows = None
     if want_grad:
         grad = torch.empty_like(student_logits, memory_format=torch.contiguous_format)
+        advise_huge_pages(grad)  # fewer page faults on its first write
         grad_rows = grad.reshape(-1, grad.shape[-1])
         if grad_rows.shape[1] > batch.s.shape[1]:
             grad_rows[:, batch.s.shape[1]:] = 0
