@@ -137,3 +137,13 @@ def test_env_settings_are_checked(xyz, monkeypatch):
     monkeypatch.setenv("VCRD_CHUNK_ROWS", "zero")
     with pytest.raises(ValueError, match="VCRD_CHUNK_ROWS"):
         vcrd_loss(*xyz, impl="torch")
+
+
+def test_huge_page_hint_is_only_a_hint():
+    from vcrd._memory import advise_huge_pages
+
+    assert advise_huge_pages(torch.empty(10)) is False  # small buffers are left alone
+    big = torch.empty(2**25)  # 128 MiB
+    assert advise_huge_pages(big) in (True, False)
+    big.fill_(1.5)
+    assert float(big[-1]) == 1.5

@@ -19,7 +19,7 @@ MADV_HUGEPAGE = 14
 PAGE = 4096
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _libc():
     if not sys.platform.startswith("linux"):
         return None

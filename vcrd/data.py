@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Union
 
+import torch
+
 
 @dataclass
 class Example:
@@ -85,3 +87,54 @@ def write_jsonl(path: Union[str, Path], rows: Iterable[Dict[str, object]]) -> No
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+class DistillCollator:
+    """Examples → a padded batch for :func:`vcrd.trainer.distill_loss`.
+
+    Tokens: a BOS (if the tokenizer has one), the prompt, then each step (``example.steps`` or the
+    response split by SPEC §8's splitter), each piece tokenised on its own, and an EOS (if any) at
+    the end of the last step. ``labels`` are the ids with ``-100`` on the prompt and the padding;
+    ``step_ids`` number the steps from 1 (0 on the prompt; padding repeats the last step, so ids
+    never decrease). Sequences longer than ``max_length`` are cut at the end.
+    """
+
+    def __init__(self, tokenizer, max_length: int = 512, max_step_tokens: int = 256) -> None:
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+            raise ValueError(f"max_length: expected an int >= 2, got {max_length!r}")
+        self.tokenizer, self.max_length, self.max_step_tokens = tokenizer, max_length, max_step_tokens
+
+    def encode(self, example: Example):
+        from .naturalness import split_steps
+
+        tok = self.tokenizer
+        ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + \
+            list(tok(example.prompt, add_special_tokens=False)["input_ids"])
+        labels, steps = [-100] * len(ids), [0] * len(ids)
+        pieces = example.steps if example.steps is not None else split_steps(example.response, tok,
+                                                                             self.max_step_tokens)
+        for i, piece in enumerate(pieces, 1):
+            piece_ids = list(tok(piece, add_special_tokens=False)["input_ids"])
+            if i == len(pieces) and tok.eos_token_id is not None:
+                piece_ids.append(tok.eos_token_id)
+            ids += piece_ids
+            labels += piece_ids
+            steps += [i] * len(piece_ids)
+        return ids[: self.max_length], labels[: self.max_length], steps[: self.max_length]
+
+    def __call__(self, examples) -> Dict[str, torch.Tensor]:
+        import torch
+
+        encoded = [self.encode(e if isinstance(e, Example) else parse_row(e, "example")) for e in examples]
+        T = max(len(ids) for ids, _, _ in encoded)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        batch = {k: torch.full((len(encoded), T), v, dtype=torch.long)
+                 for k, v in (("input_ids", pad), ("labels", -100), ("attention_mask", 0), ("step_ids", 0))}
+        for b, (ids, labels, steps) in enumerate(encoded):
+            n = len(ids)
+            batch["input_ids"][b, :n] = torch.tensor(ids)
+            batch["labels"][b, :n] = torch.tensor(labels)
+            batch["attention_mask"][b, :n] = 1
+            batch["step_ids"][b, :n] = torch.tensor(steps)
+            batch["step_ids"][b, n:] = steps[-1]
+        return batch
