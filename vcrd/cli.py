@@ -1,4 +1,4 @@
-"""``vcrd`` command line: ``vcrd demo``, ``vcrd aot``, ``vcrd score``."""
+"""``vcrd`` command line: ``vcrd demo``, ``vcrd aot``, ``vcrd score``, ``vcrd train``."""
 
 from __future__ import annotations
 
@@ -107,6 +107,14 @@ def score(args: argparse.Namespace) -> int:
     return 0
 
 
+def train_command(args: argparse.Namespace) -> int:
+    from .train import train
+
+    out = train(args.config, resume=args.resume)
+    print(f"done: checkpoints in {out}, final model in {out / 'final'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vcrd", description="Validity-calibrated reasoning distillation losses.")
     parser.add_argument("--version", action="version", version=f"vcrd {__version__}")
@@ -140,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--token-budget", type=int, default=8192, help="tokens per forward batch (default 8192)")
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=score)
+    t = sub.add_parser("train", help="distil a local student from a local teacher (JSON config)",
+                       description="Distil a student from a teacher on a jsonl file with the VCRD loss, saving "
+                                   "checkpoints every save_steps; see vcrd/train.py for the config keys.")
+    t.add_argument("--config", required=True, help="JSON config file")
+    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    t.set_defaults(func=train_command)
     return parser
 
 
