@@ -15,7 +15,7 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/vcrd demo --quick
+	$(BIN)/vcrd demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

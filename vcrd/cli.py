@@ -30,6 +30,12 @@ def synthetic_batch(batch: int, seq_len: int, vocab: int, seed: int):
 
 
 def demo(args: argparse.Namespace) -> int:
+    if not args.quick:
+        from .demo import DemoSettings, run_demo
+
+        run_demo(DemoSettings(n_train=args.n_train, n_eval=args.n_eval, teacher_steps=args.teacher_steps,
+                              student_steps=args.student_steps, seed=args.seed, out=args.out))
+        return 0
     s, u, y, step_ids = synthetic_batch(args.batch, args.seq_len, args.vocab, args.seed)
     impl = resolve_impl(args.impl, s)
     print(f"vcrd {__version__} demo: {args.batch}×{args.seq_len} tokens, vocab {args.vocab}, fp32, impl={impl}, "
@@ -119,13 +125,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vcrd", description="Validity-calibrated reasoning distillation losses.")
     parser.add_argument("--version", action="version", version=f"vcrd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    d = sub.add_parser("demo", help="the three presets on one realistic batch: loss, weights, timing, parity",
-                       description="Run the kd, discord and vcrd presets on one synthetic batch and print the "
-                                   "loss, mean weights, fwd+bwd time and the difference from the fp64 reference.")
-    d.add_argument("--batch", type=int, default=4, help="sequences (default 4)")
-    d.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
-    d.add_argument("--vocab", type=int, default=32000, help="vocabulary size (default 32000)")
-    d.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up (default 3)")
+    d = sub.add_parser("demo", help="the main job: distil a student on the built-in task, kd vs vcrd",
+                       description="Train a small teacher on the built-in arithmetic task, let it write traces, keep "
+                                   "the best-LALP trace per problem, distil one student with preset kd and one with "
+                                   "preset vcrd, and compare held-out accuracy (results.md and curves.png in --out). "
+                                   "With --quick: only the loss on one realistic batch, for each preset.")
+    d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    d.add_argument("--n-train", type=int, default=256, help="training problems (default 256)")
+    d.add_argument("--n-eval", type=int, default=48, help="held-out problems (default 48)")
+    d.add_argument("--teacher-steps", type=int, default=300, help="teacher training steps (default 300)")
+    d.add_argument("--student-steps", type=int, default=150, help="distillation steps per student (default 150)")
+    d.add_argument("--quick", action="store_true", help="only the three presets on one batch: loss, weights, timing")
+    d.add_argument("--batch", type=int, default=4, help="--quick: sequences (default 4)")
+    d.add_argument("--seq-len", type=int, default=256, help="--quick: tokens per sequence (default 256)")
+    d.add_argument("--vocab", type=int, default=32000, help="--quick: vocabulary size (default 32000)")
+    d.add_argument("--repeats", type=int, default=3, help="--quick: timed runs after one warm-up (default 3)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--impl", default="auto", choices=["auto", "torch", "triton", "reference"])
     d.set_defaults(func=demo)
@@ -160,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("batch", "seq_len", "vocab", "repeats", "max_step_tokens", "token_budget"):
+    for name in ("batch", "seq_len", "vocab", "repeats", "max_step_tokens", "token_budget", "n_train", "n_eval",
+                 "teacher_steps", "student_steps"):
         if getattr(args, name, 1) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("window", "drop_first"):
