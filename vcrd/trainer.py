@@ -69,9 +69,11 @@ class VCRDTrainer(Trainer):
     vcrd_config="vcrd", args=..., train_dataset=..., data_collator=DistillCollator(tokenizer))``.
 
     The teacher is frozen (``requires_grad_(False)``, eval mode) and moved to the student's device.
-    The loss is normalised by the Trainer's ``num_items_in_batch`` (tokens over the accumulated
-    batch), so it is already scaled for gradient accumulation. Logged per step: ``kd_loss`` parts
-    ``w_val``, ``w_dc``, ``agree``, ``naturalness`` (means over predicted tokens).
+    The loss is normalised by the Trainer's ``num_items_in_batch`` (the Trainer counts
+    ``labels[..., 1:] != -100`` over the accumulated batch, the rows ``distill_loss`` scores), so it
+    is already scaled for gradient accumulation; without that count, micro-batch means are averaged.
+    Logged at each logging step: mean ``w_val``, ``w_dc``, ``agree``, ``naturalness`` and
+    ``divergence`` over the steps since the last log.
     """
 
     loss_is_scaled_for_ga = True
@@ -86,6 +88,9 @@ class VCRDTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         batch = {k: inputs[k] for k in ("input_ids", "attention_mask", "labels", "step_ids") if k in inputs}
         loss, stats = distill_loss(model, self.teacher, batch, self.vcrd_loss, num_items_in_batch)
+        if num_items_in_batch is None and self.args.gradient_accumulation_steps > 1:
+            # the Trainer counted no tokens (models without loss kwargs): average the micro-batch means
+            loss = loss / self.args.gradient_accumulation_steps
         means = stats.means()
         for key, name in (("w_val", "w_val"), ("w_dc", "w_dc"), ("agree", "agree"), ("n", "naturalness"),
                           ("D", "divergence")):
