@@ -18,9 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-# columns of the [N, NUM_STATS] fp32 output
-LSE_S, LSE_U, LP_S, LP_U, LQ_AS, LQ_AU, H_U, CE_SU, D, AGREE, LSE1 = range(11)
-NUM_STATS = 11
+# columns of the [N, NUM_STATS] fp32 output, in the order the kernels store them (out + 0 ... out + 10)
+STAT_NAMES = ("lse_s", "lse_u", "lp_s", "lp_u", "lq_as", "lq_au", "H_u", "CE_su", "D", "agree", "lse1")
+NUM_STATS = len(STAT_NAMES)
 FKL, RKL, JSD = 0, 1, 2
 DIVERGENCE_CODES = {"fkl": FKL, "rkl": RKL, "jsd": JSD}
 

@@ -16,8 +16,6 @@ from .inputs import RowBatch
 from .weights import row_weights
 from .windows import CausalWindowMean
 
-STAT_NAMES = ("lse_s", "lse_u", "lp_s", "lp_u", "lq_as", "lq_au", "H_u", "CE_su", "D", "agree", "lse1")
-
 
 def _unit_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
@@ -27,14 +25,14 @@ def loss_and_grad(batch: RowBatch, cfg: VCRDConfig, grad_out: Optional[torch.Ten
                   window: Optional[CausalWindowMean] = None) -> Dict[str, torch.Tensor]:
     """Same contract as :func:`vcrd._torch.loss_and_grad`, on the Triton kernels."""
     from vcrd.kernels.grad import launch_grad
-    from vcrd.kernels.stats import launch_stats
+    from vcrd.kernels.stats import STAT_NAMES, launch_stats
 
     s, u, valid = _unit_stride(batch.s), _unit_stride(batch.u), batch.valid
     divergence, T = cfg.effective_divergence, cfg.temperature
     need_ce = cfg.ce_weight > 0
     labels = torch.where(valid, batch.labels, -1)
     stats = launch_stats(s, u, labels, T, divergence, need_lse1=need_ce and T != 1.0)
-    rows = {name: stats[:, i] for i, name in enumerate(STAT_NAMES)}
+    rows = {name: stats[:, i] for i, name in enumerate(STAT_NAMES)}  # views: JSD's D appears once grad runs
     rows["agree"] = rows["agree"] > 0.5
     window = window if window is not None else CausalWindowMean(batch.starts, 2)
     rows.update(row_weights(rows, valid, window, cfg))
@@ -44,7 +42,6 @@ def loss_and_grad(batch: RowBatch, cfg: VCRDConfig, grad_out: Optional[torch.Ten
     # CE reads s[y] before the gradient kernel, which may write over s (the fused-linear loss does)
     ce = rows["lse1"] - s.gather(1, batch.labels[:, None]).squeeze(1).float() if need_ce else 0.0
     launch_grad(s, u, labels, stats, coef, grad_out, T, divergence, cfg.beta, need_ce)
-    rows["D"] = stats[:, 8]  # JSD's D is written by the gradient kernel
     rows["per_row"] = torch.where(valid, cfg.kd_weight * w * rows["D"] + cfg.ce_weight * ce, 0.0)
     rows["w"] = torch.where(valid, w, 0.0)
     return rows
