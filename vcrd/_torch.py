@@ -144,7 +144,7 @@ def loss_and_grad(batch: RowBatch, cfg: VCRDConfig, grad_out: Optional[torch.Ten
         rows["per_row"] = torch.where(vc, cfg.kd_weight * w * rows["D"] + cfg.ce_weight * ce, 0.0)
         rows["w"] = torch.where(vc, w, 0.0)
         if grad_out is not None:
-            grad_fn(grad_out[c0:c1], sc, uc, yc, vc, rows["lse_s"], rows["lse_u"], rows.get("lse1"), rows["D"],
+            grad_fn(sc if grad_out is s else grad_out[c0:c1], sc, uc, yc, vc, rows["lse_s"], rows["lse_u"], rows.get("lse1"), rows["D"],
                                   coef_kd, coef_ce, T, divergence, beta)
         parts.append(rows)
     if not parts:
