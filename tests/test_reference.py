@@ -3,6 +3,7 @@ and against the JSD conventions of TRL and Liger."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -16,6 +17,13 @@ from .conftest import ignore_some, realistic_logits, step_ids_for
 
 def sigmoid(x: float) -> float:
     return 1 / (1 + math.exp(-x))
+
+
+def log_ratio(lp_s: float, lp_u: float) -> float:
+    """SPEC §5: ``clamp(lp_s - lp_u, -50, 50)``, 0 when both are -inf."""
+    if lp_s == lp_u == -math.inf:
+        return 0.0
+    return min(50.0, max(-50.0, lp_s - lp_u))
 
 
 def naive(s, u, y, seq, steps, cfg: VCRDConfig, num_items=None):
@@ -59,7 +67,7 @@ def naive(s, u, y, seq, steps, cfg: VCRDConfig, num_items=None):
                    (j == r if cfg.window_steps is None else steps[j] >= steps[r] - cfg.window_steps)]
         k = max(len(members), 1)
         n = sum(stats[j]["lp_s"] for j in members) / k
-        lbar = sum(stats[j]["lp_s"] - stats[j]["lp_u"] for j in members) / k
+        lbar = sum(log_ratio(stats[j]["lp_s"], stats[j]["lp_u"]) for j in members) / k
         w_dc = sigmoid((lbar - cfg.correction_bias) / cfg.correction_tau) if cfg.correction else 1.0
         w = stats[r]["w_val"] * w_dc
         ws.append(w if valid[r] else 0.0)
@@ -68,7 +76,7 @@ def naive(s, u, y, seq, steps, cfg: VCRDConfig, num_items=None):
     n_valid = sum(valid)
     Z = num_items if num_items is not None else max(n_valid, 1)
     if cfg.normalize == "weights":
-        Z = sum(ws) if sum(ws) > 0 else 1.0
+        Z = max(sum(ws), 1e-6 * n_valid) * (1.0 if num_items is None else num_items / n_valid)
     return (torch.tensor(per_row, dtype=torch.float64), torch.tensor(ws, dtype=torch.float64),
             torch.tensor([st["D"] for st in stats], dtype=torch.float64), torch.tensor(ns, dtype=torch.float64),
             sum(per_row) / Z)
@@ -169,8 +177,8 @@ def test_gradient_matches_spec_formula():
     s, u, y = realistic_logits(16, 53, std=3.0, dtype=torch.float64)
     y = ignore_some(y)
     m = (y != -100).double()[:, None]
-    for div, beta in [("fkl", 0.5), ("rkl", 0.5), ("jsd", 0.3)]:
-        cfg = VCRDConfig(divergence=div, beta=beta, temperature=1.5, ce_weight=0.2)
+    for (div, beta), normalize in itertools.product([("fkl", 0.5), ("rkl", 0.5), ("jsd", 0.3)], ("tokens", "weights")):
+        cfg = VCRDConfig(divergence=div, beta=beta, temperature=1.5, ce_weight=0.2, normalize=normalize)
         x = s.clone().requires_grad_()
         loss, st = reference_loss(x, u, y, config=cfg, return_stats=True)
         loss.backward()
@@ -186,5 +194,6 @@ def test_gradient_matches_spec_formula():
             dD = (1 - beta) * p * (p.log() - mix.log() - kl_pm) / T
         onehot = torch.nn.functional.one_hot(torch.where(y < 0, 0, y), 53).double()
         w = (st.w_val * st.w_dc)[:, None]
-        want = m / m.sum() * (cfg.kd_weight * w * dD + cfg.ce_weight * (torch.softmax(s, -1) - onehot))
+        Z = m.sum() if normalize == "tokens" else (m * w).sum()
+        want = m / Z * (cfg.kd_weight * w * dD + cfg.ce_weight * (torch.softmax(s, -1) - onehot))
         torch.testing.assert_close(x.grad, want, rtol=1e-9, atol=1e-12)

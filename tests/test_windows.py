@@ -61,3 +61,26 @@ def test_batched_layout_and_positions():
     assert positions_in_sequence(seq).tolist() == [0, 1, 2, 3] * 3
     # tokens as steps, k = 1: each window is the row and the one before it in the same sequence
     assert window_starts(seq, None, 1).tolist() == [0, 0, 1, 2, 4, 4, 5, 6, 8, 8, 9, 10]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_non_finite_value_reaches_exactly_the_windows_that_hold_it(bad):
+    """A NaN or infinity in one valid row shows up in the windows containing it and nowhere else:
+    prefix sums must not carry it into later windows (or other sequences)."""
+    seq, steps = packed(seed=7)
+    N = len(seq)
+    values = torch.randn(N, 2, dtype=torch.float64)
+    valid = torch.ones(N, dtype=torch.bool)
+    r_bad = N // 3
+    values[r_bad, 0] = bad
+    starts = window_starts(seq, steps, 2)
+    want = naive_means(values, valid, seq, steps, 2)
+    got = torch.cat([CausalWindowMean(starts, 2).push(values, valid)])
+    holds = torch.tensor([bool(r_bad in range(int(starts[r]), r + 1)) for r in range(N)])
+    assert holds.sum() >= 1 and (~holds).sum() >= 1
+    torch.testing.assert_close(got[~holds], want[~holds])  # finite and exact elsewhere
+    assert torch.isfinite(got[~holds]).all()
+    torch.testing.assert_close(got[holds, 0], want[holds, 0], equal_nan=True)
+    # ignored rows never matter, whatever they hold
+    valid[r_bad] = False
+    assert torch.isfinite(window_means(values, valid, starts)).all()

@@ -2,7 +2,9 @@
 
 Two sweeps over the logits (three for JSD, whose D needs both LSEs first): the statistics kernel
 reads each logits element once; the gradient kernel reads both again and writes the gradient once.
-Between them only ``[N]``-sized work runs: the causal-window weights of SPEC §4–5.
+Between them only ``[N]``-sized work runs: the causal-window weights of SPEC §4–5
+(:func:`vcrd.weights.weigh_rows`, shared with the CPU path). ``[B, T, V]`` views that cannot be
+flattened without a copy are launched one sequence at a time.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 
 from .config import VCRDConfig
 from .inputs import RowBatch
-from .weights import row_weights
+from .weights import concat_rows, row_loss, weigh_rows
 from .windows import CausalWindowMean
 
 
@@ -27,21 +29,25 @@ def loss_and_grad(batch: RowBatch, cfg: VCRDConfig, grad_out: Optional[torch.Ten
     from vcrd.kernels.grad import launch_grad
     from vcrd.kernels.stats import STAT_NAMES, launch_stats
 
-    s, u, valid = _unit_stride(batch.s), _unit_stride(batch.u), batch.valid
     divergence, T = cfg.effective_divergence, cfg.temperature
     need_ce = cfg.ce_weight > 0
-    labels = torch.where(valid, batch.labels, -1)
-    stats = launch_stats(s, u, labels, T, divergence, need_lse1=need_ce and T != 1.0)
-    rows = {name: stats[:, i] for i, name in enumerate(STAT_NAMES)}  # views: JSD's D appears once grad runs
-    rows["agree"] = rows["agree"] > 0.5
+    in_place = grad_out is batch.s
     window = window if window is not None else CausalWindowMean(batch.starts, 2)
-    rows.update(row_weights(rows, valid, window, cfg))
-    w = rows["w_val"] * rows["w_dc"]
-    coef = torch.stack([torch.where(valid, grad_scale * cfg.kd_weight * w, 0.0),
-                        valid.to(torch.float32) * (grad_scale * cfg.ce_weight)], 1).float().contiguous()
-    # CE reads s[y] before the gradient kernel, which may write over s (the fused-linear loss does)
-    ce = rows["lse1"] - s.gather(1, batch.labels[:, None]).squeeze(1).float() if need_ce else 0.0
-    launch_grad(s, u, labels, stats, coef, grad_out, T, divergence, cfg.beta, need_ce)
-    rows["per_row"] = torch.where(valid, cfg.kd_weight * w * rows["D"] + cfg.ce_weight * ce, 0.0)
-    rows["w"] = torch.where(valid, w, 0.0)
-    return rows
+    parts = []
+    block_rows = batch.s.shape[-2] if batch.s.dim() == 3 else max(1, batch.s.shape[0])
+    for r0, r1, s, u in batch.chunks(block_rows):
+        s, u, valid = _unit_stride(s), _unit_stride(u), batch.valid[r0:r1]
+        labels = torch.where(valid, batch.labels[r0:r1], -1)
+        stats = launch_stats(s, u, labels, T, divergence, need_lse1=need_ce and T != 1.0)
+        rows = {name: stats[:, i] for i, name in enumerate(STAT_NAMES)}  # views: JSD's D appears once grad runs
+        rows["agree"] = rows["agree"] > 0.5
+        # CE reads s[y] before the gradient kernel, which may write over s (the fused-linear loss does)
+        ce = rows["lse1"] - s.gather(1, batch.labels[r0:r1, None]).squeeze(1).float() if need_ce else 0.0
+        weigh_rows(rows, valid, window, cfg, grad_scale)
+        coef = torch.stack([rows["coef_kd"], rows["coef_ce"]], 1).float().contiguous()
+        # without a gradient this only fills JSD's D column (it needs both LSEs first)
+        launch_grad(s, u, labels, stats, coef, None if grad_out is None else s if in_place else grad_out[r0:r1],
+                    T, divergence, cfg.beta, need_ce)
+        rows["per_row"] = row_loss(rows, ce, valid, cfg)
+        parts.append(rows)
+    return concat_rows(parts, torch.float32, batch.s.device)

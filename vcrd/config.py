@@ -38,7 +38,7 @@ class VCRDConfig:
     correction_tau: float = 1.0
     kd_weight: float = 1.0
     ce_weight: float = 0.0
-    normalize: Literal["tokens", "weights"] = "tokens"
+    normalize: Literal["tokens", "weights"] = "weights"
     ignore_index: int = -100
 
     def __post_init__(self) -> None:
@@ -81,11 +81,13 @@ class VCRDConfig:
     def preset(cls, name: str, **overrides) -> VCRDConfig:
         """A named preset (``kd``, ``discord`` or ``vcrd``), with any field overridden.
 
-        ``kd``: forward KL, no weights. ``discord``: forward KL with per-token distribution
-        correction. ``vcrd``: the defaults (argmax validity, correction over a 4-step window).
+        ``kd``: forward KL, no weights, mean over tokens. ``discord``: forward KL with per-token
+        distribution correction. ``vcrd``: the defaults (argmax validity, correction over a 4-step
+        window). The weighted presets normalise by the weights (``normalize="weights"``), so the
+        weights move emphasis between tokens without shrinking the step (SPEC §6).
         """
         base = {
-            "kd": dict(validity=None, correction=False),
+            "kd": dict(validity=None, correction=False, normalize="tokens"),
             "discord": dict(validity=None, correction=True, window_steps=None),
             "vcrd": {},
         }

@@ -7,7 +7,7 @@ runs :mod:`vcrd.reference`, the plain formula of SPEC.md.
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -15,9 +15,10 @@ from . import _torch, _triton, reference, settings
 from ._autograd import attach_grads
 from ._memory import advise_huge_pages
 from .config import VCRDConfig, resolve_config
-from .inputs import check_options, prepare
-from .reduction import normalizer, reduce_rows
+from .inputs import RowBatch, check_options, prepare
+from .reduction import reduce_rows, row_normalizer
 from .stats import VCRDStats
+from .windows import CausalWindowMean
 
 IMPLS = ("auto", "triton", "torch", "reference")
 
@@ -72,7 +73,8 @@ def vcrd_loss(
             without it every token is its own step).
         cu_seqlens: ``[S+1]`` packed sequence boundaries for ``[N, V]`` inputs.
         config: a :class:`VCRDConfig` or a preset name (``"kd"``, ``"discord"``, ``"vcrd"``, default).
-        num_items_in_batch: ``Z`` for gradient accumulation (``reduction="mean"``, ``normalize="tokens"``).
+        num_items_in_batch: the number of valid rows in the whole accumulated (and data-parallel) batch,
+            for gradient accumulation (``reduction="mean"``; SPEC §6 for ``normalize="weights"``).
         vocab_size: compare columns ``0..V-1`` when the two vocabularies differ.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-row, shaped like ``labels``).
         impl: ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"``.
@@ -93,24 +95,30 @@ def vcrd_loss(
                                    reduction=reduction, return_stats=return_stats)
 
     want_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    tokens_mean = reduction == "mean" and cfg.normalize == "tokens"
-    Z = normalizer(num_items_in_batch, batch.n_valid) if tokens_mean else 1.0
+    Z = row_normalizer(reduction, cfg, num_items_in_batch, batch.n_valid)
     grad = grad_rows = None
     if want_grad:
         grad = torch.empty_like(student_logits, memory_format=torch.contiguous_format)
         advise_huge_pages(grad)  # fewer page faults on its first write
-        grad_rows = grad.reshape(-1, grad.shape[-1])
-        if grad_rows.shape[1] > batch.s.shape[1]:
-            grad_rows[:, batch.s.shape[1]:] = 0
-        grad_rows = grad_rows[:, :batch.s.shape[1]]
+        grad_rows = grad.view(-1, grad.shape[-1])
+        if grad_rows.shape[1] > batch.vocab:
+            grad_rows[:, batch.vocab:] = 0
+        grad_rows = grad_rows[:, :batch.vocab]
     with torch.no_grad():
-        if impl == "triton":
-            rows = _triton.loss_and_grad(batch, cfg, grad_rows, 1.0 / Z)
-        else:
-            rows = _torch.loss_and_grad(batch, cfg, grad_rows, 1.0 / Z, settings.chunk_rows(),
-                                        settings.compile_enabled())
-        value, post_scale = reduce_rows(rows["per_row"], rows["w"], reduction, cfg, Z, batch.shape)
+        rows = loss_and_grad(impl, batch, cfg, grad_rows, 1.0 / Z)
+        value, post_scale = reduce_rows(rows["per_row"], rows["w"], reduction, cfg, Z, batch.shape, batch.n_valid,
+                                        num_items_in_batch)
     loss = attach_grads(value, [(student_logits, grad)], post_scale) if want_grad else value
     if return_stats:
         return loss, VCRDStats.from_rows(rows, batch.valid, batch.shape)
     return loss
+
+
+def loss_and_grad(impl: str, batch: RowBatch, cfg: VCRDConfig, grad_out: Optional[torch.Tensor], grad_scale: float,
+                  window: Optional[CausalWindowMean] = None) -> Dict[str, torch.Tensor]:
+    """Run the backend ``impl`` (``"torch"`` or ``"triton"``) on a checked batch: ``[N]`` rows, and
+    ``grad_scale · ∂(Σ_r loss_r)/∂s`` written into ``grad_out`` (see :func:`vcrd._torch.loss_and_grad`)."""
+    if impl == "triton":
+        return _triton.loss_and_grad(batch, cfg, grad_out, grad_scale, window=window)
+    return _torch.loss_and_grad(batch, cfg, grad_out, grad_scale, settings.chunk_rows(), settings.compile_enabled(),
+                                window=window)

@@ -16,13 +16,14 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import nn
 
-from . import _torch, _triton, settings
+from . import settings
 from ._autograd import attach_grads
 from .config import VCRDConfig, resolve_config
-from .functional import IMPLS, resolve_impl
+from .functional import IMPLS, loss_and_grad, resolve_impl
 from .inputs import RowBatch, check_options, check_vocab, rows_of
-from .reduction import normalizer, reduce_rows
+from .reduction import reduce_rows, row_normalizer
 from .stats import VCRDStats
+from .weights import OUTPUT_ROWS, concat_rows
 from .windows import CausalWindowMean
 
 
@@ -154,8 +155,7 @@ def fused_linear_vcrd_loss(
     need_h, need_w, need_b = (torch.is_grad_enabled() and t is not None and t.requires_grad
                               for t in (student_hidden, student_weight, student_bias))
     want_grad = need_h or need_w or need_b
-    tokens_mean = reduction == "mean" and cfg.normalize == "tokens"
-    Z = normalizer(num_items_in_batch, n_valid) if tokens_mean else 1.0
+    Z = row_normalizer(reduction, cfg, num_items_in_batch, n_valid)
 
     rows_idx = valid.nonzero().squeeze(1)  # ignored rows never reach a GEMM
     n = rows_idx.numel()
@@ -167,29 +167,25 @@ def fused_linear_vcrd_loss(
     grad_w = torch.zeros((student_weight.shape[0], H_s), dtype=dtype, device=dev) if need_w else None
     grad_b = torch.zeros(student_weight.shape[0], dtype=dtype, device=dev) if need_b else None
     parts = []
-    with torch.no_grad():
+    # the loss's own precision, whatever autocast the caller runs under (its GEMMs accumulate in fp32)
+    with torch.no_grad(), torch.autocast(dev.type, enabled=False):
         for c0 in range(0, n, C):
             idx = rows_idx[c0:c0 + C]
             hs, ht = h_s[idx].to(dtype), h_t[idx].to(dtype)
             chunk = RowBatch(_logits(hs, w_s, b_s), _logits(ht, w_t, b_t), y[idx],
                              torch.ones(idx.numel(), dtype=torch.bool, device=dev), starts[idx], idx.shape, idx.numel())
             g = chunk.s if want_grad else None  # the gradient overwrites the student logits, row by row
-            if impl == "triton":
-                rows = _triton.loss_and_grad(chunk, cfg, g, 1.0 / Z, window=window)
-            else:
-                rows = _torch.loss_and_grad(chunk, cfg, g, 1.0 / Z, settings.chunk_rows(), settings.compile_enabled(),
-                                            window=window)
+            parts.append(loss_and_grad(impl, chunk, cfg, g, 1.0 / Z, window=window))
             if need_h:
                 grad_h[idx] = g @ w_s
             if need_w:
                 grad_w[:V].addmm_(g.T, hs)
             if need_b:
                 grad_b[:V] += g.sum(0)
-            parts.append(rows)
 
-        kept = {k: torch.cat([r[k] for r in parts]) if parts else torch.zeros(0, dtype=dtype, device=dev)
-                for k in ("per_row", "w", "D", "w_val", "w_dc", "g", "n", "lp_s", "lp_u", "agree")}
-        value, post_scale = reduce_rows(kept["per_row"], kept["w"], reduction, cfg, Z, torch.Size([]))
+        kept = concat_rows(parts, dtype, dev)
+        value, post_scale = reduce_rows(kept["per_row"], kept["w"], reduction, cfg, Z, torch.Size([]), n_valid,
+                                        num_items_in_batch)
 
     loss = value
     if want_grad:
@@ -199,7 +195,7 @@ def fused_linear_vcrd_loss(
     if not return_stats:
         return loss
     full = {name: torch.zeros(h_s.shape[0], dtype=kept[name].dtype, device=dev).index_copy(0, rows_idx, kept[name])
-            for name in ("D", "w_val", "w_dc", "g", "n", "lp_s", "lp_u", "agree")}
+            for name in OUTPUT_ROWS[2:]}
     return loss, VCRDStats.from_rows(full, valid, labels.shape)
 
 

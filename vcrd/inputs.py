@@ -9,7 +9,7 @@ mask and the first row of each row's causal window.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional, Tuple
 
 import torch
 
@@ -22,8 +22,10 @@ REDUCTIONS = ("mean", "sum", "none")
 
 @dataclass
 class RowBatch:
-    """Logits as rows: ``s, u [N, V]`` views, ``labels [N]`` (ignored rows set to 0), ``valid [N]``,
-    ``starts [N]`` (window starts), ``shape`` (the labels' shape), ``n_valid`` (a Python int)."""
+    """Logits as rows: ``s, u`` are views (never copies) restricted to the shared vocabulary,
+    ``[N, V]``, or ``[B, T, V]`` when the input's rows cannot be flattened without a copy (a shifted
+    ``logits[:, :-1]``); ``labels [N]`` (ignored rows set to 0), ``valid [N]``, ``starts [N]``
+    (window starts), ``shape`` (the labels' shape), ``n_valid`` (a Python int)."""
 
     s: torch.Tensor
     u: torch.Tensor
@@ -32,6 +34,32 @@ class RowBatch:
     starts: torch.Tensor
     shape: torch.Size
     n_valid: int
+
+    @property
+    def vocab(self) -> int:
+        return self.s.shape[-1]
+
+    def chunks(self, rows: int) -> Iterator[Tuple[int, int, torch.Tensor, torch.Tensor]]:
+        """``(r0, r1, s, u)`` for consecutive chunks of at most ``rows`` rows, in row order; ``s, u``
+        are ``[r1 - r0, V]`` views. With ``[B, T, V]`` views a chunk never crosses a sequence."""
+        if self.s.dim() == 2:
+            blocks = [(0, self.s, self.u)]
+        else:
+            T = self.s.shape[1]
+            blocks = [(b * T, self.s[b], self.u[b]) for b in range(self.s.shape[0])]
+        for base, s, u in blocks:
+            for c0 in range(0, s.shape[0], rows):
+                c1 = min(s.shape[0], c0 + rows)
+                yield base + c0, base + c1, s[c0:c1], u[c0:c1]
+
+
+def _rows_view(x: torch.Tensor, V: int) -> Optional[torch.Tensor]:
+    """``x[..., :V]`` as an ``[N, V]`` view, or None when that would need a copy."""
+    x = x[..., :V]
+    try:
+        return x.view(-1, V)
+    except RuntimeError:
+        return None
 
 
 def _tensor(name: str, value, kinds: str) -> torch.Tensor:
@@ -83,12 +111,11 @@ def check_options(reduction: str, impl: str, num_items_in_batch, cfg: VCRDConfig
         raise ValueError(f"impl: expected one of {tuple(impls)}, got {impl!r}")
     if num_items_in_batch is None:
         return
-    if reduction != "mean" or cfg.normalize != "tokens":
-        raise ValueError("num_items_in_batch: only applies to reduction='mean' with normalize='tokens', "
-                         f"got reduction={reduction!r}, normalize={cfg.normalize!r}")
+    if reduction != "mean":
+        raise ValueError(f"num_items_in_batch: only applies to reduction='mean', got reduction={reduction!r}")
     value = num_items_in_batch.item() if isinstance(num_items_in_batch, torch.Tensor) else num_items_in_batch
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"num_items_in_batch: expected a number > 0, got {num_items_in_batch!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"num_items_in_batch: expected a number >= 0, got {num_items_in_batch!r}")
 
 
 def rows_of(labels_shape: torch.Size, labels: torch.Tensor, step_ids: Optional[torch.Tensor],
@@ -144,7 +171,8 @@ def prepare(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     if labels.device != student_logits.device:
         raise ValueError(f"labels: expected device {student_logits.device} like student_logits, got {labels.device}")
     y, valid, starts, n_valid = rows_of(labels.shape, labels, step_ids, cu_seqlens, cfg, V)
-    s = student_logits.reshape(-1, student_logits.shape[-1])[:, :V]
-    u = teacher_logits.reshape(-1, teacher_logits.shape[-1])[:, :V]
+    s, u = _rows_view(student_logits, V), _rows_view(teacher_logits, V)
+    if s is None or u is None:  # keep [B, T, V] views: flattening them would copy N·V elements
+        s, u = student_logits[..., :V], teacher_logits[..., :V]
     return RowBatch(s, u, y, valid, starts, labels.shape, n_valid)
 

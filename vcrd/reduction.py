@@ -1,4 +1,4 @@
-"""SPEC §6: the normaliser Z and the reduction of per-row losses, shared by every entry point."""
+"""SPEC §6: the normaliser and the reduction of per-row losses, shared by every entry point."""
 
 from __future__ import annotations
 
@@ -8,27 +8,53 @@ import torch
 
 from .config import VCRDConfig
 
+Count = Union[int, float, torch.Tensor, None]
+MIN_MEAN_WEIGHT = 1e-6  # Σ m·w is clamped to >= 1e-6 · Σ m (SPEC §6)
 
-def normalizer(num_items_in_batch: Union[int, float, torch.Tensor, None], n_valid: int) -> float:
-    """``Z`` for ``normalize='tokens'``: ``num_items_in_batch`` if given, else the valid rows (>= 1)."""
+
+def token_normalizer(num_items_in_batch: Count, n_valid: int) -> float:
+    """``Z`` for ``normalize="tokens"``: ``num_items_in_batch`` if given, else the valid rows (>= 1).
+
+    A batch without valid rows has loss 0 whatever the count (Z = 1 then); a count of 0 for a batch
+    that has valid rows is an error."""
+    if n_valid == 0:
+        return 1.0
     if num_items_in_batch is None:
-        return float(max(n_valid, 1))
-    return float(num_items_in_batch)
+        return float(n_valid)
+    Z = float(num_items_in_batch)
+    if Z <= 0:
+        raise ValueError(f"num_items_in_batch: expected a number > 0 for a batch with {n_valid} valid rows, "
+                         f"got {Z:g}")
+    return Z
 
 
 def reduce_rows(per_row: torch.Tensor, w: torch.Tensor, reduction: str, cfg: VCRDConfig, Z: float,
-                shape: torch.Size) -> Tuple[torch.Tensor, Union[float, torch.Tensor]]:
+                shape: torch.Size, n_valid: int,
+                num_items_in_batch: Count = None) -> Tuple[torch.Tensor, Union[float, torch.Tensor]]:
     """``(loss value, post_scale)`` from unnormalised per-row losses ``[N]`` and weights ``m·w [N]``.
 
     ``"none"`` → per-row values shaped ``shape``; ``"sum"`` → Σ; ``"mean"`` → Σ / Z with
-    ``normalize="tokens"`` (the gradient already carries 1/Z), or Σ / Σ m·w with
-    ``normalize="weights"`` (known only now, so it is returned as ``post_scale`` for the gradient).
+    ``normalize="tokens"`` (the gradient already carries 1/Z), or Σ / Z_w with
+    ``normalize="weights"``, ``Z_w = max(Σ m·w, 1e-6·Σ m)``, times ``M / Σ m`` when
+    ``num_items_in_batch = M`` is given (known only now, so ``1/Z_w`` is returned as ``post_scale``
+    for the gradient).
     """
     if reduction == "none":
         return per_row.reshape(shape), 1.0
     if reduction == "sum":
         return per_row.sum(), 1.0
     if cfg.normalize == "weights":
-        Zw = w.sum().clamp_min(torch.finfo(per_row.dtype).tiny)
+        Zw = w.sum().clamp_min(MIN_MEAN_WEIGHT * max(n_valid, 1))
+        if num_items_in_batch is not None and n_valid:
+            Zw = Zw * (token_normalizer(num_items_in_batch, n_valid) / n_valid)
         return per_row.sum() / Zw, 1.0 / Zw
     return per_row.sum() / Z, 1.0
+
+
+def row_normalizer(reduction: str, cfg: VCRDConfig, num_items_in_batch: Count, n_valid: int) -> float:
+    """The part of Z known before the sweep (folded into the gradient as it is written): the token
+    count for ``reduction="mean"`` with ``normalize="tokens"``, else 1."""
+    if reduction == "mean" and cfg.normalize == "tokens":
+        return token_normalizer(num_items_in_batch, n_valid)
+    return 1.0
+

@@ -66,6 +66,14 @@ def window_mask(seq: torch.Tensor, steps: torch.Tensor, valid: torch.Tensor,
     return inside & valid.cpu()[None, :]
 
 
+def window_mean(W: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``[N]`` means of ``values`` over each row's window (``W [N, N]`` bool), 0 for an empty window.
+
+    Masked by selection, not by multiplication, so a non-finite value outside a window stays out."""
+    total = torch.where(W, values[None, :], torch.zeros((), dtype=values.dtype)).sum(1)
+    return total / W.sum(1).clamp_min(1)
+
+
 def vcrd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -116,10 +124,11 @@ def vcrd_loss(
             w_val = cfg.validity_floor + (1 - cfg.validity_floor) * sig
 
         seq, steps = rows_layout(labels, step_ids, cu_seqlens)
-        W = window_mask(seq, steps, valid, cfg.window_steps).to(dtype).to(s.device)
-        count = W.sum(1).clamp_min(1)
-        n = (W @ torch.where(valid, lp_s, 0)) / count
-        lbar = (W @ torch.where(valid, lp_s - lp_u, 0)) / count
+        W = window_mask(seq, steps, valid, cfg.window_steps).to(s.device)
+        # l_r: the support log-ratio, clamped; 0 when both models mask the label (SPEC §5)
+        both_masked = (lp_s == -torch.inf) & (lp_u == -torch.inf)
+        log_ratio = torch.where(both_masked, torch.zeros_like(lp_s), (lp_s - lp_u).clamp(-50, 50))
+        n, lbar = window_mean(W, lp_s), window_mean(W, log_ratio)
         w_dc = torch.sigmoid((lbar - cfg.correction_bias) / cfg.correction_tau) if cfg.correction \
             else torch.ones_like(D)
         w = w_val * w_dc
@@ -132,12 +141,18 @@ def vcrd_loss(
         loss = per_row.reshape(labels.shape)
     elif reduction == "sum":
         loss = per_row.sum()
+    elif not valid.any():
+        loss = per_row.sum()  # an all-ignored batch: 0, whatever num_items_in_batch is
     elif cfg.normalize == "weights":
-        loss = per_row.sum() / torch.where(valid, w, 0).sum().clamp_min(torch.finfo(dtype).tiny)
+        n_valid = valid.sum()
+        Z = torch.where(valid, w, 0).sum().clamp_min(1e-6 * n_valid)
+        if num_items_in_batch is not None:
+            Z = Z / n_valid * num_items_in_batch
+        loss = per_row.sum() / Z
     elif num_items_in_batch is not None:
         loss = per_row.sum() / num_items_in_batch
     else:
-        loss = per_row.sum() / valid.sum().clamp_min(1)
+        loss = per_row.sum() / valid.sum()
 
     if not return_stats:
         return loss

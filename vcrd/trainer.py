@@ -1,61 +1,289 @@
 """A thin trainer: the VCRD loss between a student and a frozen teacher, from hidden states.
 
 :func:`distill_loss` is the whole method and works in any training loop (plain PyTorch,
-accelerate): the teacher runs under ``torch.no_grad``, both models' final hidden states and LM heads
-go to :class:`vcrd.FusedLinearVCRDLoss` (no full logits), labels and step ids are shifted so row t
-predicts token t+1, and prompt/padding positions (label ``-100``) carry no loss.
-:class:`VCRDTrainer` is a ``transformers.Trainer`` whose ``compute_loss`` calls it and logs the
-loss parts and weight statistics.
+accelerate, DDP): both models run through their own ``forward`` (so DDP's gradient hooks,
+accelerate's autocast and any other wrapper around the student take effect) with
+``output_hidden_states`` and ``logits_to_keep=1`` (no ``[B, T, V]`` logits); the final hidden
+states (after the last norm) and the LM heads (taken from the unwrapped models) go to
+:class:`vcrd.FusedLinearVCRDLoss`. The teacher runs under ``torch.no_grad``; labels and step ids are
+shifted so row t predicts token t+1, and prompt/padding positions (label ``-100``) carry no loss.
+:class:`VCRDTrainer` is a ``transformers.Trainer`` whose ``compute_loss`` calls it, whose
+``evaluate()`` reports ``eval_loss`` (and the mean weights), and which logs the loss parts and
+weight statistics.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple, Union
+import inspect
+from collections.abc import Mapping
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from .config import VCRDConfig, resolve_config
 from .fused_linear import FusedLinearVCRDLoss
-from .stats import VCRDStats
+from .stats import ROW_FIELDS, VCRDStats
+
+BATCH_KEYS = ("input_ids", "attention_mask", "labels", "step_ids")
+# logged means: stats field -> log name
+LOGGED = (("w_val", "w_val"), ("w_dc", "w_dc"), ("agree", "agree"), ("n", "naturalness"), ("D", "divergence"))
+# final-logit transforms a fused-linear loss (logits = h @ W^T + b) cannot reproduce
+_UNSUPPORTED_LOGIT_SETTINGS = ("final_logit_softcapping",)
+# |model logits - h @ W^T - b| must stay within this fraction of max |h @ W^T + b| (bf16 autocast: ~1 %)
+_HEAD_CHECK_RTOL = 0.05
+
+Count = Union[int, float, torch.Tensor, None]
 
 
-def _hidden_and_head(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]):
-    """Final hidden states ``[B, T, H]`` (after the last norm) and the LM head of a causal LM."""
-    head = model.get_output_embeddings()
-    if head is None or not hasattr(head, "weight"):
-        raise ValueError(f"model: expected a causal LM with an output embedding (LM head), got {type(model).__name__}")
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    return hidden, head
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside its wrappers: ``.module`` (DDP, DataParallel, FSDP1, DeepSpeed),
+    ``._orig_mod`` (``torch.compile``) and ``get_base_model()`` (PEFT), repeatedly."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        for attr in ("_orig_mod", "module"):
+            inner = getattr(model, attr, None)
+            if isinstance(inner, nn.Module):
+                model = inner
+                break
+        else:
+            base = getattr(model, "get_base_model", None)
+            if callable(base) and isinstance(base(), nn.Module) and base() is not model:
+                model = base()
+    return model
 
 
-def distill_loss(student: nn.Module, teacher: nn.Module, batch: Dict[str, torch.Tensor],
-                 loss_fn: Union[FusedLinearVCRDLoss, VCRDConfig, str, None] = None,
-                 num_items_in_batch: Optional[Union[int, torch.Tensor]] = None) -> Tuple[torch.Tensor, VCRDStats]:
-    """``(loss, stats)`` for one batch: ``input_ids``, ``attention_mask``, ``labels`` (``-100`` on
-    prompt and padding) and optional ``step_ids``, all ``[B, T]`` (see :class:`vcrd.data.DistillCollator`).
+def _text_config(model: nn.Module):
+    cfg = getattr(model, "config", None)
+    get_text = getattr(cfg, "get_text_config", None)
+    return get_text() if callable(get_text) else cfg
 
-    ``loss_fn`` is a :class:`FusedLinearVCRDLoss`, or a config / preset name to build one.
-    ``num_items_in_batch`` is the number of predicted tokens in the whole accumulated batch (for
-    gradient accumulation); by default the loss is the mean over this batch's predicted tokens.
+
+def check_causal_lm(model: nn.Module, role: str = "model") -> Tuple[nn.Module, Dict[str, Any]]:
+    """Check that ``model`` (possibly wrapped) is a causal LM the fused-linear loss can reproduce.
+
+    Returns ``(head, forward_kwargs)``: the LM head of the unwrapped model (a module with a
+    ``[V, H]`` ``weight`` and an optional ``[V]`` ``bias``) and the keyword arguments that make its
+    ``forward`` return the final hidden states without full logits. Raises ``TypeError`` for a
+    non-module, ``ValueError`` for a model without an LM head, whose ``forward`` cannot limit the
+    logits, or whose logits are not ``h @ W^T + b`` (``config.final_logit_softcapping``, Gemma-2 style).
     """
-    if not isinstance(loss_fn, FusedLinearVCRDLoss):
-        loss_fn = FusedLinearVCRDLoss(resolve_config(loss_fn))
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{role}: expected a torch.nn.Module (a causal LM), got {type(model).__name__}")
+    inner = unwrap_model(model)
+    name = type(inner).__name__
+    cfg = _text_config(inner)
+    for setting in _UNSUPPORTED_LOGIT_SETTINGS:
+        value = getattr(cfg, setting, None)
+        if value:
+            raise ValueError(
+                f"{role}: {name} has config.{setting}={value!r}; its logits are {value}·tanh(h·W/{value}), not the "
+                f"LM head's h·W that vcrd's fused-linear loss computes from hidden states, so the loss would "
+                f"silently differ from the model's own distribution. Models with final-logit softcapping are not "
+                f"supported (expected config.{setting}=None)")
+    get_head = getattr(inner, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"{role}: expected a causal LM whose get_output_embeddings() returns an LM head with a "
+                         f"[V, H] weight, got {name} with head {type(head).__name__}")
+    bias = getattr(head, "bias", None)
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != weight.shape[:1]):
+        raise ValueError(f"{role}: expected the LM head's bias to be None or shape [{weight.shape[0]}], "
+                         f"got {getattr(bias, 'shape', type(bias).__name__)}")
+    try:
+        params = inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        params = {}
+    kwargs: Dict[str, Any] = {"output_hidden_states": _last_hidden_state_selector()}
+    if "logits_to_keep" in params:
+        kwargs["logits_to_keep"] = 1
+    elif "num_logits_to_keep" in params:  # transformers < 4.50
+        kwargs["num_logits_to_keep"] = 1
+    else:
+        raise ValueError(f"{role}: {name}.forward takes no logits_to_keep argument, so it would compute [B, T, V] "
+                         f"logits at every position; expected a transformers causal LM (transformers >= 4.46)")
+    if "use_cache" in params:
+        kwargs["use_cache"] = False
+    return head, kwargs
+
+
+def _last_hidden_state_selector():
+    """``[-1]`` where transformers can capture only the last hidden state (5.x), else ``True``
+    (every layer's output is returned; the last is still ``hidden_states[-1]``)."""
+    try:
+        from transformers.utils.output_capturing import selected_hidden_states  # noqa: F401
+    except ImportError:
+        return True
+    return [-1]
+
+
+def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                 role: str = "model") -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Run ``model`` (through its wrappers' ``forward``) and return ``(hidden [B, T, H], weight [V, H],
+    bias [V] or None)``: the final hidden states after the last norm and the unwrapped model's LM head.
+
+    The model is asked for its hidden states and the logits of the last position only; those logits
+    must equal ``hidden[:, -1] @ weight^T + bias`` (to 5 % of their scale: autocast rounds them),
+    which catches models whose ``hidden_states[-1]`` is not the LM head's input or whose logits are
+    scaled after the head.
+    """
+    head, kwargs = check_causal_lm(model, role)
+    outputs = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    states = getattr(outputs, "hidden_states", None)
+    hidden = states[-1] if isinstance(states, (tuple, list)) and len(states) else None
+    name = type(unwrap_model(model)).__name__
+    if not isinstance(hidden, torch.Tensor):
+        raise ValueError(f"{role}: {name}.forward(output_hidden_states=...) returned no hidden states "
+                         f"(got {type(states).__name__}); expected a transformers causal LM")
+    if hidden.shape[:2] != input_ids.shape or hidden.shape[-1] != head.weight.shape[1]:
+        raise ValueError(f"{role}: expected final hidden states of shape {tuple(input_ids.shape) + (head.weight.shape[1],)}"
+                         f" from {name}, got {tuple(hidden.shape)}")
+    logits = getattr(outputs, "logits", None)
+    if isinstance(logits, torch.Tensor) and logits.dim() == 3 and logits.shape[-1] == head.weight.shape[0]:
+        _check_head(role, name, hidden, head, logits)
+    return hidden, head.weight, getattr(head, "bias", None)
+
+
+@torch.no_grad()
+def _check_head(role: str, name: str, hidden: torch.Tensor, head: nn.Module, logits: torch.Tensor) -> None:
+    """The model's own last-position logits against ``hidden[:, -1] @ W^T + b`` in fp32."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        ref = hidden[:, -1].float() @ head.weight.float().T
+        if getattr(head, "bias", None) is not None:
+            ref = ref + head.bias.float()
+    err = (logits[:, -1].float() - ref).abs().max()
+    tol = _HEAD_CHECK_RTOL * ref.abs().max() + 1e-4
+    if bool(err > tol):  # NaN compares False: a diverged model is reported by the loss, not here
+        raise ValueError(f"{role}: {name}'s logits are not hidden_states[-1] @ lm_head.weight^T (+ bias): max "
+                         f"difference {float(err):.3g} at the last position, expected <= {float(tol):.3g}. vcrd needs "
+                         f"the LM head applied to the final hidden states as is (no logit scaling or capping, "
+                         f"hidden_states[-1] after the final norm)")
+
+
+def _int_tensor(name: str, value, shape: Optional[torch.Size] = None) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"batch[{name!r}]: expected a torch.Tensor, got {type(value).__name__}")
+    if value.dtype.is_floating_point or value.dtype.is_complex:
+        raise TypeError(f"batch[{name!r}]: expected an integer tensor, got {value.dtype}")
+    if shape is not None and value.shape != shape:
+        raise ValueError(f"batch[{name!r}]: expected shape {tuple(shape)} like batch['input_ids'], "
+                         f"got {tuple(value.shape)}")
+    return value
+
+
+def _check_batch(batch) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"batch: expected a mapping of tensors (input_ids, labels, ...), got {type(batch).__name__}")
     for key in ("input_ids", "labels"):
         if key not in batch:
             raise ValueError(f"batch: missing {key!r} (got keys {sorted(batch)})")
-    input_ids, mask = batch["input_ids"], batch.get("attention_mask")
-    h_s, head_s = _hidden_and_head(student, input_ids, mask)
+    ids = _int_tensor("input_ids", batch["input_ids"])
+    if ids.dim() != 2 or ids.shape[1] < 2:
+        raise ValueError(f"batch['input_ids']: expected shape [B, T] with T >= 2, got {tuple(ids.shape)}")
+    labels = _int_tensor("labels", batch["labels"], ids.shape)
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"batch['attention_mask']: expected a torch.Tensor, got {type(mask).__name__}")
+        if mask.shape != ids.shape:
+            raise ValueError(f"batch['attention_mask']: expected shape {tuple(ids.shape)} like batch['input_ids'], "
+                             f"got {tuple(mask.shape)}")
+    steps = batch.get("step_ids")
+    if steps is not None:
+        steps = _int_tensor("step_ids", steps, ids.shape)
+    return ids, mask, labels, steps
+
+
+def _loss_module(loss_fn, name: str = "loss_fn") -> FusedLinearVCRDLoss:
+    if isinstance(loss_fn, FusedLinearVCRDLoss):
+        return loss_fn
+    if loss_fn is not None and not isinstance(loss_fn, (VCRDConfig, str)):
+        raise TypeError(f"{name}: expected a FusedLinearVCRDLoss, a VCRDConfig, a preset name or None, "
+                        f"got {type(loss_fn).__name__}")
+    return FusedLinearVCRDLoss(resolve_config(loss_fn))
+
+
+def _check_count(num_items_in_batch: Count) -> Count:
+    if num_items_in_batch is None:
+        return None
+    if isinstance(num_items_in_batch, torch.Tensor):
+        if num_items_in_batch.numel() != 1:
+            raise ValueError(f"num_items_in_batch: expected a number or a one-element tensor, got a tensor of "
+                             f"shape {tuple(num_items_in_batch.shape)}")
+        return num_items_in_batch.reshape(())
+    if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)):
+        raise TypeError(f"num_items_in_batch: expected an int, a float, a one-element tensor or None, "
+                        f"got {type(num_items_in_batch).__name__}")
+    return num_items_in_batch
+
+
+def distill_loss(student: nn.Module, teacher: nn.Module, batch: Mapping,
+                 loss_fn: Union[FusedLinearVCRDLoss, VCRDConfig, str, None] = None,
+                 num_items_in_batch: Count = None) -> Tuple[torch.Tensor, VCRDStats]:
+    """The distillation loss of one (micro-)batch, and its per-row statistics.
+
+    Args:
+        student: a causal LM (``transformers`` ``*ForCausalLM``), possibly wrapped (DDP, accelerate,
+            ``torch.compile``, PEFT); its own ``forward`` runs, so wrappers (autocast, gradient
+            hooks) take effect. Gradients reach every parameter the final hidden states and the LM
+            head depend on.
+        teacher: a causal LM on the same device, run under ``torch.no_grad``; its vocabulary may
+            be larger (padded embeddings): the first ``min(V_s, V_t)`` columns are compared.
+        batch: ``input_ids [B, T]``, ``labels [B, T]`` (the trace token at each position,
+            ``ignore_index`` (-100) on prompt and padding), optional ``attention_mask [B, T]`` and
+            ``step_ids [B, T]`` (see :class:`vcrd.data.DistillCollator`); ``T >= 2``. Other keys are
+            ignored.
+        loss_fn: a :class:`FusedLinearVCRDLoss`, or a ``VCRDConfig`` / preset name to build one
+            (default preset ``vcrd``).
+        num_items_in_batch: the number of predicted tokens (``labels[:, 1:] != ignore_index``) in the
+            whole accumulated batch, over all micro-batches (and ranks); then the micro-batch losses
+            add up to the full-batch loss (``normalize="tokens"``; ``"weights"`` as SPEC §6). By
+            default the loss is this batch's own mean.
+
+    Returns:
+        ``(loss, stats)``: the scalar fp32 loss and :class:`VCRDStats` with per-row tensors of
+        shape ``[B, T - 1]`` (row t scores ``labels[:, t + 1]``).
+
+    Raises:
+        TypeError / ValueError naming the argument for a malformed batch, an unsupported model
+        (no LM head, final-logit softcapping, logits that are not ``h @ W^T + b``) or a bad count.
+    """
+    loss_fn = _loss_module(loss_fn)
+    input_ids, mask, labels, steps = _check_batch(batch)
+    num_items_in_batch = _check_count(num_items_in_batch)
+    check_causal_lm(teacher, "teacher")
+    h_s, w_s, b_s = final_hidden(student, input_ids, mask, "student")
     with torch.no_grad():
-        h_t, head_t = _hidden_and_head(teacher, input_ids, mask)
-    labels = batch["labels"][:, 1:]
-    steps = batch["step_ids"][:, 1:] if "step_ids" in batch else None
-    v_s, v_t = head_s.weight.shape[0], head_t.weight.shape[0]
-    return loss_fn(h_s[:, :-1], head_s.weight, h_t[:, :-1].detach(), head_t.weight.detach(), labels,
-                   student_bias=getattr(head_s, "bias", None),
-                   teacher_bias=None if getattr(head_t, "bias", None) is None else head_t.bias.detach(),
-                   step_ids=steps, num_items_in_batch=num_items_in_batch,
+        h_t, w_t, b_t = final_hidden(teacher, input_ids, mask, "teacher")
+    v_s, v_t = w_s.shape[0], w_t.shape[0]
+    return loss_fn(h_s[:, :-1], w_s, h_t[:, :-1].detach(), w_t.detach(), labels[:, 1:],
+                   student_bias=b_s, teacher_bias=None if b_t is None else b_t.detach(),
+                   step_ids=None if steps is None else steps[:, 1:], num_items_in_batch=num_items_in_batch,
                    vocab_size=min(v_s, v_t) if v_s != v_t else None, return_stats=True)
+
+
+class _StatSums:
+    """Token-weighted sums of the logged statistics, kept on the device (no host sync per step)."""
+
+    def __init__(self) -> None:
+        self.sums: Dict[str, torch.Tensor] = {}
+        self.count: Optional[torch.Tensor] = None
+
+    def add(self, stats: VCRDStats) -> None:
+        valid = stats.valid
+        for key, name in LOGGED:
+            value = torch.where(valid, getattr(stats, key).double(), 0.0).sum()
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        n = valid.sum()
+        self.count = n if self.count is None else self.count + n
+
+    def means(self, prefix: str = "") -> Dict[str, float]:
+        if self.count is None:
+            return {}
+        count = max(float(self.count), 1.0)
+        return {f"{prefix}{name}": round(float(v) / count, 4) for name, v in self.sums.items()}
 
 
 try:
@@ -66,40 +294,84 @@ except ImportError:  # pragma: no cover - transformers is a dependency; keep the
 
 class VCRDTrainer(Trainer):
     """``transformers.Trainer`` for VCRD distillation: ``VCRDTrainer(model=student, teacher_model=teacher,
-    vcrd_config="vcrd", args=..., train_dataset=..., data_collator=DistillCollator(tokenizer))``.
+    vcrd_config="vcrd", args=TrainingArguments(..., remove_unused_columns=False), train_dataset=...,
+    data_collator=DistillCollator(tokenizer))``.
 
-    The teacher is frozen (``requires_grad_(False)``, eval mode) and moved to the student's device.
-    The loss is normalised by the Trainer's ``num_items_in_batch`` (the Trainer counts
-    ``labels[..., 1:] != -100`` over the accumulated batch, the rows ``distill_loss`` scores), so it
-    is already scaled for gradient accumulation; without that count, micro-batch means are averaged.
-    Logged at each logging step: mean ``w_val``, ``w_dc``, ``agree``, ``naturalness`` and
-    ``divergence`` over the steps since the last log.
+    - The teacher is frozen (``requires_grad_(False)``, eval mode) and moved to the student's device.
+    - The loss is normalised by the Trainer's ``num_items_in_batch``: this trainer makes the Trainer
+      count ``labels[..., 1:] != ignore_index`` over the accumulated batch (the rows
+      :func:`distill_loss` scores; over all ranks when ``average_tokens_across_devices``), so
+      gradient accumulation gives the full-batch gradient (``normalize="tokens"``; SPEC §6 for
+      ``"weights"``) and the Trainer does not divide the loss again. Under data parallelism the
+      loss is multiplied by the number of processes, as the Trainer does for its own losses, so
+      DDP's averaging yields the gradient of the whole batch (SPEC §11).
+    - ``evaluate()`` returns ``eval_loss`` (mean over eval batches, as the Trainer averages) and
+      ``eval_w_val``, ``eval_w_dc``, ``eval_agree``, ``eval_naturalness``, ``eval_divergence``
+      (token means over the eval set). With ``compute_metrics``, the predictions are the per-row
+      statistics ``(D, w_val, w_dc, g, n, lp_s, lp_u, agree)``, each ``[B, T - 1]``.
+    - Each training log adds the token means of ``w_val``, ``w_dc``, ``agree``, ``naturalness``
+      and ``divergence`` since the last log (this process's batches).
     """
 
-    loss_is_scaled_for_ga = True
-
-    def __init__(self, *args, teacher_model: nn.Module, vcrd_config: Union[VCRDConfig, str, None] = None, **kwargs):
+    def __init__(self, *args, teacher_model: nn.Module, vcrd_config: Union[VCRDConfig, str, None] = None,
+                 **kwargs) -> None:
+        loss = _loss_module(vcrd_config, "vcrd_config")
+        check_causal_lm(teacher_model, "teacher_model")
         super().__init__(*args, **kwargs)
+        check_causal_lm(self.model, "model")
+        self.vcrd_loss = loss
         self.teacher = teacher_model.to(self.args.device).eval().requires_grad_(False)
-        self.vcrd_loss = FusedLinearVCRDLoss(resolve_config(vcrd_config))
-        self._stat_sums: Dict[str, float] = {}
-        self._stat_count = 0
+        # the Trainer counts num_items_in_batch only for models that take loss kwargs; our loss does
+        self.model_accepts_loss_kwargs = True
+        if not self.label_names:
+            self.label_names = ["labels"]  # prediction_step computes a loss only for batches with labels
+        self._train_stats, self._eval_stats = _StatSums(), _StatSums()
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        batch = {k: inputs[k] for k in ("input_ids", "attention_mask", "labels", "step_ids") if k in inputs}
+    def _get_num_items_in_batch(self, batch_samples: List[Any], device: torch.device):
+        """The Trainer's count (and its all-rank gather) over ``labels[..., 1:] != ignore_index``,
+        whatever the model's loss type and the config's ``ignore_index``."""
+        ignore = self.vcrd_loss.config.ignore_index
+        counted = []
+        for batch in batch_samples:
+            labels = batch.get("labels") if isinstance(batch, Mapping) else None
+            if isinstance(labels, torch.Tensor) and labels.dim() >= 1 and labels.shape[-1] >= 1:
+                kept = torch.where(labels[..., 1:] == ignore, -100, 0)
+                first = torch.full_like(labels[..., :1], -100)
+                # -100 in column 0 and on ignored rows: counting labels or labels[..., 1:] gives the same
+                batch = {**batch, "labels": torch.cat([first, kept], -1)}
+                batch.pop("shift_labels", None)
+            counted.append(batch)
+        return super()._get_num_items_in_batch(counted, device)
+
+    def compute_loss(self, model: nn.Module, inputs: Dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Count = None):
+        """:func:`distill_loss` on ``inputs`` (``input_ids``, ``labels``, optional ``attention_mask``
+        and ``step_ids``, all ``[B, T]``). Returns the loss, or ``(loss, per-row stats dict)``."""
+        batch = {k: inputs[k] for k in BATCH_KEYS if k in inputs}
         loss, stats = distill_loss(model, self.teacher, batch, self.vcrd_loss, num_items_in_batch)
-        if num_items_in_batch is None and self.args.gradient_accumulation_steps > 1:
-            # the Trainer counted no tokens (models without loss kwargs): average the micro-batch means
-            loss = loss / self.args.gradient_accumulation_steps
-        means = stats.means()
-        for key, name in (("w_val", "w_val"), ("w_dc", "w_dc"), ("agree", "agree"), ("n", "naturalness"),
-                          ("D", "divergence")):
-            self._stat_sums[name] = self._stat_sums.get(name, 0.0) + float(means[key])
-        self._stat_count += 1
-        return (loss, stats) if return_outputs else loss
+        if num_items_in_batch is not None and getattr(self.args, "average_tokens_across_devices", False):
+            # the count is over all ranks and DDP averages the ranks' gradients (as Trainer.compute_loss)
+            tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+            scale = self.accelerator.num_processes // tp if self.args.n_gpu <= 1 else self.args.n_gpu
+            if scale != 1:
+                loss = loss * scale
+        (self._train_stats if model.training else self._eval_stats).add(stats)
+        if not return_outputs:
+            return loss
+        # a dict, as Trainer.prediction_step expects; float so that padding with -100 stays meaningful
+        return loss, {name: getattr(stats, name).float() for name in ROW_FIELDS}
+
+    def evaluation_loop(self, dataloader, description: str, prediction_loss_only: Optional[bool] = None,
+                        ignore_keys: Optional[List[str]] = None, metric_key_prefix: str = "eval"):
+        self._eval_stats = _StatSums()
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only=prediction_loss_only,
+                                         ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        output.metrics.update(self._eval_stats.means(f"{metric_key_prefix}_"))
+        self._eval_stats = _StatSums()
+        return output
 
     def log(self, logs: Dict[str, float], *args, **kwargs) -> None:
-        if self._stat_count and "loss" in logs:
-            logs.update({k: round(v / self._stat_count, 4) for k, v in self._stat_sums.items()})
-            self._stat_sums, self._stat_count = {}, 0
+        if "loss" in logs:
+            logs.update(self._train_stats.means())
+            self._train_stats = _StatSums()
         super().log(logs, *args, **kwargs)

@@ -70,12 +70,16 @@ class CausalWindowMean:
     ``starts`` ``[N]`` comes from :func:`window_starts`. ``push(values [C, K], valid [C])`` for the
     next C rows returns ``[C, K]`` means of ``values`` over the valid rows of each window (0 where
     a window holds no valid row). Prefix sums are float64, so long sequences lose no precision.
+    Non-finite values are counted apart from the finite sums, so a NaN or an infinity reaches
+    exactly the windows that contain it (a window with a NaN, or with both infinities, is NaN;
+    one with an infinity is that infinity), never a later window through the prefix sums.
     """
 
     def __init__(self, starts: torch.Tensor, width: int) -> None:
         n = starts.numel()
         self.starts = starts
-        self.sums = torch.zeros(n + 1, width, dtype=torch.float64, device=starts.device)
+        # per prefix: the finite sum, then counts of NaN, +inf and -inf, per column; and valid rows
+        self.sums = torch.zeros(4, n + 1, width, dtype=torch.float64, device=starts.device)
         self.counts = torch.zeros(n + 1, dtype=torch.float64, device=starts.device)
         self.next_row = 0
 
@@ -83,14 +87,20 @@ class CausalWindowMean:
         c0, c1 = self.next_row, self.next_row + values.shape[0]
         if c1 > self.starts.numel():
             raise ValueError(f"push: {c1} rows pushed into windows over {self.starts.numel()} rows")
-        kept = torch.where(valid[:, None], values.to(torch.float64), 0.0)  # NaN in an ignored row stays out
-        self.sums[c0 + 1:c1 + 1] = self.sums[c0] + torch.cumsum(kept, 0)
+        x = values.to(torch.float64)
+        keep = valid[:, None]  # a NaN in an ignored row stays out
+        parts = torch.stack([torch.where(keep & x.isfinite(), x, 0.0), (keep & x.isnan()).double(),
+                             (keep & (x == torch.inf)).double(), (keep & (x == -torch.inf)).double()])
+        self.sums[:, c0 + 1:c1 + 1] = self.sums[:, c0:c0 + 1] + torch.cumsum(parts, 1)
         self.counts[c0 + 1:c1 + 1] = self.counts[c0] + torch.cumsum(valid.to(torch.float64), 0)
         self.next_row = c1
         start = self.starts[c0:c1]
-        total = self.sums[c0 + 1:c1 + 1] - self.sums[start]
+        total, nan, pos, neg = self.sums[:, c0 + 1:c1 + 1] - self.sums[:, start]
         count = self.counts[c0 + 1:c1 + 1] - self.counts[start]
-        return (total / count.clamp_min(1.0)[:, None]).to(values.dtype)
+        mean = total / count.clamp_min(1.0)[:, None]
+        mean = torch.where(pos > 0, torch.inf, torch.where(neg > 0, -torch.inf, mean))
+        mean = torch.where((nan > 0) | ((pos > 0) & (neg > 0)), torch.nan, mean)
+        return mean.to(values.dtype)
 
 
 def window_means(values: torch.Tensor, valid: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
