@@ -105,7 +105,7 @@ def vcrd_loss(
             grad_rows[:, batch.vocab:] = 0
         grad_rows = grad_rows[:, :batch.vocab]
     with torch.no_grad():
-        rows = loss_and_grad(impl, batch, cfg, grad_rows, 1.0 / Z)
+        rows = run_backend(impl, batch, cfg, grad_rows, 1.0 / Z)
         value, post_scale = reduce_rows(rows["per_row"], rows["w"], reduction, cfg, Z, batch.shape, batch.n_valid,
                                         num_items_in_batch)
     loss = attach_grads(value, [(student_logits, grad)], post_scale) if want_grad else value
@@ -114,7 +114,7 @@ def vcrd_loss(
     return loss
 
 
-def loss_and_grad(impl: str, batch: RowBatch, cfg: VCRDConfig, grad_out: Optional[torch.Tensor], grad_scale: float,
+def run_backend(impl: str, batch: RowBatch, cfg: VCRDConfig, grad_out: Optional[torch.Tensor], grad_scale: float,
                   window: Optional[CausalWindowMean] = None) -> Dict[str, torch.Tensor]:
     """Run the backend ``impl`` (``"torch"`` or ``"triton"``) on a checked batch: ``[N]`` rows, and
     ``grad_scale · ∂(Σ_r loss_r)/∂s`` written into ``grad_out`` (see :func:`vcrd._torch.loss_and_grad`)."""

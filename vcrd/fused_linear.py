@@ -19,53 +19,12 @@ from torch import nn
 from . import settings
 from ._autograd import attach_grads
 from .config import VCRDConfig, resolve_config
-from .functional import IMPLS, loss_and_grad, resolve_impl
-from .inputs import RowBatch, check_options, check_vocab, rows_of
+from .functional import IMPLS, resolve_impl, run_backend
+from .inputs import RowBatch, check_labels, check_linear, check_options, check_rows
 from .reduction import reduce_rows, row_normalizer
 from .stats import VCRDStats
 from .weights import OUTPUT_ROWS, concat_rows
 from .windows import CausalWindowMean
-
-
-def _matrix(name: str, value, dim: Optional[int] = None) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
-    if not value.dtype.is_floating_point:
-        raise TypeError(f"{name}: expected a floating-point tensor, got {value.dtype}")
-    if dim is not None and value.dim() != dim:
-        raise ValueError(f"{name}: expected {dim} dimensions, got shape {tuple(value.shape)}")
-    return value
-
-
-def _check(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias,
-           vocab_size) -> int:
-    """Every shape/dtype/grad check of the fused-linear inputs; returns the shared vocabulary V."""
-    h_s, h_t = _matrix("student_hidden", student_hidden), _matrix("teacher_hidden", teacher_hidden)
-    w_s, w_t = _matrix("student_weight", student_weight, 2), _matrix("teacher_weight", teacher_weight, 2)
-    if h_s.dim() not in (2, 3):
-        raise ValueError(f"student_hidden: expected shape [N, H] or [B, T, H], got {tuple(h_s.shape)}")
-    if h_t.shape[:-1] != h_s.shape[:-1]:
-        raise ValueError(f"teacher_hidden: expected leading shape {tuple(h_s.shape[:-1])} like student_hidden, "
-                         f"got {tuple(h_t.shape)}")
-    if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise TypeError(f"labels: expected an integer tensor, got {getattr(labels, 'dtype', type(labels).__name__)}")
-    if labels.shape != h_s.shape[:-1]:
-        raise ValueError(f"labels: expected shape {tuple(h_s.shape[:-1])} like the hidden states' leading dims, "
-                         f"got {tuple(labels.shape)}")
-    for name, h, w in (("student_weight", h_s, w_s), ("teacher_weight", h_t, w_t)):
-        if w.shape[1] != h.shape[-1]:
-            raise ValueError(f"{name}: expected shape [V, {h.shape[-1]}] to match the hidden size, "
-                             f"got {tuple(w.shape)}")
-    for name, b, w in (("student_bias", student_bias, w_s), ("teacher_bias", teacher_bias, w_t)):
-        if b is not None and (_matrix(name, b, 1).shape[0] != w.shape[0]):
-            raise ValueError(f"{name}: expected shape [{w.shape[0]}], got {tuple(b.shape)}")
-    for name, t in (("teacher_hidden", h_t), ("teacher_weight", w_t), ("teacher_bias", teacher_bias)):
-        if t is not None and t.requires_grad:
-            raise ValueError(f"{name}: the teacher must not require grad (run it under torch.no_grad() or detach it)")
-    devices = {t.device for t in (h_s, w_s, h_t, w_t, labels)}
-    if len(devices) > 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
-    return check_vocab(w_s.shape[0], w_t.shape[0], vocab_size)
 
 
 def auto_chunk_size(n_rows: int, vocab: int, budget_bytes: int) -> int:
@@ -124,79 +83,91 @@ def fused_linear_vcrd_loss(
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction: expected 'mean' or 'sum' for the fused-linear loss, got {reduction!r}")
     check_options(reduction, impl, num_items_in_batch, cfg, IMPLS)
-    V = _check(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias,
-               vocab_size)
+    V = check_linear(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias,
+                     vocab_size)
     if chunk_size != "auto" and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size: expected 'auto' or an int >= 1, got {chunk_size!r}")
-    y, valid, starts, n_valid = rows_of(labels.shape, labels, step_ids, cu_seqlens, cfg, V)
+    layout = check_rows(check_labels(labels, student_hidden.shape[:-1], student_hidden.device), step_ids, cu_seqlens,
+                        cfg, V)
     if impl == "reference":
-        from .reference import vcrd_loss as reference_loss
+        return _reference(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                          labels, step_ids=step_ids, cu_seqlens=cu_seqlens, config=cfg,
+                          num_items_in_batch=num_items_in_batch, vocab_size=vocab_size, reduction=reduction,
+                          return_stats=return_stats)
 
-        s = _logits(student_hidden.double(), student_weight.double(), None if student_bias is None else
-                    student_bias.double())
-        with torch.no_grad():
-            u = _logits(teacher_hidden.double(), teacher_weight.double(), None if teacher_bias is None else
-                        teacher_bias.double())
-        return reference_loss(s, u, labels, step_ids=step_ids, cu_seqlens=cu_seqlens, config=cfg,
-                              num_items_in_batch=num_items_in_batch, vocab_size=vocab_size, reduction=reduction,
-                              return_stats=return_stats)
-
-    H_s = student_hidden.shape[-1]
-    h_s = student_hidden.reshape(-1, H_s)
-    h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
     impl = resolve_impl(impl, h_s)
-    # fp32 LM heads once per call (bf16 heads: the GEMMs accumulate and output fp32, never rounded);
-    # fp64 inputs stay fp64
-    dtype = torch.promote_types(student_weight.dtype, torch.float32)
-    w_s, w_t = student_weight[:V].to(dtype), teacher_weight[:V].to(dtype)
-    b_s = None if student_bias is None else student_bias[:V].to(dtype)
-    b_t = None if teacher_bias is None else teacher_bias[:V].to(dtype)
-
-    need_h, need_w, need_b = (torch.is_grad_enabled() and t is not None and t.requires_grad
-                              for t in (student_hidden, student_weight, student_bias))
-    want_grad = need_h or need_w or need_b
-    Z = row_normalizer(reduction, cfg, num_items_in_batch, n_valid)
-
-    rows_idx = valid.nonzero().squeeze(1)  # ignored rows never reach a GEMM
-    n = rows_idx.numel()
-    # the window over kept rows only: a kept row's window holds the kept rows from its start on
-    window = CausalWindowMean(torch.searchsorted(rows_idx, starts[rows_idx]), 2)
-    C = auto_chunk_size(n, V, settings.fused_budget_bytes()) if chunk_size == "auto" else chunk_size
-    dev = h_s.device
-    grad_h = torch.zeros((h_s.shape[0], H_s), dtype=dtype, device=dev) if need_h else None
-    grad_w = torch.zeros((student_weight.shape[0], H_s), dtype=dtype, device=dev) if need_w else None
-    grad_b = torch.zeros(student_weight.shape[0], dtype=dtype, device=dev) if need_b else None
-    parts = []
+    student = (student_hidden, student_weight, student_bias)
+    needs_grad = tuple(x is not None and x.requires_grad and torch.is_grad_enabled() for x in student)
+    Z = row_normalizer(reduction, cfg, num_items_in_batch, layout.n_valid)
+    heads = _Heads(student_weight, student_bias, teacher_weight, teacher_bias, V)
+    kept_idx = layout.valid.nonzero().squeeze(1)  # ignored rows never reach a GEMM
+    C = auto_chunk_size(kept_idx.numel(), V, settings.fused_budget_bytes()) if chunk_size == "auto" else chunk_size
     # the loss's own precision, whatever autocast the caller runs under (its GEMMs accumulate in fp32)
-    with torch.no_grad(), torch.autocast(dev.type, enabled=False):
-        for c0 in range(0, n, C):
-            idx = rows_idx[c0:c0 + C]
-            hs, ht = h_s[idx].to(dtype), h_t[idx].to(dtype)
-            chunk = RowBatch(_logits(hs, w_s, b_s), _logits(ht, w_t, b_t), y[idx],
-                             torch.ones(idx.numel(), dtype=torch.bool, device=dev), starts[idx], idx.shape, idx.numel())
-            g = chunk.s if want_grad else None  # the gradient overwrites the student logits, row by row
-            parts.append(loss_and_grad(impl, chunk, cfg, g, 1.0 / Z, window=window))
-            if need_h:
-                grad_h[idx] = g @ w_s
-            if need_w:
-                grad_w[:V].addmm_(g.T, hs)
-            if need_b:
-                grad_b[:V] += g.sum(0)
-
-        kept = concat_rows(parts, dtype, dev)
-        value, post_scale = reduce_rows(kept["per_row"], kept["w"], reduction, cfg, Z, torch.Size([]), n_valid,
+    with torch.no_grad(), torch.autocast(h_s.device.type, enabled=False):
+        kept, grads = _chunked(h_s, teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), heads, layout, kept_idx,
+                               cfg, impl, C, 1.0 / Z, needs_grad, student_weight.shape)
+        value, post_scale = reduce_rows(kept["per_row"], kept["w"], reduction, cfg, Z, torch.Size([]), layout.n_valid,
                                         num_items_in_batch)
-
-    loss = value
-    if want_grad:
-        pairs = [(t, grad.reshape(t.shape).to(t.dtype)) for t, grad in
-                 ((student_hidden, grad_h), (student_weight, grad_w), (student_bias, grad_b)) if grad is not None]
-        loss = attach_grads(value, pairs, post_scale)
+    pairs = [(x, g.reshape(x.shape).to(x.dtype)) for x, g in zip(student, grads) if g is not None]
+    loss = attach_grads(value, pairs, post_scale) if pairs else value
     if not return_stats:
         return loss
-    full = {name: torch.zeros(h_s.shape[0], dtype=kept[name].dtype, device=dev).index_copy(0, rows_idx, kept[name])
+    full = {name: torch.zeros(h_s.shape[0], dtype=kept[name].dtype, device=h_s.device).index_copy(0, kept_idx,
+                                                                                                   kept[name])
             for name in OUTPUT_ROWS[2:]}
-    return loss, VCRDStats.from_rows(full, valid, labels.shape)
+    return loss, VCRDStats.from_rows(full, layout.valid, layout.shape)
+
+
+class _Heads:
+    """Both LM heads restricted to the shared vocabulary, in the loss's precision (fp32, or fp64 for
+    fp64 inputs): bf16 heads are upcast once per call, so the GEMMs accumulate and output fp32."""
+
+    def __init__(self, w_s, b_s, w_t, b_t, V: int) -> None:
+        self.dtype = torch.promote_types(w_s.dtype, torch.float32)
+        self.w_s, self.w_t = w_s[:V].to(self.dtype), w_t[:V].to(self.dtype)
+        self.b_s = None if b_s is None else b_s[:V].to(self.dtype)
+        self.b_t = None if b_t is None else b_t[:V].to(self.dtype)
+        self.V = V
+
+
+def _chunked(h_s, h_t, heads: _Heads, layout, kept_idx, cfg, impl, C, grad_scale, needs_grad, weight_shape):
+    """Walk the kept rows in chunks of ``C``: both logits, the backend's rows and the logit gradient
+    (written over the student logits), then ``grad_hidden[chunk] = g @ W_s``, ``grad_W_s += g^T h_s``,
+    ``grad_b_s += Σ g`` (fp32). Returns the kept rows (``[n_kept]``) and ``[grad_hidden, grad_weight,
+    grad_bias]`` (None where ``needs_grad`` says no)."""
+    dtype, dev, V = heads.dtype, h_s.device, heads.V
+    shapes = (h_s.shape, weight_shape, weight_shape[:1])
+    grad_h, grad_w, grad_b = (torch.zeros(shape, dtype=dtype, device=dev) if need else None
+                              for shape, need in zip(shapes, needs_grad))
+    # the window over kept rows only: a kept row's window holds the kept rows from its start on
+    window = CausalWindowMean(torch.searchsorted(kept_idx, layout.starts[kept_idx]), 2)
+    parts = []
+    for c0 in range(0, kept_idx.numel(), C):
+        idx = kept_idx[c0:c0 + C]
+        hs, ht = h_s[idx].to(dtype), h_t[idx].to(dtype)
+        chunk = RowBatch(_logits(hs, heads.w_s, heads.b_s), _logits(ht, heads.w_t, heads.b_t), layout.labels[idx],
+                         torch.ones(idx.numel(), dtype=torch.bool, device=dev), layout.starts[idx], idx.shape,
+                         idx.numel())
+        g = chunk.s if any(needs_grad) else None  # the gradient overwrites the student logits, row by row
+        parts.append(run_backend(impl, chunk, cfg, g, grad_scale, window=window))
+        if grad_h is not None:
+            grad_h[idx] = g @ heads.w_s
+        if grad_w is not None:
+            grad_w[:V].addmm_(g.T, hs)
+        if grad_b is not None:
+            grad_b[:V] += g.sum(0)
+    return concat_rows(parts, dtype, dev), [grad_h, grad_w, grad_b]
+
+
+def _reference(h_s, w_s, b_s, h_t, w_t, b_t, labels, **kw):
+    """``impl="reference"``: both logits in float64, then :func:`vcrd.reference.vcrd_loss` (tests, small inputs)."""
+    from .reference import vcrd_loss as reference_loss
+
+    s = _logits(h_s.double(), w_s.double(), None if b_s is None else b_s.double())
+    with torch.no_grad():
+        u = _logits(h_t.double(), w_t.double(), None if b_t is None else b_t.double())
+    return reference_loss(s, u, labels, **kw)
 
 
 class FusedLinearVCRDLoss(nn.Module):

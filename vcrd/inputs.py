@@ -81,9 +81,7 @@ def check_logits(student_logits, teacher_logits, vocab_size: Optional[int]) -> i
     if u.shape[:-1] != s.shape[:-1] or u.dim() != s.dim():
         raise ValueError(f"teacher_logits: expected leading shape {tuple(s.shape[:-1])} like student_logits, "
                          f"got {tuple(u.shape)}")
-    if u.requires_grad:
-        raise ValueError("teacher_logits: the teacher must not require grad (compute it under torch.no_grad() "
-                         "or pass teacher_logits.detach())")
+    check_frozen("teacher_logits", u)
     if u.device != s.device:
         raise ValueError(f"teacher_logits: expected device {s.device} like student_logits, got {u.device}")
     return check_vocab(s.shape[-1], u.shape[-1], vocab_size)
@@ -118,11 +116,40 @@ def check_options(reduction: str, impl: str, num_items_in_batch, cfg: VCRDConfig
         raise ValueError(f"num_items_in_batch: expected a number >= 0, got {num_items_in_batch!r}")
 
 
-def rows_of(labels_shape: torch.Size, labels: torch.Tensor, step_ids: Optional[torch.Tensor],
-            cu_seqlens: Optional[torch.Tensor], cfg: VCRDConfig, V: int):
-    """Check labels, step ids and cu_seqlens for rows shaped ``labels_shape``; return
-    ``(labels [N] with ignored rows set to 0, valid [N], starts [N], n_valid)``."""
-    device = labels.device
+@dataclass
+class RowLayout:
+    """Where each row stands: ``labels [N]`` (ignored rows set to 0), ``valid [N]``, ``starts [N]``
+    (first row of each row's causal window), ``shape`` (the labels' shape), ``n_valid`` (a Python int)."""
+
+    labels: torch.Tensor
+    valid: torch.Tensor
+    starts: torch.Tensor
+    shape: torch.Size
+    n_valid: int
+
+
+def check_labels(labels, lead_shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """``labels``: an integer tensor shaped like the rows (``lead_shape``), on ``device``."""
+    _tensor("labels", labels, "int")
+    if labels.shape != lead_shape:
+        raise ValueError(f"labels: expected shape {tuple(lead_shape)} like the inputs' leading dims, "
+                         f"got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels: expected device {device} like the student's inputs, got {labels.device}")
+    return labels
+
+
+def check_frozen(name: str, t: Optional[torch.Tensor]) -> None:
+    """The teacher's tensors never receive a gradient (SPEC §1)."""
+    if t is not None and t.requires_grad:
+        raise ValueError(f"{name}: the teacher must not require grad (compute it under torch.no_grad() "
+                         f"or pass {name}.detach())")
+
+
+def check_rows(labels: torch.Tensor, step_ids: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+               cfg: VCRDConfig, V: int) -> RowLayout:
+    """Check label values, step ids and cu_seqlens for rows shaped like ``labels``; return their layout."""
+    labels_shape, device = labels.shape, labels.device
     y = labels.reshape(-1)
     N = y.numel()
     valid = y != cfg.ignore_index
@@ -155,7 +182,7 @@ def rows_of(labels_shape: torch.Size, labels: torch.Tensor, step_ids: Optional[t
                              f"got {int(steps[r - 1])} then {int(steps[r])} at flat row {r}")
         step_ids = steps
     starts = window_starts(seq, step_ids, cfg.window_steps)
-    return torch.where(valid, y, 0), valid, starts, int(valid.sum())
+    return RowLayout(torch.where(valid, y, 0), valid, starts, labels_shape, int(valid.sum()))
 
 
 def prepare(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -163,16 +190,42 @@ def prepare(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
             vocab_size: Optional[int]) -> RowBatch:
     """All checks of SPEC §1 on logits-level inputs, then the row view."""
     V = check_logits(student_logits, teacher_logits, vocab_size)
-    _tensor("labels", labels, "int")
-    lead = student_logits.shape[:-1]
-    if labels.shape != lead:
-        raise ValueError(f"labels: expected shape {tuple(lead)} like the logits' leading dims, "
-                         f"got {tuple(labels.shape)}")
-    if labels.device != student_logits.device:
-        raise ValueError(f"labels: expected device {student_logits.device} like student_logits, got {labels.device}")
-    y, valid, starts, n_valid = rows_of(labels.shape, labels, step_ids, cu_seqlens, cfg, V)
+    layout = check_rows(check_labels(labels, student_logits.shape[:-1], student_logits.device), step_ids, cu_seqlens,
+                        cfg, V)
     s, u = _rows_view(student_logits, V), _rows_view(teacher_logits, V)
     if s is None or u is None:  # keep [B, T, V] views: flattening them would copy N·V elements
         s, u = student_logits[..., :V], teacher_logits[..., :V]
-    return RowBatch(s, u, y, valid, starts, labels.shape, n_valid)
+    return RowBatch(s, u, layout.labels, layout.valid, layout.starts, layout.shape, layout.n_valid)
 
+
+
+def _float_tensor(name: str, value, dims) -> torch.Tensor:
+    t = _tensor(name, value, "float")
+    if t.dim() not in dims:
+        raise ValueError(f"{name}: expected {' or '.join(map(str, dims))} dimensions, got shape {tuple(t.shape)}")
+    return t
+
+
+def check_linear(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias,
+                 vocab_size: Optional[int]) -> int:
+    """Check hidden states ``[N, H]``/``[B, T, H]``, LM heads ``[V, H]`` and biases ``[V]`` of both
+    models (the teacher's frozen); return the shared vocabulary V."""
+    h_s = _float_tensor("student_hidden", student_hidden, (2, 3))
+    h_t = _float_tensor("teacher_hidden", teacher_hidden, (2, 3))
+    if h_t.shape[:-1] != h_s.shape[:-1]:
+        raise ValueError(f"teacher_hidden: expected leading shape {tuple(h_s.shape[:-1])} like student_hidden, "
+                         f"got {tuple(h_t.shape)}")
+    models = (("student", h_s, student_weight, student_bias), ("teacher", h_t, teacher_weight, teacher_bias))
+    for who, h, weight, bias in models:
+        w = _float_tensor(f"{who}_weight", weight, (2,))
+        if w.shape[1] != h.shape[-1]:
+            raise ValueError(f"{who}_weight: expected shape [V, {h.shape[-1]}] to match the hidden size, "
+                             f"got {tuple(w.shape)}")
+        if bias is not None and _float_tensor(f"{who}_bias", bias, (1,)).shape[0] != w.shape[0]:
+            raise ValueError(f"{who}_bias: expected shape [{w.shape[0]}], got {tuple(bias.shape)}")
+    for name, t in (("teacher_hidden", h_t), ("teacher_weight", teacher_weight), ("teacher_bias", teacher_bias)):
+        check_frozen(name, t)
+    devices = {t.device for t in (h_s, student_weight, h_t, teacher_weight)}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    return check_vocab(student_weight.shape[0], teacher_weight.shape[0], vocab_size)

@@ -53,8 +53,7 @@ def reduce_rows(per_row: torch.Tensor, w: torch.Tensor, reduction: str, cfg: VCR
 
 def row_normalizer(reduction: str, cfg: VCRDConfig, num_items_in_batch: Count, n_valid: int) -> float:
     """The part of Z known before the sweep (folded into the gradient as it is written): the token
-    count for ``reduction="mean"`` with ``normalize="tokens"``, else 1."""
-    if reduction == "mean" and cfg.normalize == "tokens":
-        return token_normalizer(num_items_in_batch, n_valid)
-    return 1.0
-
+    count for ``reduction="mean"`` with ``normalize="tokens"``, else 1. Checks the count either way,
+    so a bad one is refused before any work."""
+    Z = token_normalizer(num_items_in_batch, n_valid)
+    return Z if reduction == "mean" and cfg.normalize == "tokens" else 1.0
