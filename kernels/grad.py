@@ -7,7 +7,7 @@ With the row's LSEs from the statistics kernel, ``log p = s/T - lse_s``, ``log q
 
 ``coef_kd = m·kd_weight·w / Z`` and ``coef_ce = m·ce_weight / Z`` carry the detached weights and
 the normaliser. JSD needs ``KL(p‖m)`` before any gradient element, so for ``jsd`` a first loop
-over the row computes ``D = β KL(q‖m) + (1-β) KL(p‖m)`` (written to the stats' D column); with
+over the row computes ``D = β KL(q‖m) + (1-β) KL(p‖m)`` (written to the stats' ``D`` column); with
 ``WRITE_GRAD=False`` only that loop runs. Ignored rows (label < 0) read nothing and get zeros.
 """
 
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .stats import DIVERGENCE_CODES, launch_config
+from .stats import COL_D, COL_LSE_S, COL_LSE_U, COL_LSE_UNTEMPERED, DIVERGENCE_CODES, FKL, JSD, RKL, launch_config
 
 
 @triton.jit
@@ -51,43 +51,46 @@ def grad_kernel(
         s_row = s_ptr + row * stride_s
         u_row = u_ptr + row * stride_u
         stats = stats_ptr + row * stride_stats
-        lse_s = tl.load(stats + 0)
-        lse_u = tl.load(stats + 1)
-        lse1 = tl.load(stats + 10)
+        lse_s = tl.load(stats + COL_LSE_S)
+        lse_u = tl.load(stats + COL_LSE_U)
+        lse_untempered = tl.load(stats + COL_LSE_UNTEMPERED)
         coef_kd = tl.load(coef_ptr + 2 * row) * inv_T
         coef_ce = tl.load(coef_ptr + 2 * row + 1)
-        D = tl.load(stats + 8)
+        D = tl.load(stats + COL_D)
         kl_pm = tl.zeros([], tl.float32)
-        if DIVERGENCE == 2:
-            kl_qm = tl.zeros([], tl.float32)
+        if DIVERGENCE == JSD:
+            # per-lane sums, reduced once after the loop (no block-wide reduction per tile)
+            kl_qm_acc = tl.zeros([BLOCK_V], tl.float32)
+            kl_pm_acc = tl.zeros([BLOCK_V], tl.float32)
             for start in range(0, V, BLOCK_V):
                 offs = start + tl.arange(0, BLOCK_V)
                 mask = offs < V
                 s = tl.load(s_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
                 u = tl.load(u_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
                 logp, logm, p, kl_q, kl_p = _jsd_terms(s, u, lse_s, lse_u, inv_T, beta)
-                kl_qm += tl.sum(kl_q)
-                kl_pm += tl.sum(kl_p)
-            D = beta * kl_qm + (1.0 - beta) * kl_pm
-            tl.store(stats + 8, D)
+                kl_qm_acc += kl_q
+                kl_pm_acc += kl_p
+            kl_pm = tl.sum(kl_pm_acc, 0)
+            D = beta * tl.sum(kl_qm_acc, 0) + (1.0 - beta) * kl_pm
+            tl.store(stats + COL_D, D)
         if WRITE_GRAD:
             for start in range(0, V, BLOCK_V):
                 offs = start + tl.arange(0, BLOCK_V)
                 mask = offs < V
                 s = tl.load(s_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
                 u = tl.load(u_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-                if DIVERGENCE == 0:
+                if DIVERGENCE == FKL:
                     dD = tl.exp(s * inv_T - lse_s) - tl.exp(u * inv_T - lse_u)
-                if DIVERGENCE == 1:
+                if DIVERGENCE == RKL:
                     logp = s * inv_T - lse_s
                     p = tl.exp(logp)
                     dD = tl.where(p > 0, p * (logp - (u * inv_T - lse_u) - D), 0.0)
-                if DIVERGENCE == 2:
+                if DIVERGENCE == JSD:
                     logp, logm, p, kl_q, kl_p = _jsd_terms(s, u, lse_s, lse_u, inv_T, beta)
                     dD = (1.0 - beta) * tl.where(p > 0, p * (logp - logm - kl_pm), 0.0)
                 g = coef_kd * dD
                 if HAS_CE:
-                    g += coef_ce * (tl.exp(s - lse1) - (offs == y).to(tl.float32))
+                    g += coef_ce * (tl.exp(s - lse_untempered) - (offs == y).to(tl.float32))
                 tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
     else:
         if WRITE_GRAD:

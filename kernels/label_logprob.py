@@ -1,6 +1,7 @@
 """Label log-prob kernel: per row, ``lse = logsumexp(x/T)`` and ``log softmax(x/T)[y]``, streaming
-over the vocabulary with an online log-sum-exp; no ``[N, V]`` output. Rows with a negative
-label get ``lse`` and a log-prob of 0."""
+over the vocabulary with per-lane online log-sum-exp accumulators (combined once after the loop;
+``x[y]`` is loaded by pointer); no ``[N, V]`` output. Rows with a negative label get ``lse`` and a
+log-prob of 0."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .stats import launch_config
+from .stats import launch_config, lowest_logit, online_lane_update
 
 
 @triton.jit
@@ -27,18 +28,17 @@ def label_logprob_kernel(
     row = tl.program_id(0).to(tl.int64)
     y = tl.load(labels_ptr + row)
     x_row = x_ptr + row * stride_x
-    m = tl.full([], float("-inf"), tl.float32)
-    S = tl.zeros([], tl.float32)
-    x_y = tl.zeros([], tl.float32)
+    x_y = tl.load(x_row + y, mask=(y >= 0) & (y < V), other=0.0).to(tl.float32) * inv_T
+    lanes = tl.arange(0, BLOCK_V)
+    lane_max = tl.full([BLOCK_V], 0.0, tl.float32) + lowest_logit(inv_T)  # raw units
+    lane_sum = tl.zeros([BLOCK_V], tl.float32)  # Σ exp((x - lane_max) / T)
     for start in range(0, V, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        x = tl.load(x_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_T
-        x_y += tl.sum(tl.where(offs == y, x, 0.0))
-        m_new = tl.maximum(m, tl.max(x, 0))
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        S = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_new)) * S + tl.sum(tl.exp(x - shift))
-        m = m_new
-    lse = m + tl.log(S)
+        offs = start + lanes
+        x = tl.load(x_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+        lane_max, _, _, _, rescale, weight = online_lane_update(x, lane_max, inv_T)
+        lane_sum = rescale * lane_sum + weight
+    row_max = tl.max(lane_max, 0)
+    lse = row_max * inv_T + tl.log(tl.sum(tl.exp((lane_max - row_max) * inv_T) * lane_sum, 0))
     tl.store(out_ptr + 2 * row, lse)
     tl.store(out_ptr + 2 * row + 1, tl.where(y >= 0, x_y - lse, 0.0))
 

@@ -1,12 +1,17 @@
 """Statistics kernel: one program per row, one streaming read of student and teacher logits.
 
-Per row, with x = s/T and z = u/T, online over ``BLOCK_V`` tiles (every sum kept relative to the
-running maxima and rescaled when a maximum grows, as in flash-attention's online softmax):
+Per row, with x = s/T and z = u/T (the columns of :data:`STAT_NAMES`, in this order):
 
     lse_s, lse_u, lp_s = x[y] - lse_s, lp_u = z[y] - lse_u,
-    a_s = argmax s, a_u = argmax u (lowest index on ties), lq_as = z[a_s] - lse_u, lq_au = z[a_u] - lse_u,
+    lq_as = z[a_s] - lse_u, lq_au = z[a_u] - lse_u  (a_s = argmax s, a_u = argmax u, lowest index on ties),
     H_u = -Σ q log q, CE_su = -Σ p log q, D (fkl or rkl; jsd's needs both LSEs: see grad.py),
-    lse1 = logsumexp(s) (untempered, for the CE term) when NEED_LSE1.
+    agree = (a_s == a_u), lse_untempered = logsumexp(s) (for the CE term; = lse_s unless NEED_LSE_UNTEMPERED).
+
+The loop over ``BLOCK_V`` tiles is element-wise only: every position of the tile is a lane that keeps
+its own online accumulators (running maximum, argmax, and sums relative to that maximum, rescaled
+when it grows, as in flash-attention's online softmax). No reduction runs inside the loop; the
+lanes are combined once after it. ``s[y]`` and ``u[y]`` are loaded by pointer before the loop and
+``u[a_s]`` after it (one element each).
 
 Sums are of ``e·(z' - x')`` with ``x' = x - max x``, ``z' = z - max z``: small when the models agree,
 so no large terms cancel. Ignored rows (label < 0) read no logits and get zeros.
@@ -18,17 +23,71 @@ import torch
 import triton
 import triton.language as tl
 
-# columns of the [N, NUM_STATS] fp32 output, in the order the kernels store them (out + 0 ... out + 10)
-STAT_NAMES = ("lse_s", "lse_u", "lp_s", "lp_u", "lq_as", "lq_au", "H_u", "CE_su", "D", "agree", "lse1")
+# The columns of the [N, NUM_STATS] fp32 output: the one list the kernels, the launcher, the caller
+# (vcrd/_triton.py) and the tests use. The kernels address them through the constexprs below.
+STAT_NAMES = ("lse_s", "lse_u", "lp_s", "lp_u", "lq_as", "lq_au", "H_u", "CE_su", "D", "agree", "lse_untempered")
 NUM_STATS = len(STAT_NAMES)
-FKL, RKL, JSD = 0, 1, 2
-DIVERGENCE_CODES = {"fkl": FKL, "rkl": RKL, "jsd": JSD}
+COL_LSE_S = tl.constexpr(STAT_NAMES.index("lse_s"))
+COL_LSE_U = tl.constexpr(STAT_NAMES.index("lse_u"))
+COL_LP_S = tl.constexpr(STAT_NAMES.index("lp_s"))
+COL_LP_U = tl.constexpr(STAT_NAMES.index("lp_u"))
+COL_LQ_AS = tl.constexpr(STAT_NAMES.index("lq_as"))
+COL_LQ_AU = tl.constexpr(STAT_NAMES.index("lq_au"))
+COL_H_U = tl.constexpr(STAT_NAMES.index("H_u"))
+COL_CE_SU = tl.constexpr(STAT_NAMES.index("CE_su"))
+COL_D = tl.constexpr(STAT_NAMES.index("D"))
+COL_AGREE = tl.constexpr(STAT_NAMES.index("agree"))
+COL_LSE_UNTEMPERED = tl.constexpr(STAT_NAMES.index("lse_untempered"))
+NUM_STATS_C = tl.constexpr(NUM_STATS)
+NUM_STATS_POW2 = tl.constexpr(triton.next_power_of_2(NUM_STATS))
+
+# divergence codes (the kernels' DIVERGENCE constexpr)
+FKL = tl.constexpr(0)
+RKL = tl.constexpr(1)
+JSD = tl.constexpr(2)
+DIVERGENCE_CODES = {"fkl": FKL.value, "rkl": RKL.value, "jsd": JSD.value}
+
+# A lane's running maximum before it has seen a finite logit: finite (so no -inf - -inf = NaN inside
+# the loop) and far below any logit; see lowest_logit().
+LOWEST_LOGIT = tl.constexpr(-1.0e37)
 
 
 @triton.jit
-def _safe(m):
-    """A running maximum usable as a shift: -inf (nothing seen yet) becomes 0."""
-    return tl.where(m == float("-inf"), 0.0, m)
+def lowest_logit(inv_T):
+    """The initial running maximum, in raw-logit units: ``(s - lowest) / T`` stays finite for any
+    real logit, so a lane's first rescale factor is exactly 0 and never ``inf · 0``."""
+    return LOWEST_LOGIT / tl.maximum(inv_T, 1.0)
+
+
+@triton.jit
+def online_lane_update(v, lane_max, inv_T):
+    """One element per lane into running (max, Σ exp((v - max)/T)) accumulators, with one exp.
+
+    Returns ``(new_max, grew, rel, shift, rescale, weight)``: ``rel = (v - new_max)/T`` (<= 0, -inf for
+    masked entries), ``shift = (new_max - lane_max)/T`` (>= 0), ``rescale = exp(-shift)`` for the old
+    sums and ``weight = exp(rel)`` for the new element. Exactly one of them is not 1, so both come
+    from ``exp(rel - shift)``. A NaN element gives a NaN weight and leaves the maximum alone.
+    """
+    grew = v > lane_max
+    new_max = tl.where(grew, v, lane_max)
+    rel = (v - new_max) * inv_T
+    shift = (new_max - lane_max) * inv_T
+    t = tl.exp(rel - shift)
+    rescale = tl.where(grew, t, 1.0)
+    weight = tl.where(grew, 1.0, t)
+    return new_max, grew, rel, shift, rescale, weight
+
+
+@triton.jit
+def weighted_or_zero(weight, value):
+    """``weight · value`` with ``0 · (±inf) = 0``: a masked entry (weight 0) adds nothing."""
+    return tl.where(weight > 0, weight * value, 0.0)
+
+
+@triton.jit
+def lane_argmax(lane_max, lane_arg, row_max):
+    """Lowest index among the lanes holding the row maximum (each lane keeps its first maximum)."""
+    return tl.min(tl.where(lane_max == row_max, lane_arg, 2147483647), 0)
 
 
 @triton.jit
@@ -40,7 +99,7 @@ def stats_kernel(
     # sizes and scalars
     V, inv_T,
     # meta
-    DIVERGENCE: tl.constexpr, NEED_LSE1: tl.constexpr, BLOCK_V: tl.constexpr,
+    DIVERGENCE: tl.constexpr, NEED_LSE_UNTEMPERED: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     y = tl.load(labels_ptr + row)
@@ -48,100 +107,104 @@ def stats_kernel(
     if y >= 0:
         s_row = s_ptr + row * stride_s
         u_row = u_ptr + row * stride_u
-        neg_inf = float("-inf")
-        ms = tl.full([], neg_inf, tl.float32)  # running max of s (raw)
-        mu = tl.full([], neg_inf, tl.float32)
-        a_s = tl.zeros([], tl.int32)
-        a_u = tl.zeros([], tl.int32)
-        u_at_as = tl.zeros([], tl.float32)  # raw u at the running argmax of s
-        S_s = tl.zeros([], tl.float32)  # Σ exp(x - max x)
-        S_u = tl.zeros([], tl.float32)
-        B_u = tl.zeros([], tl.float32)  # Σ e_u z'
-        C_s = tl.zeros([], tl.float32)  # Σ e_s z'
-        F = tl.zeros([], tl.float32)  # Σ e_u (z' - x') for fkl, Σ e_s (x' - z') for rkl
-        S_1 = tl.zeros([], tl.float32)  # Σ exp(s - max s), untempered
-        s_y = tl.zeros([], tl.float32)
-        u_y = tl.zeros([], tl.float32)
+        s_y = tl.load(s_row + y, mask=y < V, other=0.0).to(tl.float32)
+        u_y = tl.load(u_row + y, mask=y < V, other=0.0).to(tl.float32)
+        lowest = lowest_logit(inv_T)
+        lanes = tl.arange(0, BLOCK_V)
+        # per-lane accumulators, combined once after the loop
+        max_s = tl.full([BLOCK_V], 0.0, tl.float32) + lowest  # running max of s (raw)
+        max_u = tl.full([BLOCK_V], 0.0, tl.float32) + lowest
+        arg_s = tl.zeros([BLOCK_V], tl.int32)  # index of the lane's first maximum
+        arg_u = tl.zeros([BLOCK_V], tl.int32)
+        sum_s = tl.zeros([BLOCK_V], tl.float32)  # Σ e_s, e_s = exp(x'), x' = x - lane max of x
+        sum_u = tl.zeros([BLOCK_V], tl.float32)  # Σ e_u
+        entropy_acc = tl.zeros([BLOCK_V], tl.float32)  # Σ e_u z'   (→ H_u)
+        cross_acc = tl.zeros([BLOCK_V], tl.float32)  # Σ e_s z'   (→ CE_su)
+        divergence_acc = tl.zeros([BLOCK_V], tl.float32)  # fkl: Σ e_u (z' - x'); rkl: Σ e_s (x' - z')
+        sum_s_untempered = tl.zeros([BLOCK_V], tl.float32)  # Σ exp(s - lane max of s)
         for start in range(0, V, BLOCK_V):
-            offs = start + tl.arange(0, BLOCK_V)
+            offs = start + lanes
             mask = offs < V
-            s = tl.load(s_row + offs, mask=mask, other=neg_inf).to(tl.float32)
-            u = tl.load(u_row + offs, mask=mask, other=neg_inf).to(tl.float32)
-            s_y += tl.sum(tl.where(offs == y, s, 0.0))
-            u_y += tl.sum(tl.where(offs == y, u, 0.0))
-            # argmaxes: a later tile wins only with a strictly larger maximum (ties stay left)
-            tile_ms, tile_as = tl.max(s, 0, return_indices=True, return_indices_tie_break_left=True)
-            tile_mu, tile_au = tl.max(u, 0, return_indices=True, return_indices_tie_break_left=True)
-            tile_as = tile_as + start
-            new_s = tile_ms > ms
-            u_at_as = tl.where(new_s, tl.sum(tl.where(offs == tile_as, u, 0.0)), u_at_as)
-            a_s = tl.where(new_s, tile_as, a_s)
-            a_u = tl.where(tile_mu > mu, tile_au + start, a_u)
-            ms_new = tl.maximum(ms, tile_ms)
-            mu_new = tl.maximum(mu, tile_mu)
-            # rescale the running sums to the new maxima: sums of e·w become alpha·(sum - δ·S)
-            ds = (_safe(ms_new) - _safe(ms)) * inv_T
-            du = (_safe(mu_new) - _safe(mu)) * inv_T
-            alpha_s = tl.exp((ms - ms_new) * inv_T)
-            alpha_u = tl.exp((mu - mu_new) * inv_T)
-            alpha_s = tl.where(ms == float("-inf"), 0.0, alpha_s)
-            alpha_u = tl.where(mu == float("-inf"), 0.0, alpha_u)
-            xs = (s - _safe(ms_new)) * inv_T  # x', <= 0 (-inf at masked entries)
-            zs = (u - _safe(mu_new)) * inv_T
-            e_s = tl.exp(xs)
-            e_u = tl.exp(zs)
-            B_u = alpha_u * (B_u - du * S_u) + tl.sum(tl.where(e_u > 0, e_u * zs, 0.0))
-            C_s = alpha_s * (C_s - du * S_s) + tl.sum(tl.where(e_s > 0, e_s * zs, 0.0))
-            if DIVERGENCE == 0:
-                F = alpha_u * (F - (du - ds) * S_u) + tl.sum(tl.where(e_u > 0, e_u * (zs - xs), 0.0))
-            if DIVERGENCE == 1:
-                F = alpha_s * (F - (ds - du) * S_s) + tl.sum(tl.where(e_s > 0, e_s * (xs - zs), 0.0))
-            if NEED_LSE1:
-                S_1 = tl.where(ms == float("-inf"), 0.0, tl.exp(ms - ms_new)) * S_1 + \
-                    tl.sum(tl.exp(s - _safe(ms_new)))
-            S_s = alpha_s * S_s + tl.sum(e_s)
-            S_u = alpha_u * S_u + tl.sum(e_u)
-            ms = ms_new
-            mu = mu_new
-        log_Ss = tl.log(S_s)
-        log_Su = tl.log(S_u)
-        lse_s = ms * inv_T + log_Ss
-        lse_u = mu * inv_T + log_Su
-        tl.store(out + 0, lse_s)
-        tl.store(out + 1, lse_u)
-        tl.store(out + 2, s_y * inv_T - lse_s)
-        tl.store(out + 3, u_y * inv_T - lse_u)
-        tl.store(out + 4, u_at_as * inv_T - lse_u)
-        tl.store(out + 5, mu * inv_T - lse_u)
-        tl.store(out + 6, log_Su - B_u / S_u)
-        tl.store(out + 7, log_Su - C_s / S_s)
-        if DIVERGENCE == 0:
-            tl.store(out + 8, F / S_u + log_Ss - log_Su)
-        if DIVERGENCE == 1:
-            tl.store(out + 8, F / S_s + log_Su - log_Ss)
-        if DIVERGENCE == 2:
-            tl.store(out + 8, 0.0)  # written by the gradient kernel's first loop
-        tl.store(out + 9, (a_s == a_u).to(tl.float32))
-        if NEED_LSE1:
-            tl.store(out + 10, ms + tl.log(S_1))
+            s = tl.load(s_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+            u = tl.load(u_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+            new_max_s, grew_s, xs, shift_s, rescale_s, e_s = online_lane_update(s, max_s, inv_T)
+            new_max_u, grew_u, zs, shift_u, rescale_u, e_u = online_lane_update(u, max_u, inv_T)
+            arg_s = tl.where(grew_s, offs, arg_s)
+            arg_u = tl.where(grew_u, offs, arg_u)
+            # sums of e·w become rescale·(sum - shift·Σe) when the maxima grow, plus the new element
+            entropy_acc = rescale_u * (entropy_acc - shift_u * sum_u) + weighted_or_zero(e_u, zs)
+            cross_acc = rescale_s * (cross_acc - shift_u * sum_s) + weighted_or_zero(e_s, zs)
+            if DIVERGENCE == FKL:
+                divergence_acc = rescale_u * (divergence_acc - (shift_u - shift_s) * sum_u) + \
+                    weighted_or_zero(e_u, zs - xs)
+            if DIVERGENCE == RKL:
+                divergence_acc = rescale_s * (divergence_acc - (shift_s - shift_u) * sum_s) + \
+                    weighted_or_zero(e_s, xs - zs)
+            if NEED_LSE_UNTEMPERED:
+                _, _, _, _, rescale_1, e_1 = online_lane_update(s, max_s, 1.0)
+                sum_s_untempered = rescale_1 * sum_s_untempered + e_1
+            sum_s = rescale_s * sum_s + e_s
+            sum_u = rescale_u * sum_u + e_u
+            max_s = new_max_s
+            max_u = new_max_u
+        # combine the lanes: shift each lane's sums from its own maximum to the row maximum
+        row_max_s = tl.max(max_s, 0)
+        row_max_u = tl.max(max_u, 0)
+        a_s = lane_argmax(max_s, arg_s, row_max_s)
+        a_u = lane_argmax(max_u, arg_u, row_max_u)
+        u_at_as = tl.load(u_row + a_s).to(tl.float32)
+        lane_shift_s = (row_max_s - max_s) * inv_T
+        lane_shift_u = (row_max_u - max_u) * inv_T
+        lane_scale_s = tl.exp(-lane_shift_s)
+        lane_scale_u = tl.exp(-lane_shift_u)
+        total_s = tl.sum(lane_scale_s * sum_s, 0)
+        total_u = tl.sum(lane_scale_u * sum_u, 0)
+        entropy = tl.sum(lane_scale_u * (entropy_acc - lane_shift_u * sum_u), 0)
+        cross = tl.sum(lane_scale_s * (cross_acc - lane_shift_u * sum_s), 0)
+        log_total_s = tl.log(total_s)
+        log_total_u = tl.log(total_u)
+        lse_s = row_max_s * inv_T + log_total_s
+        lse_u = row_max_u * inv_T + log_total_u
+        tl.store(out + COL_LSE_S, lse_s)
+        tl.store(out + COL_LSE_U, lse_u)
+        tl.store(out + COL_LP_S, s_y * inv_T - lse_s)
+        tl.store(out + COL_LP_U, u_y * inv_T - lse_u)
+        tl.store(out + COL_LQ_AS, u_at_as * inv_T - lse_u)
+        tl.store(out + COL_LQ_AU, row_max_u * inv_T - lse_u)
+        tl.store(out + COL_H_U, log_total_u - entropy / total_u)
+        tl.store(out + COL_CE_SU, log_total_u - cross / total_s)
+        if DIVERGENCE == FKL:
+            kl = tl.sum(lane_scale_u * (divergence_acc - (lane_shift_u - lane_shift_s) * sum_u), 0)
+            tl.store(out + COL_D, kl / total_u + log_total_s - log_total_u)
+        if DIVERGENCE == RKL:
+            kl = tl.sum(lane_scale_s * (divergence_acc - (lane_shift_s - lane_shift_u) * sum_s), 0)
+            tl.store(out + COL_D, kl / total_s + log_total_u - log_total_s)
+        if DIVERGENCE == JSD:
+            tl.store(out + COL_D, 0.0)  # written by the gradient kernel's first loop
+        tl.store(out + COL_AGREE, (a_s == a_u).to(tl.float32))
+        if NEED_LSE_UNTEMPERED:
+            total_1 = tl.sum(tl.exp(max_s - row_max_s) * sum_s_untempered, 0)
+            tl.store(out + COL_LSE_UNTEMPERED, row_max_s + tl.log(total_1))
         else:
-            tl.store(out + 10, lse_s)
+            tl.store(out + COL_LSE_UNTEMPERED, lse_s)
     else:
-        cols = tl.arange(0, 16)
-        tl.store(out + cols, tl.zeros([16], tl.float32), mask=cols < 11)
+        cols = tl.arange(0, NUM_STATS_POW2)
+        tl.store(out + cols, tl.zeros([NUM_STATS_POW2], tl.float32), mask=cols < NUM_STATS_C)
 
 
 def launch_config(V: int) -> dict:
-    """``BLOCK_V`` (next power of two of V, at most 4096) and ``num_warps`` (8 for full tiles: 16
-    elements per thread per tensor keeps every kernel spill-free on sm_80/sm_90, see ``vcrd aot``)."""
-    block = min(triton.next_power_of_2(V), 4096)
-    return {"BLOCK_V": block, "num_warps": 8 if block >= 2048 else 4}
+    """``BLOCK_V`` (next power of two of V, at most 512) and ``num_warps`` (4): 4 elements per thread
+    per tensor. The kernels keep per-lane accumulators (one register per element per thread for
+    each), so registers grow with elements per thread: at 4 the statistics kernel needs ~72-80
+    registers (5-7 CTAs per SM), at 8 ~164, at 16 all 255 (see ``vcrd aot`` and docs/kernels.md)."""
+    return {"BLOCK_V": min(triton.next_power_of_2(V), 512), "num_warps": 4}
 
 
 def launch_stats(s: torch.Tensor, u: torch.Tensor, labels: torch.Tensor, temperature: float, divergence: str,
-                 need_lse1: bool, out: torch.Tensor = None) -> torch.Tensor:
-    """Row statistics ``[N, NUM_STATS]`` fp32 of ``s, u [N, V]`` (unit stride along V), ``labels [N]``
-    (negative = ignored row). ``out`` may be passed (e.g. NaN-poisoned by tests)."""
+                 need_lse_untempered: bool, out: torch.Tensor = None) -> torch.Tensor:
+    """Row statistics ``[N, NUM_STATS]`` fp32 (columns :data:`STAT_NAMES`) of ``s, u [N, V]`` (unit
+    stride along V), ``labels [N]`` (negative = ignored row). ``out`` may be passed (e.g. NaN-poisoned
+    by tests)."""
     N, V = s.shape
     if s.stride(1) != 1 or u.stride(1) != 1:
         raise ValueError("launch_stats: logits rows must be contiguous along the vocabulary")
@@ -152,6 +215,6 @@ def launch_stats(s: torch.Tensor, u: torch.Tensor, labels: torch.Tensor, tempera
             s, u, labels, out,
             s.stride(0), u.stride(0), out.stride(0),
             V, 1.0 / temperature,
-            DIVERGENCE=DIVERGENCE_CODES[divergence], NEED_LSE1=need_lse1, **launch_config(V),
+            DIVERGENCE=DIVERGENCE_CODES[divergence], NEED_LSE_UNTEMPERED=need_lse_untempered, **launch_config(V),
         )
     return out

@@ -27,6 +27,7 @@ from .inputs import RowBatch
 from .weights import Rows, concat_rows, row_loss, weigh_rows
 from .windows import CausalWindowMean
 
+
 def _weighted(w: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
     """``w · log_ratio`` with ``0 · anything = 0`` (the ``0 log 0`` terms of a divergence vanish)."""
     return torch.where(w > 0, w * log_ratio, 0.0)
@@ -61,7 +62,7 @@ def _common_stats(s: torch.Tensor, u: torch.Tensor, y: torch.Tensor, temperature
         CE_su=log_sum_u - _weighted(es, zs).sum(-1) / sum_s,
     )
     if untempered_lse:  # the CE term at T != 1 needs logsumexp(s) itself
-        rows["lse1"] = mx.squeeze(-1) + torch.logsumexp(x - mx, -1)
+        rows["lse_untempered"] = mx.squeeze(-1) + torch.logsumexp(x - mx, -1)
     shifted = dict(xs=xs, zs=zs, es=es, eu=eu, sum_s=sum_s, sum_u=sum_u, log_sum_s=log_sum_s, log_sum_u=log_sum_u)
     return rows, shifted
 
@@ -101,7 +102,7 @@ def stats_jsd(s, u, y, temperature: float, beta: float,
     return rows
 
 
-def _write_grad(out, s, y, valid, grad_D, lse1, coef_kd, coef_ce, temperature: float, with_ce: bool) -> None:
+def _write_grad(out, s, y, valid, grad_D, lse_untempered, coef_kd, coef_ce, temperature: float, with_ce: bool) -> None:
     """``out = coef_kd/T ⊙ ∂D/∂(s/T) + coef_ce ⊙ (softmax(s) - onehot(y))`` in valid rows, 0 elsewhere.
 
     Entries below the smallest normal float become 0 (they make CPU GEMMs on the gradient ~5×
@@ -109,7 +110,7 @@ def _write_grad(out, s, y, valid, grad_D, lse1, coef_kd, coef_ce, temperature: f
     """
     grad = (coef_kd / temperature)[:, None] * grad_D
     if with_ce:
-        grad = grad + coef_ce[:, None] * (s.to(grad.dtype) - lse1[:, None]).exp()
+        grad = grad + coef_ce[:, None] * (s.to(grad.dtype) - lse_untempered[:, None]).exp()
         grad = grad.scatter_add(1, y[:, None], -coef_ce[:, None])
     flush = grad.abs() < torch.finfo(grad.dtype).tiny
     out.copy_(torch.where(valid[:, None] & ~flush, grad, 0.0))
@@ -120,28 +121,28 @@ def _log_probs(s, u, lse_s, lse_u, temperature):
     return s.to(dtype) / temperature - lse_s[:, None], u.to(dtype) / temperature - lse_u[:, None]
 
 
-def grad_fkl(out, s, u, y, valid, rows_D, lse_s, lse_u, lse1, coef_kd, coef_ce, temperature: float, beta: float,
-             with_ce: bool) -> None:
+def grad_fkl(out, s, u, y, valid, rows_D, lse_s, lse_u, lse_untempered, coef_kd, coef_ce,
+             temperature: float, beta: float, with_ce: bool) -> None:
     """``∂D/∂(s/T) = p - q``."""
     logp, logq = _log_probs(s, u, lse_s, lse_u, temperature)
-    _write_grad(out, s, y, valid, logp.exp() - logq.exp(), lse1, coef_kd, coef_ce, temperature, with_ce)
+    _write_grad(out, s, y, valid, logp.exp() - logq.exp(), lse_untempered, coef_kd, coef_ce, temperature, with_ce)
 
 
-def grad_rkl(out, s, u, y, valid, rows_D, lse_s, lse_u, lse1, coef_kd, coef_ce, temperature: float, beta: float,
-             with_ce: bool) -> None:
+def grad_rkl(out, s, u, y, valid, rows_D, lse_s, lse_u, lse_untempered, coef_kd, coef_ce,
+             temperature: float, beta: float, with_ce: bool) -> None:
     """``∂D/∂(s/T) = p ⊙ (log p - log q - D)`` (``rows_D`` is D)."""
     logp, logq = _log_probs(s, u, lse_s, lse_u, temperature)
     grad_D = _weighted(logp.exp(), logp - logq - rows_D[:, None])
-    _write_grad(out, s, y, valid, grad_D, lse1, coef_kd, coef_ce, temperature, with_ce)
+    _write_grad(out, s, y, valid, grad_D, lse_untempered, coef_kd, coef_ce, temperature, with_ce)
 
 
-def grad_jsd(out, s, u, y, valid, rows_D, lse_s, lse_u, lse1, coef_kd, coef_ce, temperature: float, beta: float,
-             with_ce: bool) -> None:
+def grad_jsd(out, s, u, y, valid, rows_D, lse_s, lse_u, lse_untempered, coef_kd, coef_ce,
+             temperature: float, beta: float, with_ce: bool) -> None:
     """``∂D/∂(s/T) = (1-β) p ⊙ (log p - log m - KL(p‖m))`` (``rows_D`` is KL(p‖m))."""
     logp, logq = _log_probs(s, u, lse_s, lse_u, temperature)
     p = logp.exp()
     grad_D = (1 - beta) * _weighted(p, logp - _log_mixture(p, logq.exp(), beta) - rows_D[:, None])
-    _write_grad(out, s, y, valid, grad_D, lse1, coef_kd, coef_ce, temperature, with_ce)
+    _write_grad(out, s, y, valid, grad_D, lse_untempered, coef_kd, coef_ce, temperature, with_ce)
 
 
 CHUNK_FUNCTIONS: Dict[str, Tuple[Callable, Callable, str]] = {
@@ -182,15 +183,15 @@ def loss_and_grad(batch: RowBatch, cfg: VCRDConfig, grad_out: Optional[torch.Ten
         # detached views: the student logits may require grad, and that must not be a graph variant
         s, u, y, valid = s.detach(), u.detach(), batch.labels[r0:r1], batch.valid[r0:r1]
         rows = stats_fn(s, u, y, T, beta, with_ce and T != 1.0)
-        lse1 = rows.get("lse1", rows["lse_s"])
-        ce = (lse1 - s.gather(1, y[:, None]).squeeze(-1).to(lse1.dtype)) if with_ce else 0.0
+        lse_untempered = rows.get("lse_untempered", rows["lse_s"])
+        ce = (lse_untempered - s.gather(1, y[:, None]).squeeze(-1).to(lse_untempered.dtype)) if with_ce else 0.0
         weigh_rows(rows, valid, window, cfg, grad_scale)
         rows["per_row"] = row_loss(rows, ce, valid, cfg)
         if grad_out is not None:
             # written over the logits: pass the one chunk view as both, never two views of one buffer
             # (aliased inputs of a compiled function that writes one of them come out wrong)
             target = s if in_place else grad_out[r0:r1]
-            grad_fn(target, s, u, y, valid, rows[grad_row], rows["lse_s"], rows["lse_u"], lse1, rows["coef_kd"],
-                    rows["coef_ce"], T, beta, with_ce)
+            grad_fn(target, s, u, y, valid, rows[grad_row], rows["lse_s"], rows["lse_u"], lse_untempered,
+                    rows["coef_kd"], rows["coef_ce"], T, beta, with_ce)
         parts.append(rows)
     return concat_rows(parts, torch.promote_types(batch.s.dtype, torch.float32), batch.s.device)

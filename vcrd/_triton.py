@@ -38,11 +38,11 @@ def loss_and_grad(batch: RowBatch, cfg: VCRDConfig, grad_out: Optional[torch.Ten
     for r0, r1, s, u in batch.chunks(block_rows):
         s, u, valid = _unit_stride(s), _unit_stride(u), batch.valid[r0:r1]
         labels = torch.where(valid, batch.labels[r0:r1], -1)
-        stats = launch_stats(s, u, labels, T, divergence, need_lse1=need_ce and T != 1.0)
+        stats = launch_stats(s, u, labels, T, divergence, need_lse_untempered=need_ce and T != 1.0)
         rows = {name: stats[:, i] for i, name in enumerate(STAT_NAMES)}  # views: JSD's D appears once grad runs
         rows["agree"] = rows["agree"] > 0.5
         # CE reads s[y] before the gradient kernel, which may write over s (the fused-linear loss does)
-        ce = rows["lse1"] - s.gather(1, batch.labels[r0:r1, None]).squeeze(1).float() if need_ce else 0.0
+        ce = rows["lse_untempered"] - s.gather(1, batch.labels[r0:r1, None]).squeeze(1).float() if need_ce else 0.0
         weigh_rows(rows, valid, window, cfg, grad_scale)
         coef = torch.stack([rows["coef_kd"], rows["coef_ce"]], 1).float().contiguous()
         # without a gradient this only fills JSD's D column (it needs both LSEs first)

@@ -1,8 +1,16 @@
 """Ahead-of-time compile report: every kernel, for sm_80 and sm_90, without a GPU.
 
-Triton compiles each kernel for a named target with its bundled ``ptxas``; ``cuobjdump -res-usage``
-(shipped in Triton's wheel) then reads registers, spill stores/loads (local memory) and shared
-memory per kernel out of the cubin. ``vcrd aot`` prints the table.
+Triton compiles each kernel for a named target with its bundled ``ptxas``. From the result:
+
+- ``cuobjdump -res-usage`` (shipped in Triton's wheel) reads registers, spill bytes (local memory)
+  and shared memory per kernel out of the cubin;
+- the PTX (``asm["ptx"]``) is scanned for barriers (``bar.sync`` / ``barrier.sync``) inside each
+  loop (a backward branch and the lines between its target label and it), asynchronous copies
+  (``cp.async``) and TMA (``cp.async.bulk``);
+- occupancy (CTAs per SM) is computed from those numbers with the CUDA occupancy rules (see
+  :func:`ctas_per_sm`).
+
+``vcrd aot`` prints the table.
 """
 
 from __future__ import annotations
@@ -16,8 +24,16 @@ from pathlib import Path
 from typing import Dict, Iterable, List
 
 ARCHS = (80, 90)
-DTYPES = ("fp32", "bf16")
+DTYPES = ("fp32", "bf16", "fp16")
 V_LM = 151936  # an LM vocabulary: the launchers' full-tile configuration
+
+# Per-SM limits (CUDA C Programming Guide, "Compute capabilities" table) for the occupancy estimate.
+SM_LIMITS = {
+    80: {"regs": 65536, "threads": 2048, "ctas": 32, "smem": 164 * 1024},
+    90: {"regs": 65536, "threads": 2048, "ctas": 32, "smem": 228 * 1024},
+}
+REG_ALLOC_UNIT = 256  # registers are allocated per warp in units of 256 (8 per thread)
+SMEM_RESERVED_PER_CTA = 1024  # the driver reserves 1 KB of shared memory per CTA on sm_80+
 
 
 @dataclass
@@ -29,35 +45,44 @@ class KernelReport:
     registers: int
     spill_bytes: int
     shared_bytes: int
+    num_warps: int = 0
+    block_v: int = 0
+    bar_sync_per_loop: tuple = ()  # barriers inside each loop of the kernel, in PTX order
+    bar_sync_total: int = 0
+    cp_async: int = 0
+    tma: int = 0
+    ctas_per_sm: int = 0
+    ctas_limited_by: str = ""
 
 
 def _variants():
-    """(name, variant, dtype, jit function, signature, constexprs) for every kernel configuration we launch."""
+    """(name, variant, dtype, jit function, signature, constexprs, launch config) for every kernel
+    configuration we launch."""
     from vcrd.kernels.grad import grad_kernel
     from vcrd.kernels.label_logprob import label_logprob_kernel
     from vcrd.kernels.stats import DIVERGENCE_CODES, launch_config, stats_kernel
 
-    BLOCK_V = launch_config(V_LM)["BLOCK_V"]
+    config = launch_config(V_LM)
+    BLOCK_V = config["BLOCK_V"]
     for dtype in DTYPES:
         t = f"*{dtype}"
         for div, code in DIVERGENCE_CODES.items():
-            if div != "jsd":
-                yield ("stats", div, dtype, stats_kernel,
-                       {"s_ptr": t, "u_ptr": t, "labels_ptr": "*i64", "out_ptr": "*fp32", "stride_s": "i64",
-                        "stride_u": "i64", "stride_out": "i64", "V": "i32", "inv_T": "fp32",
-                        "DIVERGENCE": "constexpr", "NEED_LSE1": "constexpr", "BLOCK_V": "constexpr"},
-                       {"DIVERGENCE": code, "NEED_LSE1": True, "BLOCK_V": BLOCK_V})
+            yield ("stats", div, dtype, stats_kernel,
+                   {"s_ptr": t, "u_ptr": t, "labels_ptr": "*i64", "out_ptr": "*fp32", "stride_s": "i64",
+                    "stride_u": "i64", "stride_out": "i64", "V": "i32", "inv_T": "fp32",
+                    "DIVERGENCE": "constexpr", "NEED_LSE_UNTEMPERED": "constexpr", "BLOCK_V": "constexpr"},
+                   {"DIVERGENCE": code, "NEED_LSE_UNTEMPERED": True, "BLOCK_V": BLOCK_V}, config)
             yield ("grad", div, dtype, grad_kernel,
                    {"s_ptr": t, "u_ptr": t, "labels_ptr": "*i64", "stats_ptr": "*fp32", "coef_ptr": "*fp32",
                     "grad_ptr": t, "stride_s": "i64", "stride_u": "i64", "stride_stats": "i64",
                     "stride_grad": "i64", "V": "i32", "inv_T": "fp32", "beta": "fp32",
                     "DIVERGENCE": "constexpr", "HAS_CE": "constexpr", "WRITE_GRAD": "constexpr",
                     "BLOCK_V": "constexpr"},
-                   {"DIVERGENCE": code, "HAS_CE": True, "WRITE_GRAD": True, "BLOCK_V": BLOCK_V})
+                   {"DIVERGENCE": code, "HAS_CE": True, "WRITE_GRAD": True, "BLOCK_V": BLOCK_V}, config)
         yield ("label_logprob", "-", dtype, label_logprob_kernel,
                {"x_ptr": t, "labels_ptr": "*i64", "out_ptr": "*fp32", "stride_x": "i64", "V": "i32",
                 "inv_T": "fp32", "BLOCK_V": "constexpr"},
-               {"BLOCK_V": BLOCK_V})
+               {"BLOCK_V": BLOCK_V}, config)
 
 
 def cuobjdump() -> Path:
@@ -84,30 +109,82 @@ def resource_usage(cubin: bytes) -> Dict[str, int]:
     return {"REG": int(found[1]), "SHARED": int(found[2]), "LOCAL": int(found[3])}
 
 
+_LABEL = re.compile(r"^(\$L__\w+):")
+_BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__\w+);")
+_BARRIER = re.compile(r"\b(?:bar|barrier)\.sync\b")
+_CP_ASYNC = re.compile(r"\bcp\.async\.(?:ca|cg)\b")
+_TMA = re.compile(r"\bcp\.async\.bulk\b")
+
+
+def ptx_counts(ptx: str) -> Dict[str, object]:
+    """Barriers per loop, barriers in all, ``cp.async`` and TMA (``cp.async.bulk``) instructions.
+
+    A loop is a branch back to a label above it; its body is every line from the label to the
+    branch (LLVM lays a loop's blocks out contiguously). Loops are listed in PTX order."""
+    lines = ptx.splitlines()
+    labels = {}
+    loops = []
+    for i, line in enumerate(lines):
+        found = _LABEL.match(line.strip())
+        if found:
+            labels[found[1]] = i
+        branch = _BRANCH.search(line)
+        if branch and branch[1] in labels:  # target already seen: a backward branch
+            body = lines[labels[branch[1]]:i + 1]
+            loops.append(sum(bool(_BARRIER.search(x)) for x in body))
+    return {
+        "bar_sync_per_loop": tuple(loops),
+        "bar_sync_total": sum(bool(_BARRIER.search(x)) for x in lines),
+        "cp_async": sum(bool(_CP_ASYNC.search(x)) for x in lines),
+        "tma": sum(bool(_TMA.search(x)) for x in lines),
+    }
+
+
+def ctas_per_sm(arch: int, registers: int, num_warps: int, shared_bytes: int) -> tuple:
+    """Resident CTAs per SM and the limiting resource, by the CUDA occupancy calculator's rules:
+    registers are allocated per warp in units of 256 (``ceil(regs·32 / 256)·256`` per warp) out of
+    65536 per SM; at most 2048 threads and 32 CTAs per SM; shared memory per CTA is the kernel's
+    plus 1 KB reserved, out of 164 KB (sm_80) / 228 KB (sm_90)."""
+    lim = SM_LIMITS[arch]
+    regs_per_warp = -(-max(registers, 1) * 32 // REG_ALLOC_UNIT) * REG_ALLOC_UNIT
+    by = {
+        "registers": lim["regs"] // regs_per_warp // num_warps,
+        "threads": lim["threads"] // (32 * num_warps),
+        "CTA slots": lim["ctas"],
+        "shared memory": lim["smem"] // (shared_bytes + SMEM_RESERVED_PER_CTA),
+    }
+    limiter = min(by, key=by.get)
+    return by[limiter], limiter
+
+
 def compile_all(archs: Iterable[int] = ARCHS) -> List[KernelReport]:
     """Compile every kernel variant for each arch; one row per (kernel, variant, arch, dtype)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from vcrd.kernels.stats import launch_config
-
-    num_warps = launch_config(V_LM)["num_warps"]
     reports = []
-    for name, variant, dtype, fn, signature, constexprs in _variants():
+    for name, variant, dtype, fn, signature, constexprs, config in _variants():
         for arch in archs:
             src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-            options = {"num_warps": num_warps, "enable_fp_fusion": True}
+            options = {"num_warps": config["num_warps"], "enable_fp_fusion": True}
             compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
             usage = resource_usage(compiled.asm["cubin"])
-            reports.append(KernelReport(name, variant, arch, dtype, usage["REG"], usage["LOCAL"], usage["SHARED"]))
+            ctas, limiter = ctas_per_sm(arch, usage["REG"], config["num_warps"], usage["SHARED"])
+            reports.append(KernelReport(name, variant, arch, dtype, usage["REG"], usage["LOCAL"], usage["SHARED"],
+                                        num_warps=config["num_warps"], block_v=config["BLOCK_V"],
+                                        ctas_per_sm=ctas, ctas_limited_by=limiter,
+                                        **ptx_counts(compiled.asm["ptx"])))
     return reports
 
 
 def format_table(reports: List[KernelReport]) -> str:
-    lines = ["| kernel | variant | arch | dtype | registers | spill bytes | shared bytes |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | variant | arch | dtype | BLOCK_V × warps | registers | spill bytes | shared bytes | "
+             "bar.sync per loop | bar.sync total | cp.async / TMA | CTAs/SM (limit) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in reports:
-        lines.append(f"| {r.kernel} | {r.variant} | sm_{r.arch} | {r.dtype} | {r.registers} | {r.spill_bytes} | "
-                     f"{r.shared_bytes} |")
+        per_loop = ", ".join(map(str, r.bar_sync_per_loop)) or "-"
+        lines.append(f"| {r.kernel} | {r.variant} | sm_{r.arch} | {r.dtype} | {r.block_v} × {r.num_warps} | "
+                     f"{r.registers} | {r.spill_bytes} | {r.shared_bytes} | {per_loop} | {r.bar_sync_total} | "
+                     f"{r.cp_async} / {r.tma} | {r.ctas_per_sm} ({r.ctas_limited_by}) |")
     return "\n".join(lines)

@@ -131,7 +131,7 @@ def vcrd_loss(
         n, lbar = window_mean(W, lp_s), window_mean(W, log_ratio)
         w_dc = torch.sigmoid((lbar - cfg.correction_bias) / cfg.correction_tau) if cfg.correction \
             else torch.ones_like(D)
-        w = w_val * w_dc
+        w = torch.where(valid, w_val * w_dc, torch.zeros_like(w_val))  # ignored rows: no path for a NaN
 
     CE = -torch.log_softmax(s.to(dtype), dim=-1).gather(1, y_safe[:, None]).squeeze(1)
     per_row = cfg.kd_weight * w * D + cfg.ce_weight * CE
