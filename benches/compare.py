@@ -2,13 +2,28 @@
 
     python benches/compare.py                      # all providers and shapes → JSON, markdown, PNG
     python benches/compare.py --quick              # smaller shapes, for a smoke run
+    python benches/compare.py --self-test          # only the gradient checker's self-test
 
 Providers: the four GEMMs alone (student logits, teacher logits, grad of the student hidden and
 of the student weight: the floor any fused loss pays), naive full-logits autograd (forward KL),
 TRL's ``generalized_jsd_loss`` (beta=0) on full logits, Liger's ``LigerFusedLinearJSDLoss``
 (compiled, forward KL only: weight_hard_loss=0, weight_soft_loss=1, beta=0), and vcrd's
-``fused_linear_vcrd_loss`` with presets ``kd`` and ``vcrd``. Each (provider, shape) runs in a fresh
-process so peak RSS is its own; the median of ``--repeats`` timed runs follows one warm-up run.
+``fused_linear_vcrd_loss`` with presets ``kd`` and ``vcrd``. The floor's four GEMMs run on the
+non-ignored rows only (about 90 % of N here): the rows vcrd computes, since vcrd drops ignored rows
+before any GEMM; a floor over all N rows would flatter vcrd by the ignored fraction. Each
+(provider, shape) runs in a fresh process so peak RSS is its own; the median of ``--repeats`` timed
+runs follows one warm-up run.
+
+Gradient check (every provider but the floor): after its timing, each worker compares the
+gradients of its last timed call, w.r.t. the student hidden states and the student LM head, with
+the float64 reference of the preset it computes (``kd``, i.e. forward KL averaged over the
+non-ignored rows, for naive, TRL and Liger). The reference (``benches/gradcheck.py``:
+``vcrd.reference`` on float64 logits chunk by chunk, each chunk widened back to the start of its
+rows' causal windows, chained through ``logits = hidden @ Wᵀ``) covers every row, so both
+gradients are checked in full; it is computed once per shape in its own process before the
+providers run, and is not part of any timing or memory figure. A result is ``pass`` when
+``max |error| / max |reference| <= 1e-4`` for both gradients. The checker's self-test runs first.
+
 Results go to ``benches/results/compare.json`` and the section of docs/benchmarks.md between
 ``<!-- compare:begin -->`` and ``<!-- compare:end -->``, with ``docs/compare.png``.
 """
@@ -23,11 +38,16 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # benches.* when run as a script
 PROVIDERS = ["gemm-floor", "naive-fkl", "trl-gjsd-beta0", "liger-fused-jsd", "vcrd-kd", "vcrd-vcrd"]
+# the vcrd preset each loss computes: its float64 reference is what the timed gradients are checked against
+REFERENCE_PRESET = {"naive-fkl": "kd", "trl-gjsd-beta0": "kd", "liger-fused-jsd": "kd", "vcrd-kd": "kd",
+                    "vcrd-vcrd": "vcrd"}
 
 
 def make_inputs(N: int, H: int, V: int, seed: int = 0):
@@ -49,10 +69,13 @@ def provider_fn(name: str):
 
     if name == "gemm-floor":
         def run(hs, ws, ht, wt, y, steps):
-            with torch.no_grad():
-                s, _ = hs @ ws.T, ht @ wt.T
+            with torch.no_grad():  # on the rows vcrd computes: the non-ignored ones
+                kept = (y != -100).nonzero().squeeze(1)
+                h = hs.index_select(0, kept)
+                s, _ = h @ ws.T, ht.index_select(0, kept) @ wt.T
                 s.sub_(s.mean())  # stand-in gradient of the logits, same shape
-                hs.grad, ws.grad = s @ ws, s.T @ hs
+                hs.grad = torch.zeros_like(hs).index_copy_(0, kept, s @ ws)
+                ws.grad = s.T @ h
     elif name in ("naive-fkl", "trl-gjsd-beta0"):
         def run(hs, ws, ht, wt, y, steps):
             s = hs @ ws.T
@@ -90,7 +113,6 @@ def worker(args) -> None:
     """One provider, one shape, this process: print one JSON line."""
     import torch
 
-    sys.path.insert(0, str(ROOT))
     from benches.memory import peak_rss_delta
 
     inputs = make_inputs(args.N, args.H, args.V)
@@ -107,9 +129,51 @@ def worker(args) -> None:
         once()
         times.append(time.perf_counter() - t0)
     delta, _ = peak_rss_delta(once)
-    print(json.dumps(dict(provider=args.provider, N=args.N, H=args.H, V=args.V, median_s=statistics.median(times),
-                          times_s=times, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                          op_delta_bytes=delta, threads=torch.get_num_threads(), torch=torch.__version__)))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the check's fp64 buffers
+    row = dict(provider=args.provider, N=args.N, H=args.H, V=args.V, n_kept=int((inputs[4] != -100).sum()),
+               median_s=statistics.median(times), times_s=times, peak_rss_bytes=peak, op_delta_bytes=delta,
+               threads=torch.get_num_threads(), torch=torch.__version__)
+    if args.provider in REFERENCE_PRESET:
+        row.update(check_gradients(args, inputs))
+    print(json.dumps(row))
+
+
+def check_gradients(args, inputs) -> dict:
+    """The last timed call's gradients against the float64 reference (from ``--ref``, or computed here)."""
+    import torch
+
+    from benches import gradcheck
+
+    hs, ws, ht, wt, y, steps = inputs
+    preset = REFERENCE_PRESET[args.provider]
+    t0 = time.perf_counter()
+    if args.ref:
+        ref = torch.load(args.ref, weights_only=True)
+        if not (torch.equal(ref["labels"], y) and torch.equal(ref["step_ids"], steps)):
+            return dict(grad_check="FAIL", grad_rel_err=float("inf"), grad_reference=preset,
+                        grad_note="the reference was computed on other inputs")
+    else:
+        ref = gradcheck.fused_reference(hs, ws, ht, wt, y, steps, [preset])[preset]
+    out = gradcheck.check_fused(hs.grad, ws.grad, ref)
+    out.update(grad_reference=preset, grad_check_s=time.perf_counter() - t0)
+    return out
+
+
+def reference_worker(args) -> None:
+    """The float64 reference gradients of one shape, for each preset: one file per preset in ``--out``."""
+    import torch
+
+    from benches import gradcheck
+
+    hs, ws, ht, wt, y, steps = make_inputs(args.N, args.H, args.V)
+    t0 = time.perf_counter()
+    refs = gradcheck.fused_reference(hs, ws, ht, wt, y, steps, args.presets)
+    files = {}
+    for preset, ref in refs.items():
+        files[preset] = str(Path(args.out) / f"ref-{preset}-{args.N}-{args.H}-{args.V}.pt")
+        torch.save(dict(grad_h=ref["grad_h"], grad_W=ref["grad_W"], Z=ref["Z"], labels=y, step_ids=steps),
+                   files[preset])
+    print(json.dumps(dict(files=files, seconds=time.perf_counter() - t0)))
 
 
 def machine_line(rows) -> str:
@@ -125,17 +189,51 @@ def machine_line(rows) -> str:
 
 def table(rows) -> str:
     out = ["| N | H | V | provider | median fwd+bwd (s) | time / GEMM floor | peak RSS (GiB) "
-           "| op-only peak delta (GiB) |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| op-only peak delta (GiB) | grad check (max rel err: hidden, weight) |",
+           "|---|---|---|---|---|---|---|---|---|"]
     shapes = sorted({(r["N"], r["H"], r["V"]) for r in rows}, key=lambda k: (k[2], k[0]))
     for N, H, V in shapes:
         group = [r for r in rows if (r["N"], r["H"], r["V"]) == (N, H, V)]
         floor = next((r["median_s"] for r in group if r["provider"] == "gemm-floor"), None)
         for r in sorted(group, key=lambda r: r["median_s"]):
             ratio = f"{r['median_s'] / floor:.2f}" if floor else "–"
+            check = "– (not a loss)" if r["provider"] == "gemm-floor" else gradcheck_cell(r)
             out.append(f"| {N} | {H} | {V} | {r['provider']} | {r['median_s']:.3f} | {ratio} | "
-                       f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['op_delta_bytes'] / 2**30:.2f} |")
+                       f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['op_delta_bytes'] / 2**30:.2f} | {check} |")
     return "\n".join(out)
+
+
+def gradcheck_cell(row) -> str:
+    from benches.gradcheck import cell  # imports torch: here, not at the orchestrator's start
+
+    return cell(row)
+
+
+def notes(rows) -> str:
+    """What the floor and the grad-check column mean, under the machine line."""
+    kept = ", ".join(sorted({f"{r['n_kept']} of {r['N']}" for r in rows if "n_kept" in r},
+                            key=lambda s: int(s.split()[-1])))
+    from benches.gradcheck import TOL
+
+    checked = [r for r in rows if "grad_check" in r]
+    failed = [r for r in checked if r["grad_check"] != "pass"]
+    gemms = "the four GEMMs (student and teacher logits, grad of the student hidden states and of the student weight)"
+    lines = [f"gemm-floor: {gemms} on the non-ignored rows only ({kept} rows), the rows vcrd computes: vcrd "
+             f"drops ignored rows before any GEMM, so the floor does too." if kept else
+             f"gemm-floor: {gemms} on all N rows (results recorded before the floor was restricted to the "
+             f"non-ignored rows, which vcrd computes: this floor flatters vcrd by the ~10 % ignored rows)."]
+    if checked:
+        lines.append("grad check: the gradients of each provider's last timed call, w.r.t. the student hidden "
+                     "states (h) and LM head (W), against the float64 reference (`vcrd.reference`, every row, "
+                     "chained through the logits GEMM) of the preset it computes (`kd`, i.e. forward KL over the "
+                     f"non-ignored rows, for naive, TRL and Liger); max |error| / max |reference|, pass ≤ {TOL:.0e} "
+                     "(fp32; benches/gradcheck.py). "
+                     + ("All pass." if not failed else
+                        f"{len(failed)} FAILED: " + ", ".join(f"{r['provider']} N={r['N']} V={r['V']}"
+                                                              for r in failed) + "."))
+    else:
+        lines.append("grad check: not recorded in these results.")
+    return "\n\n".join(lines)
 
 
 def plot(rows, path: Path) -> bool:
@@ -171,7 +269,7 @@ def write_report(data: dict) -> None:
     rows = data["rows"]
     md = ROOT / "docs" / "benchmarks.md"
     png = md.with_name("compare.png")
-    section = "\n".join(["<!-- compare:begin -->", data["machine"], "", table(rows), "",
+    section = "\n".join(["<!-- compare:begin -->", data["machine"], "", notes(rows), "", table(rows), "",
                          "![time and memory over tokens](compare.png)" if plot(rows, png) else "(no plot)",
                          "<!-- compare:end -->"])
     text = md.read_text()
@@ -181,31 +279,60 @@ def write_report(data: dict) -> None:
     print(f"wrote {md} and {png}")
 
 
+def self_test() -> None:
+    print("[compare] gradient checker self-test ...", flush=True)
+    done = subprocess.run([sys.executable, str(ROOT / "benches" / "gradcheck.py")], capture_output=True, text=True)
+    print(done.stdout, end="")
+    if done.returncode != 0:
+        print(done.stderr[-3000:], file=sys.stderr)
+        sys.exit("[compare] the gradient checker's self-test failed: no numbers recorded")
+
+
 def orchestrate(args) -> None:
     shapes = [(256, 256, 8000), (1024, 256, 8000)] if args.quick else \
         [(1024, 512, 151936), (256, 512, 32000), (1024, 512, 32000), (4096, 512, 32000)]
+    self_test()
     rows = []
     machine = None
+    presets = sorted({REFERENCE_PRESET[p] for p in args.providers if p in REFERENCE_PRESET})
     for N, H, V in shapes:
-        for provider in args.providers:
-            cmd = [sys.executable, __file__, "--worker", "--provider", provider, "--N", str(N), "--H", str(H),
-                   "--V", str(V), "--repeats", str(args.repeats)]
-            print(f"[compare] {provider:16s} N={N} H={H} V={V} ...", end=" ", flush=True)
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                print("FAILED")
-                print(done.stderr[-2000:], file=sys.stderr)
-                continue
-            row = json.loads(done.stdout.strip().splitlines()[-1])
-            rows.append(row)
-            machine = machine or machine_line(rows)  # the checkout as the run starts
-            print(f"{row['median_s']:.3f} s, peak RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB")
+        with tempfile.TemporaryDirectory(prefix="vcrd-compare-ref-") as tmp:
+            refs = {}
+            if presets:
+                print(f"[compare] {'fp64 reference':16s} N={N} H={H} V={V} ({', '.join(presets)}) ...", end=" ",
+                      flush=True)
+                cmd = [sys.executable, __file__, "--reference", "--presets", *presets, "--out", tmp, "--N", str(N),
+                       "--H", str(H), "--V", str(V)]
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                if done.returncode != 0:
+                    print("FAILED (each provider computes its own reference)")
+                    print(done.stderr[-2000:], file=sys.stderr)
+                else:
+                    info = json.loads(done.stdout.strip().splitlines()[-1])
+                    refs = info["files"]
+                    print(f"{info['seconds']:.1f} s")
+            for provider in args.providers:
+                cmd = [sys.executable, __file__, "--worker", "--provider", provider, "--N", str(N), "--H", str(H),
+                       "--V", str(V), "--repeats", str(args.repeats)]
+                if provider in REFERENCE_PRESET and REFERENCE_PRESET[provider] in refs:
+                    cmd += ["--ref", refs[REFERENCE_PRESET[provider]]]
+                print(f"[compare] {provider:16s} N={N} H={H} V={V} ...", end=" ", flush=True)
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                if done.returncode != 0:
+                    print("FAILED")
+                    print(done.stderr[-2000:], file=sys.stderr)
+                    continue
+                row = json.loads(done.stdout.strip().splitlines()[-1])
+                rows.append(row)
+                machine = machine or machine_line(rows)  # the checkout as the run starts
+                check = f", grad check {gradcheck_cell(row)}" if "grad_check" in row else ""
+                print(f"{row['median_s']:.3f} s, peak RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB{check}")
     out = ROOT / "benches" / "results" / ("compare-quick.json" if args.quick else "compare.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
     print(f"wrote {out}")
     if args.quick:
-        print(table(rows))
+        print(machine, notes(rows), table(rows), sep="\n\n")
     else:
         write_report({"machine": machine, "rows": rows})
 
@@ -216,14 +343,23 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="small shapes, print the table only")
     p.add_argument("--report", metavar="JSON", help="only rewrite the docs section and plot from a results file")
+    p.add_argument("--self-test", action="store_true", help="only run the gradient checker's self-test")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--provider", help=argparse.SUPPRESS)
+    p.add_argument("--ref", help=argparse.SUPPRESS)
+    p.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--presets", nargs="+", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--N", type=int)
     p.add_argument("--H", type=int)
     p.add_argument("--V", type=int)
     args = p.parse_args()
     if args.worker:
         worker(args)
+    elif args.reference:
+        reference_worker(args)
+    elif args.self_test:
+        self_test()
     elif args.report:
         write_report(json.loads(Path(args.report).read_text()))
     else:

@@ -31,6 +31,9 @@ def vcrd_vcrd(s, u, y, step_ids):
 
 
 PROVIDERS = {"naive-fkl": naive_fkl, "trl-gjsd-beta0": trl_jsd, "vcrd-kd": vcrd_kd, "vcrd-vcrd": vcrd_vcrd}
+# the vcrd preset each provider computes (forward KL averaged over the non-ignored rows is ``kd``):
+# its float64 reference is what the provider's timed gradient is checked against (benches/gradcheck.py)
+REFERENCE_PRESET = {"naive-fkl": "kd", "trl-gjsd-beta0": "kd", "vcrd-kd": "kd", "vcrd-vcrd": "vcrd"}
 
 
 def make_inputs(N: int, V: int, seed: int = 0):
