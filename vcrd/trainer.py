@@ -48,9 +48,10 @@ def unwrap_model(model: nn.Module) -> nn.Module:
                 model = inner
                 break
         else:
-            base = getattr(model, "get_base_model", None)
-            if callable(base) and isinstance(base(), nn.Module) and base() is not model:
-                model = base()
+            get_base = getattr(model, "get_base_model", None)
+            base = get_base() if callable(get_base) else None
+            if isinstance(base, nn.Module):
+                model = base
     return model
 
 
@@ -120,16 +121,17 @@ def _last_hidden_state_selector():
 
 
 def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
-                 role: str = "model") -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+                 role: str = "model", checked: Optional[Tuple[nn.Module, Dict[str, Any]]] = None,
+                 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Run ``model`` (through its wrappers' ``forward``) and return ``(hidden [B, T, H], weight [V, H],
     bias [V] or None)``: the final hidden states after the last norm and the unwrapped model's LM head.
 
     The model is asked for its hidden states and the logits of the last position only; those logits
     must equal ``hidden[:, -1] @ weight^T + bias`` (to 5 % of their scale: autocast rounds them),
     which catches models whose ``hidden_states[-1]`` is not the LM head's input or whose logits are
-    scaled after the head.
+    scaled after the head. ``checked``: the result of :func:`check_causal_lm` if already computed.
     """
-    head, kwargs = check_causal_lm(model, role)
+    head, kwargs = checked if checked is not None else check_causal_lm(model, role)
     outputs = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     states = getattr(outputs, "hidden_states", None)
     hidden = states[-1] if isinstance(states, (tuple, list)) and len(states) else None
@@ -138,8 +140,9 @@ def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: Opti
         raise ValueError(f"{role}: {name}.forward(output_hidden_states=...) returned no hidden states "
                          f"(got {type(states).__name__}); expected a transformers causal LM")
     if hidden.shape[:2] != input_ids.shape or hidden.shape[-1] != head.weight.shape[1]:
-        raise ValueError(f"{role}: expected final hidden states of shape {tuple(input_ids.shape) + (head.weight.shape[1],)}"
-                         f" from {name}, got {tuple(hidden.shape)}")
+        expected = (*input_ids.shape, head.weight.shape[1])
+        raise ValueError(f"{role}: expected final hidden states of shape {expected} from {name}, "
+                         f"got {tuple(hidden.shape)}")
     logits = getattr(outputs, "logits", None)
     if isinstance(logits, torch.Tensor) and logits.dim() == 3 and logits.shape[-1] == head.weight.shape[0]:
         _check_head(role, name, hidden, head, logits)
@@ -148,9 +151,11 @@ def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: Opti
 
 @torch.no_grad()
 def _check_head(role: str, name: str, hidden: torch.Tensor, head: nn.Module, logits: torch.Tensor) -> None:
-    """The model's own last-position logits against ``hidden[:, -1] @ W^T + b`` in fp32."""
+    """The model's own last-position logits against ``hidden[:, -1] @ W^T + b``, in the head's dtype
+    (no fp32 copy of a bf16 head: its rounding is far inside the tolerance)."""
+    weight = head.weight
     with torch.autocast(hidden.device.type, enabled=False):
-        ref = hidden[:, -1].float() @ head.weight.float().T
+        ref = (hidden[:, -1].to(weight.dtype) @ weight.T).float()
         if getattr(head, "bias", None) is not None:
             ref = ref + head.bias.float()
     err = (logits[:, -1].float() - ref).abs().max()
@@ -253,10 +258,10 @@ def distill_loss(student: nn.Module, teacher: nn.Module, batch: Mapping,
     loss_fn = _loss_module(loss_fn)
     input_ids, mask, labels, steps = _check_batch(batch)
     num_items_in_batch = _check_count(num_items_in_batch)
-    check_causal_lm(teacher, "teacher")
+    teacher_lm = check_causal_lm(teacher, "teacher")  # refused before the student's forward runs
     h_s, w_s, b_s = final_hidden(student, input_ids, mask, "student")
     with torch.no_grad():
-        h_t, w_t, b_t = final_hidden(teacher, input_ids, mask, "teacher")
+        h_t, w_t, b_t = final_hidden(teacher, input_ids, mask, "teacher", teacher_lm)
     v_s, v_t = w_s.shape[0], w_t.shape[0]
     return loss_fn(h_s[:, :-1], w_s, h_t[:, :-1].detach(), w_t.detach(), labels[:, 1:],
                    student_bias=b_s, teacher_bias=None if b_t is None else b_t.detach(),
@@ -319,6 +324,9 @@ class VCRDTrainer(Trainer):
         check_causal_lm(teacher_model, "teacher_model")
         super().__init__(*args, **kwargs)
         check_causal_lm(self.model, "model")
+        if self.args.n_gpu > 1:
+            raise ValueError(f"VCRDTrainer: torch.nn.DataParallel over n_gpu={self.args.n_gpu} GPUs is not supported "
+                             f"(its token count is split per GPU); launch with torchrun or accelerate (DDP) instead")
         self.vcrd_loss = loss
         self.teacher = teacher_model.to(self.args.device).eval().requires_grad_(False)
         # the Trainer counts num_items_in_batch only for models that take loss kwargs; our loss does
@@ -352,7 +360,7 @@ class VCRDTrainer(Trainer):
         if num_items_in_batch is not None and getattr(self.args, "average_tokens_across_devices", False):
             # the count is over all ranks and DDP averages the ranks' gradients (as Trainer.compute_loss)
             tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
-            scale = self.accelerator.num_processes // tp if self.args.n_gpu <= 1 else self.args.n_gpu
+            scale = self.accelerator.num_processes // tp
             if scale != 1:
                 loss = loss * scale
         (self._train_stats if model.training else self._eval_stats).add(stats)
