@@ -107,12 +107,21 @@ class VCRDConfig:
         return self.divergence
 
 
-def resolve_config(config: Union[VCRDConfig, str, None]) -> VCRDConfig:
-    """``None`` → the ``vcrd`` preset; a string → that preset; a ``VCRDConfig`` → itself."""
+def resolve_config(config: Union[VCRDConfig, str, None], **overrides) -> VCRDConfig:
+    """``None`` → the ``vcrd`` preset; a string → that preset; a ``VCRDConfig`` → itself; then any
+    field in ``overrides`` replaced (``resolve_config("kd", temperature=2.0)``)."""
     if config is None:
-        return VCRDConfig()
-    if isinstance(config, str):
-        return VCRDConfig.preset(config)
-    if isinstance(config, VCRDConfig):
-        return config
-    raise TypeError(f"config: expected a VCRDConfig, a preset name or None, got {type(config).__name__}")
+        cfg = VCRDConfig()
+    elif isinstance(config, str):
+        cfg = VCRDConfig.preset(config)
+    elif isinstance(config, VCRDConfig):
+        cfg = config
+    else:
+        raise TypeError(f"config: expected a VCRDConfig, a preset name or None, got {type(config).__name__}")
+    if not overrides:
+        return cfg
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(VCRDConfig)})
+    if unknown:
+        raise TypeError(f"unexpected option(s) {unknown}: expected fields of VCRDConfig "
+                        f"({', '.join(f.name for f in dataclasses.fields(VCRDConfig))})")
+    return cfg.replace(**overrides)

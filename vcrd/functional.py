@@ -50,7 +50,7 @@ def resolve_impl(impl: str, student_logits: torch.Tensor) -> str:
 def vcrd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
     *,
     step_ids: Optional[torch.Tensor] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
@@ -68,7 +68,9 @@ def vcrd_loss(
     Args:
         student_logits: ``[N, V_s]`` or ``[B, T, V_s]``, fp32/bf16/fp16; row r predicts ``labels[r]``.
         teacher_logits: same leading shape, ``[..., V_t]``; must not require grad.
-        labels: ``[N]`` or ``[B, T]`` integer; ``config.ignore_index`` marks rows with no loss.
+        labels: ``[N]`` or ``[B, T]`` integer; ``config.ignore_index`` marks rows with no loss. None: every
+            row counts (TRL's ``labels=None``); only for configs that need no trace token
+            (``correction=False``, ``ce_weight=0``, e.g. ``"kd"``).
         step_ids: reasoning-step index per token, non-decreasing within a sequence (optional;
             without it every token is its own step).
         cu_seqlens: ``[S+1]`` packed sequence boundaries for ``[N, V]`` inputs.
@@ -76,7 +78,8 @@ def vcrd_loss(
         num_items_in_batch: the number of valid rows in the whole accumulated (and data-parallel) batch,
             for gradient accumulation (``reduction="mean"``; SPEC §6 for ``normalize="weights"``).
         vocab_size: compare columns ``0..V-1`` when the two vocabularies differ.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-row, shaped like ``labels``).
+        reduction: ``"mean"``, ``"sum"``, ``"none"`` (per-row, shaped like ``labels``) or ``"batchmean"``
+            (TRL's: the sum divided by the valid tokens with labels, by the leading dimension without).
         impl: ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"``.
         return_stats: also return a :class:`VCRDStats` of detached per-row statistics.
 
@@ -95,7 +98,7 @@ def vcrd_loss(
                                    reduction=reduction, return_stats=return_stats)
 
     want_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    Z = row_normalizer(reduction, cfg, num_items_in_batch, batch.n_valid)
+    Z = row_normalizer(reduction, cfg, num_items_in_batch, batch.rows)
     grad = grad_rows = None
     if want_grad:
         grad = torch.empty_like(student_logits, memory_format=torch.contiguous_format)
@@ -110,7 +113,7 @@ def vcrd_loss(
                                         num_items_in_batch)
     loss = attach_grads(value, [(student_logits, grad)], post_scale) if want_grad else value
     if return_stats:
-        return loss, VCRDStats.from_rows(rows, batch.valid, batch.shape)
+        return loss, VCRDStats.from_rows(rows, batch.rows)
     return loss
 
 

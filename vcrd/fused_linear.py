@@ -20,7 +20,7 @@ from . import settings
 from ._autograd import attach_grads
 from .config import VCRDConfig, resolve_config
 from .functional import IMPLS, resolve_impl, run_backend
-from .inputs import RowBatch, check_labels, check_linear, check_options, check_rows
+from .inputs import RowBatch, RowLayout, check_labels, check_linear, check_options, check_rows
 from .reduction import reduce_rows, row_normalizer
 from .stats import VCRDStats
 from .weights import OUTPUT_ROWS, concat_rows
@@ -47,7 +47,7 @@ def fused_linear_vcrd_loss(
     student_weight: torch.Tensor,
     teacher_hidden: torch.Tensor,
     teacher_weight: torch.Tensor,
-    labels: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
     *,
     student_bias: Optional[torch.Tensor] = None,
     teacher_bias: Optional[torch.Tensor] = None,
@@ -69,7 +69,7 @@ def fused_linear_vcrd_loss(
         teacher_hidden, teacher_weight, teacher_bias: the teacher's, ``H_t`` may differ; never require grad.
         labels, step_ids, cu_seqlens, config, num_items_in_batch, vocab_size, return_stats: as in
             :func:`vcrd.vcrd_loss`.
-        reduction: ``"mean"`` or ``"sum"`` (per-row losses would need per-row upstream gradients
+        reduction: ``"mean"``, ``"sum"`` or ``"batchmean"`` (per-row losses would need per-row upstream gradients
             before the weight-gradient GEMM, which the forward pass has already done).
         chunk_size: rows per chunk, or ``"auto"`` (from ``VCRD_FUSED_BUDGET_MB`` and N).
         impl: ``"auto"``, ``"triton"`` or ``"torch"`` for the per-chunk loss; ``"reference"``
@@ -80,15 +80,16 @@ def fused_linear_vcrd_loss(
         weight and bias (accumulated in fp32, returned in their own dtypes).
     """
     cfg = resolve_config(config)
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction: expected 'mean' or 'sum' for the fused-linear loss, got {reduction!r}")
+    if reduction not in ("mean", "sum", "batchmean"):
+        raise ValueError(f"reduction: expected 'mean', 'sum' or 'batchmean' for the fused-linear loss, "
+                         f"got {reduction!r}")
     check_options(reduction, impl, num_items_in_batch, cfg, IMPLS)
     V = check_linear(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias,
                      vocab_size)
     if chunk_size != "auto" and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size: expected 'auto' or an int >= 1, got {chunk_size!r}")
-    layout = check_rows(check_labels(labels, student_hidden.shape[:-1], student_hidden.device), step_ids, cu_seqlens,
-                        cfg, V)
+    lead, device = student_hidden.shape[:-1], student_hidden.device
+    layout = check_rows(check_labels(labels, lead, device, cfg), lead, device, step_ids, cu_seqlens, cfg, V)
     if impl == "reference":
         return _reference(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                           labels, step_ids=step_ids, cu_seqlens=cu_seqlens, config=cfg,
@@ -99,7 +100,7 @@ def fused_linear_vcrd_loss(
     impl = resolve_impl(impl, h_s)
     student = (student_hidden, student_weight, student_bias)
     needs_grad = tuple(x is not None and x.requires_grad and torch.is_grad_enabled() for x in student)
-    Z = row_normalizer(reduction, cfg, num_items_in_batch, layout.n_valid)
+    Z = row_normalizer(reduction, cfg, num_items_in_batch, layout)
     heads = _Heads(student_weight, student_bias, teacher_weight, teacher_bias, V)
     kept_idx = layout.valid.nonzero().squeeze(1)  # ignored rows never reach a GEMM
     C = auto_chunk_size(kept_idx.numel(), V, settings.fused_budget_bytes()) if chunk_size == "auto" else chunk_size
@@ -116,7 +117,7 @@ def fused_linear_vcrd_loss(
     full = {name: torch.zeros(h_s.shape[0], dtype=kept[name].dtype, device=h_s.device).index_copy(0, kept_idx,
                                                                                                    kept[name])
             for name in OUTPUT_ROWS[2:]}
-    return loss, VCRDStats.from_rows(full, layout.valid, layout.shape)
+    return loss, VCRDStats.from_rows(full, layout)
 
 
 class _Heads:
@@ -146,9 +147,9 @@ def _chunked(h_s, h_t, heads: _Heads, layout, kept_idx, cfg, impl, C, grad_scale
     for c0 in range(0, kept_idx.numel(), C):
         idx = kept_idx[c0:c0 + C]
         hs, ht = h_s[idx].to(dtype), h_t[idx].to(dtype)
-        chunk = RowBatch(_logits(hs, heads.w_s, heads.b_s), _logits(ht, heads.w_t, heads.b_t), layout.labels[idx],
-                         torch.ones(idx.numel(), dtype=torch.bool, device=dev), layout.starts[idx], idx.shape,
-                         idx.numel())
+        rows = RowLayout(layout.labels[idx], torch.ones(idx.numel(), dtype=torch.bool, device=dev),
+                         layout.starts[idx], idx.shape, idx.numel())
+        chunk = RowBatch(_logits(hs, heads.w_s, heads.b_s), _logits(ht, heads.w_t, heads.b_t), rows)
         g = chunk.s if any(needs_grad) else None  # the gradient overwrites the student logits, row by row
         parts.append(run_backend(impl, chunk, cfg, g, grad_scale, window=window))
         if grad_h is not None:
@@ -167,11 +168,15 @@ def _reference(h_s, w_s, b_s, h_t, w_t, b_t, labels, **kw):
     s = _logits(h_s.double(), w_s.double(), None if b_s is None else b_s.double())
     with torch.no_grad():
         u = _logits(h_t.double(), w_t.double(), None if b_t is None else b_t.double())
-    return reference_loss(s, u, labels, **kw)
+    loss = reference_loss(s, u, labels, **kw)
+    # the same output dtype as the fast path: fp32, or fp64 for fp64 inputs
+    dtype = torch.promote_types(h_s.dtype, torch.float32)
+    return (loss[0].to(dtype), loss[1]) if isinstance(loss, tuple) else loss.to(dtype)
 
 
 class FusedLinearVCRDLoss(nn.Module):
-    """Module form of :func:`fused_linear_vcrd_loss`.
+    """Module form of :func:`fused_linear_vcrd_loss`; config fields may be given as keywords
+    (``FusedLinearVCRDLoss("kd", temperature=2.0)``).
 
     ``forward(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias=None,
     teacher_bias=None, step_ids=None, cu_seqlens=None, num_items_in_batch=None, vocab_size=None,
@@ -179,9 +184,9 @@ class FusedLinearVCRDLoss(nn.Module):
     """
 
     def __init__(self, config: Union[VCRDConfig, str, None] = None, *, reduction: str = "mean",
-                 chunk_size: Union[int, str] = "auto", impl: str = "auto") -> None:
+                 chunk_size: Union[int, str] = "auto", impl: str = "auto", **options) -> None:
         super().__init__()
-        self.config = resolve_config(config)
+        self.config = resolve_config(config, **options)
         self.reduction, self.chunk_size, self.impl = reduction, chunk_size, impl
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias=None,

@@ -8,6 +8,7 @@ mask and the first row of each row's causal window.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterator, Optional, Tuple
 
@@ -17,23 +18,38 @@ from .config import VCRDConfig
 from .windows import sequence_ids, window_starts
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-REDUCTIONS = ("mean", "sum", "none")
+REDUCTIONS = ("mean", "sum", "none", "batchmean")
+
+
+@dataclass
+class RowLayout:
+    """Where each row stands: ``labels [N]`` (ignored rows set to 0), ``valid [N]``, ``starts [N]``
+    (first row of each row's causal window), ``shape`` (the labels' shape), ``n_valid`` (a Python int),
+    ``has_labels`` (False when the caller passed none: every row counts)."""
+
+    labels: torch.Tensor
+    valid: torch.Tensor
+    starts: torch.Tensor
+    shape: torch.Size
+    n_valid: int
+    has_labels: bool = True
 
 
 @dataclass
 class RowBatch:
     """Logits as rows: ``s, u`` are views (never copies) restricted to the shared vocabulary,
     ``[N, V]``, or ``[B, T, V]`` when the input's rows cannot be flattened without a copy (a shifted
-    ``logits[:, :-1]``); ``labels [N]`` (ignored rows set to 0), ``valid [N]``, ``starts [N]``
-    (window starts), ``shape`` (the labels' shape), ``n_valid`` (a Python int)."""
+    ``logits[:, :-1]``); ``rows`` is the :class:`RowLayout` (labels, valid rows, window starts)."""
 
     s: torch.Tensor
     u: torch.Tensor
-    labels: torch.Tensor
-    valid: torch.Tensor
-    starts: torch.Tensor
-    shape: torch.Size
-    n_valid: int
+    rows: RowLayout
+
+    labels = property(lambda self: self.rows.labels)
+    valid = property(lambda self: self.rows.valid)
+    starts = property(lambda self: self.rows.starts)
+    shape = property(lambda self: self.rows.shape)
+    n_valid = property(lambda self: self.rows.n_valid)
 
     @property
     def vocab(self) -> int:
@@ -109,27 +125,25 @@ def check_options(reduction: str, impl: str, num_items_in_batch, cfg: VCRDConfig
         raise ValueError(f"impl: expected one of {tuple(impls)}, got {impl!r}")
     if num_items_in_batch is None:
         return
-    if reduction != "mean":
-        raise ValueError(f"num_items_in_batch: only applies to reduction='mean', got reduction={reduction!r}")
+    if reduction not in ("mean", "batchmean"):
+        raise ValueError(f"num_items_in_batch: only applies to reduction='mean' or 'batchmean', "
+                         f"got reduction={reduction!r}")
     value = num_items_in_batch.item() if isinstance(num_items_in_batch, torch.Tensor) else num_items_in_batch
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
         raise ValueError(f"num_items_in_batch: expected a number >= 0, got {num_items_in_batch!r}")
 
 
-@dataclass
-class RowLayout:
-    """Where each row stands: ``labels [N]`` (ignored rows set to 0), ``valid [N]``, ``starts [N]``
-    (first row of each row's causal window), ``shape`` (the labels' shape), ``n_valid`` (a Python int)."""
-
-    labels: torch.Tensor
-    valid: torch.Tensor
-    starts: torch.Tensor
-    shape: torch.Size
-    n_valid: int
-
-
-def check_labels(labels, lead_shape: torch.Size, device: torch.device) -> torch.Tensor:
-    """``labels``: an integer tensor shaped like the rows (``lead_shape``), on ``device``."""
+def check_labels(labels, lead_shape: torch.Size, device: torch.device, cfg: VCRDConfig) -> Optional[torch.Tensor]:
+    """``labels``: an integer tensor shaped like the rows (``lead_shape``), on ``device``; or None (every
+    row counts, as in TRL's ``generalized_jsd_loss(labels=None)``), allowed when the config needs no
+    trace token (the correction weight and the CE term do)."""
+    if labels is None:
+        needs = [what for what, on in (("correction=True", cfg.correction), ("ce_weight > 0", cfg.ce_weight > 0))
+                 if on]
+        if needs:
+            raise ValueError(f"labels: required with {' and '.join(needs)} (they use the trace token's log-prob); "
+                             "pass labels, or use a config without them (e.g. config='kd')")
+        return None
     _tensor("labels", labels, "int")
     if labels.shape != lead_shape:
         raise ValueError(f"labels: expected shape {tuple(lead_shape)} like the inputs' leading dims, "
@@ -146,13 +160,18 @@ def check_frozen(name: str, t: Optional[torch.Tensor]) -> None:
                          f"or pass {name}.detach())")
 
 
-def check_rows(labels: torch.Tensor, step_ids: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
-               cfg: VCRDConfig, V: int) -> RowLayout:
-    """Check label values, step ids and cu_seqlens for rows shaped like ``labels``; return their layout."""
-    labels_shape, device = labels.shape, labels.device
-    y = labels.reshape(-1)
-    N = y.numel()
-    valid = y != cfg.ignore_index
+def check_rows(labels: Optional[torch.Tensor], lead_shape: torch.Size, device: torch.device,
+               step_ids: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], cfg: VCRDConfig,
+               V: int) -> RowLayout:
+    """Check label values, step ids and cu_seqlens for rows shaped ``lead_shape``; return their layout.
+    Without labels every row is valid (and the label-dependent statistics are undefined)."""
+    labels_shape = lead_shape
+    N = math.prod(lead_shape)
+    if labels is None:
+        y, valid = torch.zeros(N, dtype=torch.int64, device=device), torch.ones(N, dtype=torch.bool, device=device)
+    else:
+        y = labels.reshape(-1)
+        valid = y != cfg.ignore_index
     if N:
         bad = valid & ((y < 0) | (y >= V))
         if bool(bad.any()):
@@ -182,7 +201,7 @@ def check_rows(labels: torch.Tensor, step_ids: Optional[torch.Tensor], cu_seqlen
                              f"got {int(steps[r - 1])} then {int(steps[r])} at flat row {r}")
         step_ids = steps
     starts = window_starts(seq, step_ids, cfg.window_steps)
-    return RowLayout(torch.where(valid, y, 0), valid, starts, labels_shape, int(valid.sum()))
+    return RowLayout(torch.where(valid, y, 0), valid, starts, labels_shape, int(valid.sum()), labels is not None)
 
 
 def prepare(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -190,12 +209,12 @@ def prepare(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
             vocab_size: Optional[int]) -> RowBatch:
     """All checks of SPEC §1 on logits-level inputs, then the row view."""
     V = check_logits(student_logits, teacher_logits, vocab_size)
-    layout = check_rows(check_labels(labels, student_logits.shape[:-1], student_logits.device), step_ids, cu_seqlens,
-                        cfg, V)
+    lead, device = student_logits.shape[:-1], student_logits.device
+    layout = check_rows(check_labels(labels, lead, device, cfg), lead, device, step_ids, cu_seqlens, cfg, V)
     s, u = _rows_view(student_logits, V), _rows_view(teacher_logits, V)
     if s is None or u is None:  # keep [B, T, V] views: flattening them would copy N·V elements
         s, u = student_logits[..., :V], teacher_logits[..., :V]
-    return RowBatch(s, u, layout.labels, layout.valid, layout.starts, layout.shape, layout.n_valid)
+    return RowBatch(s, u, layout)
 
 
 

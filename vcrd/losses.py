@@ -12,20 +12,22 @@ from .functional import vcrd_loss
 
 
 class VCRDLoss(nn.Module):
-    """Module form of :func:`vcrd.vcrd_loss`; ``config`` is a :class:`VCRDConfig` or a preset name.
+    """Module form of :func:`vcrd.vcrd_loss`; ``config`` is a :class:`VCRDConfig` or a preset name, and
+    any config field may be given as a keyword (``VCRDLoss(divergence="jsd", beta=0.5, temperature=2.0)``,
+    as Liger's loss modules take their options).
 
     ``forward(student_logits [N, V] | [B, T, V], teacher_logits, labels [N] | [B, T], step_ids=None,
     cu_seqlens=None, num_items_in_batch=None, vocab_size=None, return_stats=False)``.
     """
 
     def __init__(self, config: Union[VCRDConfig, str, None] = None, *, reduction: str = "mean",
-                 impl: str = "auto") -> None:
+                 impl: str = "auto", **options) -> None:
         super().__init__()
-        self.config = resolve_config(config)
+        self.config = resolve_config(config, **options)
         self.reduction = reduction
         self.impl = impl
 
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 step_ids: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None,
                 num_items_in_batch: Optional[Union[int, torch.Tensor]] = None, vocab_size: Optional[int] = None,
                 return_stats: bool = False):

@@ -7,6 +7,7 @@ from typing import Tuple, Union
 import torch
 
 from .config import VCRDConfig
+from .inputs import RowLayout
 
 Count = Union[int, float, torch.Tensor, None]
 MIN_MEAN_WEIGHT = 1e-6  # Σ m·w is clamped to >= 1e-6 · Σ m (SPEC §6)
@@ -33,17 +34,17 @@ def reduce_rows(per_row: torch.Tensor, w: torch.Tensor, reduction: str, cfg: VCR
                 num_items_in_batch: Count = None) -> Tuple[torch.Tensor, Union[float, torch.Tensor]]:
     """``(loss value, post_scale)`` from unnormalised per-row losses ``[N]`` and weights ``m·w [N]``.
 
-    ``"none"`` → per-row values shaped ``shape``; ``"sum"`` → Σ; ``"mean"`` → Σ / Z with
-    ``normalize="tokens"`` (the gradient already carries 1/Z), or Σ / Z_w with
-    ``normalize="weights"``, ``Z_w = max(Σ m·w, 1e-6·Σ m)``, times ``M / Σ m`` when
-    ``num_items_in_batch = M`` is given (known only now, so ``1/Z_w`` is returned as ``post_scale``
-    for the gradient).
+    ``"none"`` → per-row values shaped ``shape``; ``"sum"`` → Σ; ``"batchmean"`` → Σ / Z (TRL's
+    count: see :func:`row_normalizer`); ``"mean"`` → Σ / Z with ``normalize="tokens"`` (the gradient
+    already carries 1/Z), or Σ / Z_w with ``normalize="weights"``, ``Z_w = max(Σ m·w, 1e-6·Σ m)``,
+    times ``M / Σ m`` when ``num_items_in_batch = M`` is given (known only now, so ``1/Z_w`` is
+    returned as ``post_scale`` for the gradient).
     """
     if reduction == "none":
         return per_row.reshape(shape), 1.0
     if reduction == "sum":
         return per_row.sum(), 1.0
-    if cfg.normalize == "weights":
+    if reduction == "mean" and cfg.normalize == "weights":
         Zw = w.sum().clamp_min(MIN_MEAN_WEIGHT * max(n_valid, 1))
         if num_items_in_batch is not None and n_valid:
             Zw = Zw * (token_normalizer(num_items_in_batch, n_valid) / n_valid)
@@ -51,9 +52,16 @@ def reduce_rows(per_row: torch.Tensor, w: torch.Tensor, reduction: str, cfg: VCR
     return per_row.sum() / Z, 1.0
 
 
-def row_normalizer(reduction: str, cfg: VCRDConfig, num_items_in_batch: Count, n_valid: int) -> float:
-    """The part of Z known before the sweep (folded into the gradient as it is written): the token
-    count for ``reduction="mean"`` with ``normalize="tokens"``, else 1. Checks the count either way,
-    so a bad one is refused before any work."""
-    Z = token_normalizer(num_items_in_batch, n_valid)
-    return Z if reduction == "mean" and cfg.normalize == "tokens" else 1.0
+def row_normalizer(reduction: str, cfg: VCRDConfig, num_items_in_batch: Count, rows: RowLayout) -> float:
+    """The part of Z known before the sweep (folded into the gradient as it is written); checks the
+    count either way, so a bad one is refused before any work.
+
+    ``"mean"`` with ``normalize="tokens"``: the token count (``num_items_in_batch``, else the valid
+    rows). ``"batchmean"`` (TRL's ``generalized_jsd_loss``): ``num_items_in_batch`` if given, else the
+    valid rows with labels, or the batch size (the leading dimension) without; ignores ``normalize``.
+    Otherwise 1.
+    """
+    Z = token_normalizer(num_items_in_batch, rows.n_valid)
+    if reduction == "batchmean" and num_items_in_batch is None and not rows.has_labels:
+        return float(max(rows.shape[0] if len(rows.shape) else 1, 1))
+    return Z if reduction == "batchmean" or (reduction == "mean" and cfg.normalize == "tokens") else 1.0

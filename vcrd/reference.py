@@ -12,6 +12,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .config import VCRDConfig, resolve_config
+from .inputs import RowLayout
 from .stats import VCRDStats
 
 
@@ -39,15 +40,15 @@ def divergence(logp: torch.Tensor, logq: torch.Tensor, divergence: str, beta: fl
     return beta * _plogr(q, logq - logm).sum(-1) + (1 - beta) * _plogr(p, logp - logm).sum(-1)
 
 
-def rows_layout(labels: torch.Tensor, step_ids: Optional[torch.Tensor],
+def rows_layout(shape: torch.Size, step_ids: Optional[torch.Tensor],
                 cu_seqlens: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Sequence index and step index of every row, both ``[N]``, built with plain loops."""
-    if labels.dim() == 2:
-        B, T = labels.shape
+    """Sequence index and step index of every row, both ``[N]``, for rows shaped ``shape``."""
+    if len(shape) == 2:
+        B, T = shape
         seq = torch.arange(B).repeat_interleave(T)
         pos = torch.arange(T).repeat(B)
     else:
-        bounds = [0, labels.numel()] if cu_seqlens is None else cu_seqlens.tolist()
+        bounds = [0, shape[0]] if cu_seqlens is None else cu_seqlens.tolist()
         seq = torch.cat([torch.full((e - b,), i) for i, (b, e) in enumerate(zip(bounds[:-1], bounds[1:]))])
         pos = torch.cat([torch.arange(e - b) for b, e in zip(bounds[:-1], bounds[1:])])
     steps = pos if step_ids is None else step_ids.reshape(-1).cpu()
@@ -77,7 +78,7 @@ def window_mean(W: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 def vcrd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
+    labels: Optional[torch.Tensor],
     *,
     step_ids: Optional[torch.Tensor] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
@@ -92,8 +93,10 @@ def vcrd_loss(
     V = vocab_size if vocab_size is not None else student_logits.shape[-1]
     s = student_logits.reshape(-1, student_logits.shape[-1])[:, :V]
     u = teacher_logits.reshape(-1, teacher_logits.shape[-1])[:, :V].detach()
-    y = labels.reshape(-1)
-    valid = y != cfg.ignore_index
+    shape = student_logits.shape[:-1]
+    # without labels every row counts (TRL's labels=None); the trace token is then undefined
+    y = labels.reshape(-1) if labels is not None else torch.zeros(s.shape[0], dtype=torch.int64, device=s.device)
+    valid = y != cfg.ignore_index if labels is not None else torch.ones_like(y, dtype=torch.bool)
     y_safe = torch.where(valid, y, torch.zeros_like(y))
     dtype = torch.promote_types(s.dtype, torch.float32)
     T = cfg.temperature
@@ -123,7 +126,7 @@ def vcrd_loss(
             sig = torch.sigmoid((g - cfg.validity_margin) / cfg.validity_tau)
             w_val = cfg.validity_floor + (1 - cfg.validity_floor) * sig
 
-        seq, steps = rows_layout(labels, step_ids, cu_seqlens)
+        seq, steps = rows_layout(shape, step_ids, cu_seqlens)
         W = window_mask(seq, steps, valid, cfg.window_steps).to(s.device)
         # l_r: the support log-ratio, clamped; 0 when both models mask the label (SPEC §5)
         both_masked = (lp_s == -torch.inf) & (lp_u == -torch.inf)
@@ -138,11 +141,15 @@ def vcrd_loss(
     per_row = torch.where(valid, per_row, torch.zeros_like(per_row))
 
     if reduction == "none":
-        loss = per_row.reshape(labels.shape)
+        loss = per_row.reshape(shape)
     elif reduction == "sum":
         loss = per_row.sum()
     elif not valid.any():
         loss = per_row.sum()  # an all-ignored batch: 0, whatever num_items_in_batch is
+    elif reduction == "batchmean":  # TRL's: per valid token with labels, per sequence (leading dim) without
+        count = num_items_in_batch if num_items_in_batch is not None else \
+            valid.sum().clamp_min(1) if labels is not None else max(shape[0], 1)
+        loss = per_row.sum() / count
     elif cfg.normalize == "weights":
         n_valid = valid.sum()
         Z = torch.where(valid, w, 0).sum().clamp_min(1e-6 * n_valid)
@@ -157,4 +164,5 @@ def vcrd_loss(
     if not return_stats:
         return loss
     rows = dict(D=D, w_val=w_val, w_dc=w_dc, g=g, n=n, lp_s=lp_s, lp_u=lp_u, agree=a_s == a_u)
-    return loss, VCRDStats.from_rows(rows, valid, labels.shape)
+    layout = RowLayout(y_safe, valid, None, shape, int(valid.sum()), labels is not None)
+    return loss, VCRDStats.from_rows(rows, layout)

@@ -8,6 +8,7 @@ from typing import Dict
 import torch
 
 ROW_FIELDS = ("D", "w_val", "w_dc", "g", "n", "lp_s", "lp_u", "agree")
+LABEL_FIELDS = ("n", "lp_s", "lp_u")  # depend on the trace token
 
 
 @dataclass
@@ -31,14 +32,18 @@ class VCRDStats:
     valid: torch.Tensor
 
     @classmethod
-    def from_rows(cls, rows: Dict[str, torch.Tensor], valid: torch.Tensor, shape: torch.Size) -> VCRDStats:
-        """Zero the ignored rows, detach, and reshape ``[N]`` rows to the labels' shape."""
+    def from_rows(cls, rows: Dict[str, torch.Tensor], layout) -> VCRDStats:
+        """Zero the ignored rows, detach, and reshape ``[N]`` rows to the labels' shape (a
+        :class:`vcrd.inputs.RowLayout`). Without labels the label statistics (``lp_s``, ``lp_u``,
+        ``n``) are undefined: NaN."""
         out = {}
         for name in ROW_FIELDS:
             value = rows[name].detach()
+            if name in LABEL_FIELDS and not layout.has_labels:
+                value = torch.full_like(value, torch.nan)
             zero = torch.zeros((), dtype=value.dtype, device=value.device)
-            out[name] = torch.where(valid, value, zero).reshape(shape)
-        return cls(**out, valid=valid.reshape(shape))
+            out[name] = torch.where(layout.valid, value, zero).reshape(layout.shape)
+        return cls(**out, valid=layout.valid.reshape(layout.shape))
 
     def means(self) -> Dict[str, torch.Tensor]:
         """Batch means over the valid rows, as 0-dim tensors (no host sync); 0 if none are valid."""
