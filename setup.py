@@ -7,7 +7,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["vcrd", "vcrd.kernels"],
+    packages=["vcrd", "vcrd.core", "vcrd.backends", "vcrd.loss", "vcrd.select", "vcrd.train", "vcrd.app",
+              "vcrd.kernels"],
     package_dir={"vcrd": "vcrd", "vcrd.kernels": "kernels"},
     install_requires=["torch>=2.4", "numpy", "tqdm", "transformers>=4.46"],
     extras_require={
@@ -17,5 +18,5 @@ setup(
         "gpu": ["flash-attn>=2.6"],
         "dev": ["ruff>=0.6"],
     },
-    entry_points={"console_scripts": ["vcrd=vcrd.cli:main"]},
+    entry_points={"console_scripts": ["vcrd=vcrd.app.cli:main"]},
 )

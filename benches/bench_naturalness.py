@@ -44,8 +44,8 @@ def main() -> None:
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from vcrd.naturalness import naive_score, score_responses
-    from vcrd.tokenizer import build_char_tokenizer
+    from vcrd.app.tokenizer import build_char_tokenizer
+    from vcrd.select.naturalness import naive_score, score_responses
 
     parser = argparse.ArgumentParser(description="Packed LALP scorer vs one forward per window.")
     parser.add_argument("--vocab", type=int, default=32000, help="model vocabulary (>= 100; default 32000)")

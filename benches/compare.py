@@ -18,7 +18,7 @@ Gradient check (every provider but the floor): after its timing, each worker com
 gradients of its last timed call, w.r.t. the student hidden states and the student LM head, with
 the float64 reference of the preset it computes (``kd``, i.e. forward KL averaged over the
 non-ignored rows, for naive, TRL and Liger). The reference (``benches/gradcheck.py``:
-``vcrd.reference`` on float64 logits chunk by chunk, each chunk widened back to the start of its
+``vcrd.core.reference`` on float64 logits chunk by chunk, each chunk widened back to the start of its
 rows' causal windows, chained through ``logits = hidden @ Wᵀ``) covers every row, so both
 gradients are checked in full; it is computed once per shape in its own process before the
 providers run, and is not part of any timing or memory figure. A result is ``pass`` when
@@ -224,7 +224,7 @@ def notes(rows) -> str:
              f"non-ignored rows, which vcrd computes: this floor flatters vcrd by the ~10 % ignored rows)."]
     if checked:
         lines.append("grad check: the gradients of each provider's last timed call, w.r.t. the student hidden "
-                     "states (h) and LM head (W), against the float64 reference (`vcrd.reference`, every row, "
+                     "states (h) and LM head (W), against the float64 reference (`vcrd.core.reference`, every row, "
                      "chained through the logits GEMM) of the preset it computes (`kd`, i.e. forward KL over the "
                      f"non-ignored rows, for naive, TRL and Liger); max |error| / max |reference|, pass ≤ {TOL:.0e} "
                      "(fp32; benches/gradcheck.py). "

@@ -1,4 +1,4 @@
-"""Check the gradient a benchmark timed against the float64 reference (``vcrd.reference``).
+"""Check the gradient a benchmark timed against the float64 reference (``vcrd.core.reference``).
 
     python benches/gradcheck.py        # the checker's self-test (small inputs, about a minute on 2 cores)
 
@@ -54,7 +54,7 @@ from vcrd import VCRDConfig
 try:
     from vcrd import reference
 except ImportError:  # vcrd/__init__ does not export it (yet)
-    import vcrd.reference as reference
+    import vcrd.core.reference as reference
 
 TOL = 1e-4
 ROWS = int(os.environ.get("VCRD_BENCH_GRAD_ROWS", 96))  # rows per checked block, logits benchmark

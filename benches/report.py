@@ -76,7 +76,7 @@ def check_note(data: dict) -> str:
     if not any("grad_check" in e for e in extras):
         return "grad check: not recorded in these results."
     failed = sum(e.get("grad_check") == "FAIL" for e in extras)
-    return (f"grad check: the gradient each case timed vs the float64 reference (`vcrd.reference`) of the preset "
+    return (f"grad check: the gradient each case timed vs the float64 reference (`vcrd.core.reference`) of the preset "
             f"it computes (`kd` = forward KL over the non-ignored rows for naive and TRL), on rows "
             f"{extras[0].get('grad_rows', '?')} (exact: the windows are causal) divided by the normaliser Z of the "
             f"whole batch, also from the reference; max |error| / max |reference|, pass ≤ {TOL:.0e} (fp32; "

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
 
 
 def test_ptx_counts_barriers_per_loop():
-    from vcrd.aot import ptx_counts
+    from vcrd.app.aot import ptx_counts
 
     ptx = "\n".join([
         "\tbar.sync \t0;",  # before any loop
@@ -26,7 +26,7 @@ def test_ptx_counts_barriers_per_loop():
 
 
 def test_occupancy_rules():
-    from vcrd.aot import ctas_per_sm
+    from vcrd.app.aot import ctas_per_sm
 
     assert ctas_per_sm(90, 128, 8, 1024) == (2, "registers")  # 128 regs x 256 threads
     assert ctas_per_sm(90, 80, 8, 1024) == (3, "registers")  # 2560 regs per warp -> 25 warps
@@ -37,7 +37,7 @@ def test_occupancy_rules():
 
 def test_every_kernel_compiles_for_sm80_and_sm90_without_spills():
     pytest.importorskip("triton", reason="triton is not installed")
-    from vcrd.aot import compile_all, cuobjdump
+    from vcrd.app.aot import compile_all, cuobjdump
 
     try:
         cuobjdump()

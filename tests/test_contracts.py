@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import vcrd
-from vcrd import VCRDConfig, VCRDLoss, functional, vcrd_loss
+from vcrd import VCRDConfig, VCRDLoss, backends, vcrd_loss
+from vcrd.loss import functional
 
 from .conftest import realistic_logits
 
@@ -22,7 +23,7 @@ def no_work(monkeypatch):
     """Fail the test if the fast path is entered: errors must come before any pass over the logits."""
     def boom(*a, **k):
         raise AssertionError("the loss started working before rejecting the input")
-    monkeypatch.setattr(functional._torch, "loss_and_grad", boom)
+    monkeypatch.setattr(backends.torch_chunks, "loss_and_grad", boom)
     monkeypatch.setattr(functional.reference, "vcrd_loss", boom)
 
 
@@ -52,7 +53,11 @@ BAD_CALLS = {
                                        {"cu_seqlens": torch.tensor([0, 12])}), ValueError, "cu_seqlens"),
     "reduction": (lambda s, u, y: (s, u, y, {"reduction": "avg"}), ValueError, "reduction"),
     "impl": (lambda s, u, y: (s, u, y, {"impl": "cuda"}), ValueError, "impl"),
+    # a count of 0 for a batch that has valid rows (an all-ignored batch with 0 is fine: test_torch_path)
     "num-items-zero": (lambda s, u, y: (s, u, y, {"num_items_in_batch": 0}), ValueError, "num_items_in_batch"),
+    "num-items-zero-tokens": (lambda s, u, y: (s, u, y, {"num_items_in_batch": 0, "config": "kd"}), ValueError,
+                              "num_items_in_batch"),
+    "num-items-negative": (lambda s, u, y: (s, u, y, {"num_items_in_batch": -3}), ValueError, "num_items_in_batch"),
     "num-items-with-sum": (lambda s, u, y: (s, u, y, {"num_items_in_batch": 5, "reduction": "sum"}), ValueError,
                            "num_items_in_batch"),
     "config-type": (lambda s, u, y: (s, u, y, {"config": {"divergence": "fkl"}}), TypeError, "config"),
@@ -80,9 +85,12 @@ def test_bad_config_values(field, value):
 
 
 def test_presets():
-    assert VCRDConfig.preset("kd").validity is None and not VCRDConfig.preset("kd").correction
+    """SPEC §6/§9: kd normalises by tokens; the weighted presets (and the defaults) by the weights."""
+    kd = VCRDConfig.preset("kd")
+    assert kd.validity is None and not kd.correction and kd.normalize == "tokens"
     d = VCRDConfig.preset("discord")
-    assert d.validity is None and d.correction and d.window_steps is None
+    assert d.validity is None and d.correction and d.window_steps is None and d.normalize == "weights"
+    assert VCRDConfig().normalize == "weights" and VCRDConfig.preset("vcrd").normalize == "weights"
     assert VCRDConfig.preset("vcrd") == VCRDConfig()
     assert VCRDConfig.preset("kd", temperature=2.0).temperature == 2.0
     assert VCRDConfig(divergence="jsd", beta=0.0).effective_divergence == "fkl"
@@ -97,21 +105,37 @@ def test_triton_forced_on_cpu_lists_reasons(xyz, monkeypatch):
 
 def test_auto_picks_torch_on_cpu(xyz, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert functional.resolve_impl("auto", xyz[0]) == "torch"
+    assert backends.resolve_impl("auto", xyz[0]) == "torch"
 
 
-def test_nan_in_a_valid_row_gives_nan_and_ignored_rows_never_matter(xyz):
+@pytest.mark.parametrize("normalize", ["tokens", "weights"])
+def test_nan_in_a_valid_row_gives_nan_and_ignored_rows_never_matter(xyz, normalize):
+    """SPEC §6 NaN policy: a NaN in valid row 2 makes the loss NaN and the gradient NaN in row 2 and in
+    every row whose window holds row 2 (rows 2..6: 4-token windows, no step ids), the same rows as
+    the reference (never a finite gradient beside a NaN loss, never a NaN flushed to 0); an ignored
+    NaN row changes nothing."""
     s, u, y = xyz
     s = s.detach().clone()
     s[2, 5] = float("nan")
-    assert torch.isnan(vcrd_loss(s, u, y, impl="torch"))
+    cfg = VCRDConfig(normalize=normalize)
+    nan_rows = {}
+    for impl in ("torch", "reference"):
+        x = s.clone().requires_grad_()
+        loss = vcrd_loss(x, u, y, config=cfg, impl=impl)
+        loss.backward()
+        assert torch.isnan(loss), impl
+        nan_rows[impl] = torch.isnan(x.grad).any(1)
+    assert torch.equal(nan_rows["torch"], nan_rows["reference"]), nan_rows
+    assert nan_rows["torch"][2:7].all()
+    if normalize == "tokens":  # the other rows keep finite gradients
+        assert not nan_rows["torch"][:2].any() and not nan_rows["torch"][7:].any()
     y2 = y.clone()
     y2[2] = -100
     x = s.clone().requires_grad_()
-    loss = vcrd_loss(x, u, y2, impl="torch")
+    loss = vcrd_loss(x, u, y2, config=cfg, impl="torch")
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(x.grad).all() and torch.all(x.grad[2] == 0)
-    want = vcrd_loss(torch.where(torch.isnan(s), 0.0, s), u, y2, impl="torch")
+    want = vcrd_loss(torch.where(torch.isnan(s), 0.0, s), u, y2, config=cfg, impl="torch")
     torch.testing.assert_close(loss.detach(), want)
 
 
@@ -139,11 +163,46 @@ def test_env_settings_are_checked(xyz, monkeypatch):
         vcrd_loss(*xyz, impl="torch")
 
 
-def test_huge_page_hint_is_only_a_hint():
-    from vcrd._memory import advise_huge_pages
+class _FakeLibc:
+    """Records ``madvise`` calls instead of making them."""
 
-    assert advise_huge_pages(torch.empty(10)) is False  # small buffers are left alone
+    def __init__(self, result: int = 0) -> None:
+        self.calls, self.result = [], result
+
+    def madvise(self, start: int, length: int, advice: int) -> int:
+        self.calls.append((start, length, advice))
+        return self.result
+
+
+@pytest.mark.parametrize("offset", [0, 1, 1000])
+def test_huge_page_hint_covers_only_the_buffers_own_pages(offset, monkeypatch):
+    """``MADV_HUGEPAGE`` (14) on the page-aligned interior of the tensor, never a byte outside it; small
+    buffers are left alone; a refused hint returns False."""
+    from vcrd.backends import memory as _memory
+
+    fake = _FakeLibc()
+    monkeypatch.setattr(_memory, "_libc", lambda: fake)
+    assert _memory.advise_huge_pages(torch.empty(10)) is False and fake.calls == []
+    big = torch.empty(2**24 + offset)[offset:]  # 64 MiB, starting off a page boundary when offset > 0
+    assert _memory.advise_huge_pages(big) is True
+    (start, length, advice), = fake.calls
+    lo, hi = big.data_ptr(), big.data_ptr() + big.numel() * big.element_size()
+    assert advice == 14 and start % 4096 == 0 and length % 4096 == 0 and length > 0
+    assert lo <= start and start + length <= hi and start - lo < 4096 and hi - (start + length) < 4096
+    monkeypatch.setattr(_memory, "_libc", lambda: _FakeLibc(result=-1))
+    assert _memory.advise_huge_pages(big) is False
+
+
+def test_huge_page_hint_keeps_the_data():
+    """The real call: accepted where Linux has transparent huge pages, and only a hint (a destructive
+    advice such as MADV_DONTNEED would zero memory already written)."""
+    import os
+
+    from vcrd.backends.memory import advise_huge_pages
+
     big = torch.empty(2**25)  # 128 MiB
-    assert advise_huge_pages(big) in (True, False)
     big.fill_(1.5)
-    assert float(big[-1]) == 1.5
+    accepted = advise_huge_pages(big)
+    if os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"):
+        assert accepted is True
+    assert bool((big == 1.5).all())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from vcrd.cli import main
+from vcrd.app.cli import main
 
 
 def test_demo_runs_writes_results_and_repeats(tmp_path, capsys):

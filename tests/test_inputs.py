@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vcrd import VCRDConfig
-from vcrd.inputs import prepare
+from vcrd.core.checks import prepare
 
 
 def _shares_storage(view: torch.Tensor, base: torch.Tensor) -> bool:

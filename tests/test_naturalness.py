@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from vcrd.naturalness import ResponseScore, naive_score, score_responses, split_steps
-from vcrd.select import rank_teachers, select_responses
-from vcrd.tokenizer import build_char_tokenizer
+from vcrd.app.tokenizer import build_char_tokenizer
+from vcrd.select.naturalness import ResponseScore, naive_score, score_responses, split_steps
+from vcrd.select.selection import rank_teachers, select_responses
 
 PROMPTS = ["Q: 12+7*3=?", "Q: a train goes 60 km in 1.5 h; speed?", "Q: 9-4=?"]
 RESPONSES = [
@@ -102,7 +102,7 @@ def test_selection_and_teacher_ranking():
 
 
 def test_cli_scores_selects_and_refuses_bad_files(lm, tmp_path, capsys):
-    from vcrd.cli import main
+    from vcrd.app.cli import main
 
     model, tok = lm
     model.save_pretrained(tmp_path / "student")

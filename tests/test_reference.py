@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vcrd import VCRDConfig
-from vcrd.reference import vcrd_loss as reference_loss
+from vcrd.core.reference import vcrd_loss as reference_loss
 
 from .conftest import ignore_some, realistic_logits, step_ids_for
 

@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from vcrd.naturalness import split_steps
-from vcrd.synthetic import check_answer, make_dataset, make_problem
-from vcrd.tokenizer import build_char_tokenizer
+from vcrd.app.synthetic import check_answer, make_dataset, make_problem
+from vcrd.app.tokenizer import build_char_tokenizer
+from vcrd.select.naturalness import split_steps
 
 
 def test_solutions_are_right_and_steps_evaluate():

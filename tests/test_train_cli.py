@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from vcrd.cli import main
-from vcrd.synthetic import make_dataset
-from vcrd.tokenizer import build_char_tokenizer
+from vcrd.app.cli import main
+from vcrd.app.synthetic import make_dataset
+from vcrd.app.tokenizer import build_char_tokenizer
 
 from .test_trainer import tiny_llama
 

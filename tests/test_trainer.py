@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from vcrd import VCRDConfig
-from vcrd.data import DistillCollator, Example
-from vcrd.reference import vcrd_loss as reference_loss
-from vcrd.synthetic import make_dataset
-from vcrd.tokenizer import build_char_tokenizer
-from vcrd.trainer import VCRDTrainer, distill_loss
+from vcrd.app.synthetic import make_dataset
+from vcrd.app.tokenizer import build_char_tokenizer
+from vcrd.core.reference import vcrd_loss as reference_loss
+from vcrd.train.data import DistillCollator, Example
+from vcrd.train.trainer import VCRDTrainer, distill_loss
 
 KD = VCRDConfig.preset("kd")
 WEIGHTED = VCRDConfig.preset("vcrd", normalize="weights")

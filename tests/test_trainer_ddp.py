@@ -17,8 +17,8 @@ import socket
 import pytest
 import torch
 
-from vcrd.data import DistillCollator
-from vcrd.trainer import distill_loss
+from vcrd.train.data import DistillCollator
+from vcrd.train.trainer import distill_loss
 
 from .test_trainer import KD, WEIGHTED, assert_same_step, make_setup, student_like, trainer_for
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vcrd.windows import CausalWindowMean, positions_in_sequence, sequence_ids, window_means, window_starts
+from vcrd.core.windows import CausalWindowMean, positions_in_sequence, sequence_ids, window_means, window_starts
 
 from .conftest import step_ids_for
 

@@ -2,49 +2,23 @@
 
 ``impl="auto"`` picks the Triton kernels for CUDA tensors (and for CPU tensors when Triton's
 interpreter is on, ``TRITON_INTERPRET=1``), else the CPU fast path ``"torch"``; ``"reference"``
-runs :mod:`vcrd.reference`, the plain formula of SPEC.md.
+runs :mod:`vcrd.core.reference`, the plain formula of SPEC.md.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
-from . import _torch, _triton, reference, settings
-from ._autograd import attach_grads
-from ._memory import advise_huge_pages
-from .config import VCRDConfig, resolve_config
-from .inputs import RowBatch, check_options, prepare
-from .reduction import reduce_rows, row_normalizer
-from .stats import VCRDStats
-from .windows import CausalWindowMean
-
-IMPLS = ("auto", "triton", "torch", "reference")
-
-
-def triton_unavailable(student_logits: torch.Tensor) -> List[str]:
-    """Every reason the Triton kernels cannot run on this input (empty when they can)."""
-    reasons = []
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        reasons.append("triton is not installed (pip install triton)")
-    if student_logits.device.type != "cuda" and not settings.triton_interpreter():
-        reasons.append(f"tensors are on {student_logits.device.type}, not CUDA, and TRITON_INTERPRET=1 is not set")
-    if student_logits.dtype == torch.float64:
-        reasons.append("float64 logits (the kernels take float32, bfloat16 or float16)")
-    return reasons
-
-
-def resolve_impl(impl: str, student_logits: torch.Tensor) -> str:
-    """``auto`` → ``triton`` when it can run, else ``torch``; a forced ``triton`` that cannot run raises."""
-    if impl in ("torch", "reference"):
-        return impl
-    reasons = triton_unavailable(student_logits)
-    if impl == "triton" and reasons:
-        raise NotImplementedError("impl='triton' cannot run: " + "; ".join(reasons))
-    return "torch" if reasons else "triton"
+from ..backends import IMPLS, resolve_impl, run_backend
+from ..backends.autograd import attach_grads
+from ..backends.memory import advise_huge_pages
+from ..core import reference
+from ..core.checks import check_options, prepare
+from ..core.config import VCRDConfig, resolve_config
+from ..core.reduction import reduce_rows, row_normalizer
+from ..core.stats import VCRDStats
 
 
 def vcrd_loss(
@@ -115,13 +89,3 @@ def vcrd_loss(
     if return_stats:
         return loss, VCRDStats.from_rows(rows, batch.rows)
     return loss
-
-
-def run_backend(impl: str, batch: RowBatch, cfg: VCRDConfig, grad_out: Optional[torch.Tensor], grad_scale: float,
-                  window: Optional[CausalWindowMean] = None) -> Dict[str, torch.Tensor]:
-    """Run the backend ``impl`` (``"torch"`` or ``"triton"``) on a checked batch: ``[N]`` rows, and
-    ``grad_scale · ∂(Σ_r loss_r)/∂s`` written into ``grad_out`` (see :func:`vcrd._torch.loss_and_grad`)."""
-    if impl == "triton":
-        return _triton.loss_and_grad(batch, cfg, grad_out, grad_scale, window=window)
-    return _torch.loss_and_grad(batch, cfg, grad_out, grad_scale, settings.chunk_rows(), settings.compile_enabled(),
-                                window=window)

@@ -90,7 +90,7 @@ def write_jsonl(path: Union[str, Path], rows: Iterable[Dict[str, object]]) -> No
 
 
 class DistillCollator:
-    """Examples → a padded batch for :func:`vcrd.trainer.distill_loss`.
+    """Examples → a padded batch for :func:`vcrd.train.trainer.distill_loss`.
 
     Tokens: a BOS (if the tokenizer has one), the prompt, then each step (``example.steps`` or the
     response split by SPEC §8's splitter), each piece tokenised on its own, and an EOS (if any) at
@@ -105,7 +105,7 @@ class DistillCollator:
         self.tokenizer, self.max_length, self.max_step_tokens = tokenizer, max_length, max_step_tokens
 
     def encode(self, example: Example):
-        from .naturalness import split_steps
+        from ..select.naturalness import split_steps
 
         tok = self.tokenizer
         ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + \

@@ -22,10 +22,10 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from .config import VCRDConfig
-from .inputs import RowBatch
-from .weights import Rows, concat_rows, row_loss, weigh_rows
-from .windows import CausalWindowMean
+from ..core.checks import RowBatch
+from ..core.config import VCRDConfig
+from ..core.weights import Rows, concat_rows, row_loss, weigh_rows
+from ..core.windows import CausalWindowMean
 
 
 def _weighted(w: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:

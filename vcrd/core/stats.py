@@ -34,7 +34,7 @@ class VCRDStats:
     @classmethod
     def from_rows(cls, rows: Dict[str, torch.Tensor], layout) -> VCRDStats:
         """Zero the ignored rows, detach, and reshape ``[N]`` rows to the labels' shape (a
-        :class:`vcrd.inputs.RowLayout`). Without labels the label statistics (``lp_s``, ``lp_u``,
+        :class:`vcrd.core.checks.RowLayout`). Without labels the label statistics (``lp_s``, ``lp_u``,
         ``n``) are undefined: NaN."""
         out = {}
         for name in ROW_FIELDS:

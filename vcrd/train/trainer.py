@@ -21,9 +21,9 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .config import VCRDConfig, resolve_config
-from .fused_linear import FusedLinearVCRDLoss
-from .stats import ROW_FIELDS, VCRDStats
+from ..core.config import VCRDConfig, resolve_config
+from ..core.stats import ROW_FIELDS, VCRDStats
+from ..loss.fused_linear import FusedLinearVCRDLoss
 
 BATCH_KEYS = ("input_ids", "attention_mask", "labels", "step_ids")
 # logged means: stats field -> log name
@@ -238,7 +238,7 @@ def distill_loss(student: nn.Module, teacher: nn.Module, batch: Mapping,
             be larger (padded embeddings): the first ``min(V_s, V_t)`` columns are compared.
         batch: ``input_ids [B, T]``, ``labels [B, T]`` (the trace token at each position,
             ``ignore_index`` (-100) on prompt and padding), optional ``attention_mask [B, T]`` and
-            ``step_ids [B, T]`` (see :class:`vcrd.data.DistillCollator`); ``T >= 2``. Other keys are
+            ``step_ids [B, T]`` (see :class:`vcrd.train.data.DistillCollator`); ``T >= 2``. Other keys are
             ignored.
         loss_fn: a :class:`FusedLinearVCRDLoss`, or a ``VCRDConfig`` / preset name to build one
             (default preset ``vcrd``).

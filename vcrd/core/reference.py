@@ -2,7 +2,7 @@
 
 Readable over fast: full ``[N, V]`` log-softmaxes, windows built literally from their definition
 (an ``[N, N]`` mask), autograd for the gradient. Works in float64. Inputs are assumed valid
-(``vcrd.functional`` checks them); shapes follow SPEC §1.
+(``vcrd.loss.functional`` checks them); shapes follow SPEC §1.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from .checks import RowLayout
 from .config import VCRDConfig, resolve_config
-from .inputs import RowLayout
 from .stats import VCRDStats
 
 

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict
 
-from .config import PRESETS, VCRDConfig
+from ..core.config import PRESETS, VCRDConfig
 
 TRAIN_DEFAULTS: Dict[str, Any] = {
     "preset": "vcrd", "loss": {}, "max_steps": 200, "batch_size": 8, "grad_accum": 1, "learning_rate": 5e-4,

@@ -1,4 +1,4 @@
-"""``nn.Module`` wrappers: they store options and call :mod:`vcrd.functional`."""
+"""``nn.Module`` wrappers: they store options and call :mod:`vcrd.loss.functional`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .config import VCRDConfig, resolve_config
+from ..core.config import VCRDConfig, resolve_config
 from .functional import vcrd_loss
 
 

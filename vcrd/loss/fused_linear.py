@@ -16,15 +16,15 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import nn
 
-from . import settings
-from ._autograd import attach_grads
-from .config import VCRDConfig, resolve_config
-from .functional import IMPLS, resolve_impl, run_backend
-from .inputs import RowBatch, RowLayout, check_labels, check_linear, check_options, check_rows
-from .reduction import reduce_rows, row_normalizer
-from .stats import VCRDStats
-from .weights import OUTPUT_ROWS, concat_rows
-from .windows import CausalWindowMean
+from ..backends import IMPLS, resolve_impl, run_backend
+from ..backends.autograd import attach_grads
+from ..core import settings
+from ..core.checks import RowBatch, RowLayout, check_labels, check_linear, check_options, check_rows
+from ..core.config import VCRDConfig, resolve_config
+from ..core.reduction import reduce_rows, row_normalizer
+from ..core.stats import VCRDStats
+from ..core.weights import OUTPUT_ROWS, concat_rows
+from ..core.windows import CausalWindowMean
 
 
 def auto_chunk_size(n_rows: int, vocab: int, budget_bytes: int) -> int:
@@ -73,7 +73,7 @@ def fused_linear_vcrd_loss(
             before the weight-gradient GEMM, which the forward pass has already done).
         chunk_size: rows per chunk, or ``"auto"`` (from ``VCRD_FUSED_BUDGET_MB`` and N).
         impl: ``"auto"``, ``"triton"`` or ``"torch"`` for the per-chunk loss; ``"reference"``
-            materialises both logits and runs :mod:`vcrd.reference` (tests, small inputs).
+            materialises both logits and runs :mod:`vcrd.core.reference` (tests, small inputs).
 
     Returns:
         The loss (fp32), and ``VCRDStats`` if asked. Gradients flow to the student's hidden states,
@@ -162,8 +162,9 @@ def _chunked(h_s, h_t, heads: _Heads, layout, kept_idx, cfg, impl, C, grad_scale
 
 
 def _reference(h_s, w_s, b_s, h_t, w_t, b_t, labels, **kw):
-    """``impl="reference"``: both logits in float64, then :func:`vcrd.reference.vcrd_loss` (tests, small inputs)."""
-    from .reference import vcrd_loss as reference_loss
+    """``impl="reference"``: both logits in float64, then :func:`vcrd.core.reference.vcrd_loss` (tests, small
+    inputs)."""
+    from ..core.reference import vcrd_loss as reference_loss
 
     s = _logits(h_s.double(), w_s.double(), None if b_s is None else b_s.double())
     with torch.no_grad():

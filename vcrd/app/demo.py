@@ -4,7 +4,7 @@
 2. let it write two sampled solutions per training problem (its traces);
 3. keep, per problem, the trace with the highest local naturalness (LALP) under the student;
 4. distil the same initial student twice on the kept traces, with preset ``kd`` and with preset
-   ``vcrd`` (same seeds, steps, data and batches), through :func:`vcrd.trainer.distill_loss`;
+   ``vcrd`` (same seeds, steps, data and batches), through :func:`vcrd.train.trainer.distill_loss`;
 5. evaluate exact-match accuracy by greedy decoding on held-out problems;
 6. print a table and write ``results.md`` and ``curves.png`` to the output folder.
 
@@ -23,12 +23,12 @@ from typing import Dict, List
 
 import torch
 
-from .data import DistillCollator, Example
-from .naturalness import score_responses
-from .select import select_responses
+from ..select.naturalness import score_responses
+from ..select.selection import select_responses
+from ..train.data import DistillCollator, Example
+from ..train.trainer import distill_loss
 from .synthetic import Problem, check_answer
 from .tokenizer import build_char_tokenizer
-from .trainer import distill_loss
 
 
 @dataclass

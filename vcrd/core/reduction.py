@@ -6,8 +6,8 @@ from typing import Tuple, Union
 
 import torch
 
+from .checks import RowLayout
 from .config import VCRDConfig
-from .inputs import RowLayout
 
 Count = Union[int, float, torch.Tensor, None]
 MIN_MEAN_WEIGHT = 1e-6  # Σ m·w is clamped to >= 1e-6 · Σ m (SPEC §6)

@@ -10,9 +10,10 @@ from typing import List, Optional
 
 import torch
 
-from . import __version__
-from .config import PRESETS, VCRDConfig
-from .functional import resolve_impl, vcrd_loss
+from .. import __version__
+from ..backends import resolve_impl
+from ..core.config import PRESETS, VCRDConfig
+from ..loss.functional import vcrd_loss
 
 
 def synthetic_batch(batch: int, seq_len: int, vocab: int, seed: int):
@@ -83,9 +84,9 @@ def aot(args: argparse.Namespace) -> int:
 def score(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .data import read_jsonl, write_jsonl
-    from .naturalness import score_responses
-    from .select import rank_teachers, select_responses
+    from ..select.naturalness import score_responses
+    from ..select.selection import rank_teachers, select_responses
+    from ..train.data import read_jsonl, write_jsonl
 
     examples = read_jsonl(args.data)  # every line checked before the model loads
     if not examples:
@@ -114,7 +115,7 @@ def score(args: argparse.Namespace) -> int:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from .train import train
+    from ..train.run import train
 
     out = train(args.config, resume=args.resume)
     print(f"done: checkpoints in {out}, final model in {out / 'final'}")

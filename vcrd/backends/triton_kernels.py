@@ -3,7 +3,7 @@
 Two sweeps over the logits (three for JSD, whose D needs both LSEs first): the statistics kernel
 reads each logits element once; the gradient kernel reads both again and writes the gradient once.
 Between them only ``[N]``-sized work runs: the causal-window weights of SPEC §4–5
-(:func:`vcrd.weights.weigh_rows`, shared with the CPU path). ``[B, T, V]`` views that cannot be
+(:func:`vcrd.core.weights.weigh_rows`, shared with the CPU path). ``[B, T, V]`` views that cannot be
 flattened without a copy are launched one sequence at a time.
 """
 
@@ -13,10 +13,10 @@ from typing import Dict, Optional
 
 import torch
 
-from .config import VCRDConfig
-from .inputs import RowBatch
-from .weights import concat_rows, row_loss, weigh_rows
-from .windows import CausalWindowMean
+from ..core.checks import RowBatch
+from ..core.config import VCRDConfig
+from ..core.weights import concat_rows, row_loss, weigh_rows
+from ..core.windows import CausalWindowMean
 
 
 def _unit_stride(x: torch.Tensor) -> torch.Tensor:
@@ -25,7 +25,7 @@ def _unit_stride(x: torch.Tensor) -> torch.Tensor:
 
 def loss_and_grad(batch: RowBatch, cfg: VCRDConfig, grad_out: Optional[torch.Tensor], grad_scale: float,
                   window: Optional[CausalWindowMean] = None) -> Dict[str, torch.Tensor]:
-    """Same contract as :func:`vcrd._torch.loss_and_grad`, on the Triton kernels."""
+    """Same contract as :func:`vcrd.backends.torch_chunks.loss_and_grad`, on the Triton kernels."""
     from vcrd.kernels.grad import launch_grad
     from vcrd.kernels.stats import STAT_NAMES, launch_stats
 
