@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vcrd import FusedLinearVCRDLoss, VCRDConfig, fused_linear_vcrd_loss
+from vcrd import FusedLinearVCRDLoss, VCRDConfig, fused_linear_vcrd_loss, vcrd_loss
 
-from .conftest import TOL, assert_three_way, ignore_some, step_ids_for
+from .conftest import TOL, assert_parities, base_dtype, ignore_some, run_with_grads, step_ids_for
 
 
 def heads(N=47, Hs=31, Ht=40, V=1271, Vt=None, bias=True, seed=0, dtype=torch.float32):
@@ -27,27 +27,43 @@ def heads(N=47, Hs=31, Ht=40, V=1271, Vt=None, bias=True, seed=0, dtype=torch.fl
     return dict(hs=cast(hs), Ws=cast(Ws), bs=cast(bs), ht=cast(ht), Wt=cast(Wt), y=y, steps=steps)
 
 
-def run(d, cfg, dtype, impl, **kw):
-    """Loss and the gradients of student hidden, weight, bias for one implementation in ``dtype``."""
-    leaves = [None if d[k] is None else d[k].detach().to(dtype).requires_grad_() for k in ("hs", "Ws", "bs")]
-    loss = fused_linear_vcrd_loss(leaves[0], leaves[1], d["ht"].to(dtype), d["Wt"].to(dtype), d["y"],
-                                  student_bias=leaves[2], step_ids=d["steps"], config=cfg, impl=impl, **kw)
-    loss.backward()
-    return [loss.detach()] + [t.grad for t in leaves if t is not None]
+def run(d, cfg, dtype, impl, upstream="random", **kw):
+    """Loss and the gradients of student hidden, weight, bias for one implementation in ``dtype``
+    (random upstream gradient by default)."""
+    fn = lambda hs, Ws, bs: fused_linear_vcrd_loss(  # noqa: E731
+        hs, Ws, d["ht"].to(dtype), d["Wt"].to(dtype), d["y"], student_bias=bs, step_ids=d["steps"], config=cfg,
+        impl=impl, **kw)
+    return run_with_grads(fn, [None if d[k] is None else d[k].to(dtype) for k in ("hs", "Ws", "bs")], upstream)
 
 
-def three_way(d, cfg, dtype=torch.float32, impl="torch", **kw):
-    truth = run(d, cfg, torch.float64, "reference", **{k: v for k, v in kw.items() if k != "chunk_size"})
-    base = run(d, cfg, torch.float32, "reference", **{k: v for k, v in kw.items() if k != "chunk_size"})
-    got = run(d, cfg, dtype, impl, **kw)
-    for name, a, b, c in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), got, base, truth):
-        assert_three_way(name, a, b.to(torch.float64) if dtype != torch.float64 else b, c, dtype)
+def run_materialised(d, cfg, dtype, upstream="random", **kw):
+    """The same loss as the reference formula on logits materialised in ``dtype`` (``h @ W^T + b``
+    in that precision, then :func:`vcrd.core.reference.vcrd_loss`): "base" of the three-way rule."""
+    def fn(hs, Ws, bs):
+        s = hs @ Ws.T + (0 if bs is None else bs)
+        u = d["ht"].to(dtype) @ d["Wt"].to(dtype).T
+        return vcrd_loss(s, u, d["y"], step_ids=d["steps"], config=cfg, impl="reference", **kw)
+
+    return run_with_grads(fn, [None if d[k] is None else d[k].to(dtype) for k in ("hs", "Ws", "bs")], upstream)
 
 
-CONFIGS = {"kd": VCRDConfig.preset("kd"), "vcrd": VCRDConfig(),
+def three_way(d, cfg, dtype=torch.float32, impl="torch", upstream="random", **kw):
+    """The three-way rule on the loss and the gradients of hidden, weight (and bias): ``impl`` in
+    ``dtype`` vs ``impl="reference"`` in fp64 (truth) and the reference formula on fp32 logits (base).
+    ``d`` holds inputs already rounded to ``dtype`` (stored in any float dtype)."""
+    ref_kw = {k: v for k, v in kw.items() if k != "chunk_size"}
+    truth = run(d, cfg, torch.float64, "reference", upstream, **ref_kw)
+    base = run_materialised(d, cfg, base_dtype(dtype), upstream, **ref_kw)
+    got = run(d, cfg, dtype, impl, upstream, **kw)
+    names = ("loss", "grad_hidden", "grad_weight", "grad_bias")[:len(truth)]
+    assert_parities(names, got, base, truth, dtype)
+    return dict(impl=got, base=base, truth=truth)
+
+
+CONFIGS = {"kd": VCRDConfig.preset("kd"), "discord": VCRDConfig.preset("discord"), "vcrd": VCRDConfig(),
            "jsd-T2-ce-expected": VCRDConfig(divergence="jsd", beta=0.3, temperature=2.0, ce_weight=0.3,
                                             validity="expected"),
-           "rkl-weights": VCRDConfig(divergence="rkl", normalize="weights", window_steps=1)}
+           "rkl-tokens": VCRDConfig(divergence="rkl", normalize="tokens", window_steps=1)}
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -77,25 +93,56 @@ def test_batched_input_vocab_mismatch_and_no_bias():
     three_way(d, CONFIGS["vcrd"], vocab_size=500, chunk_size=11)
 
 
-def test_gradient_accumulation_with_num_items_in_batch():
-    """Two micro-batches (one sequence each) with the global token count sum to the full batch."""
-    d = heads(N=48, V=300)
-    steps = torch.cat([d["steps"][:24] - d["steps"][0], d["steps"][24:] - d["steps"][24]])
-    n_valid = int((d["y"] != -100).sum())
+def _two_micro_batches(d, cfg, n_items):
+    """Σ of the losses of two micro-batches (one sequence each) with ``num_items_in_batch``, and the
+    gradients of hidden and weight accumulated over them."""
     hs, Ws = d["hs"].clone().requires_grad_(), d["Ws"].clone().requires_grad_()
     total = 0.0
     for rows in (slice(0, 24), slice(24, 48)):
-        loss = fused_linear_vcrd_loss(hs[rows], Ws, d["ht"][rows], d["Wt"], d["y"][rows], step_ids=steps[rows],
-                                      num_items_in_batch=n_valid, impl="torch")
+        loss = fused_linear_vcrd_loss(hs[rows], Ws, d["ht"][rows], d["Wt"], d["y"][rows], step_ids=d["steps"][rows],
+                                      config=cfg, num_items_in_batch=n_items, impl="torch")
         loss.backward()
         total = total + loss.detach()
+    return total, hs.grad, Ws.grad
+
+
+def _sequences(N=48, V=300):
+    d = heads(N=N, V=V)
+    d["steps"] = torch.cat([d["steps"][:24] - d["steps"][0], d["steps"][24:] - d["steps"][24]])
+    return d
+
+
+def test_gradient_accumulation_with_num_items_in_batch_tokens():
+    """normalize="tokens": two micro-batches with the global token count sum to the full batch."""
+    d, cfg = _sequences(), CONFIGS["kd"]
+    total, g_h, g_w = _two_micro_batches(d, cfg, int((d["y"] != -100).sum()))
     hs2, Ws2 = d["hs"].clone().requires_grad_(), d["Ws"].clone().requires_grad_()
-    whole = fused_linear_vcrd_loss(hs2, Ws2, d["ht"], d["Wt"], d["y"], step_ids=steps,
+    whole = fused_linear_vcrd_loss(hs2, Ws2, d["ht"], d["Wt"], d["y"], step_ids=d["steps"], config=cfg,
                                    cu_seqlens=torch.tensor([0, 24, 48]), impl="torch")
     whole.backward()
-    torch.testing.assert_close(total, whole.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(hs.grad, hs2.grad, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(Ws.grad, Ws2.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(total, whole.detach(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(g_h, hs2.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g_w, Ws2.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_accumulation_with_num_items_in_batch_weights():
+    """normalize="weights" (the vcrd preset) with ``num_items_in_batch = M``: each micro-batch's
+    weighted mean times its share of the tokens (SPEC §6), loss and gradients."""
+    d, cfg = _sequences(), CONFIGS["vcrd"]
+    n_valid = int((d["y"] != -100).sum())
+    total, g_h, g_w = _two_micro_batches(d, cfg, n_valid)
+    want, want_h, want_w = 0.0, torch.zeros_like(g_h, dtype=torch.float64), 0.0
+    for rows in (slice(0, 24), slice(24, 48)):
+        hs, Ws = d["hs"][rows].double().requires_grad_(), d["Ws"].double().requires_grad_()
+        share = int((d["y"][rows] != -100).sum()) / n_valid
+        mean = share * fused_linear_vcrd_loss(hs, Ws, d["ht"][rows].double(), d["Wt"].double(), d["y"][rows],
+                                              step_ids=d["steps"][rows], config=cfg, impl="reference")
+        mean.backward()
+        want, want_w = want + mean.detach(), want_w + Ws.grad
+        want_h[rows] = hs.grad
+    torch.testing.assert_close(total.double(), want, rtol=1e-5, atol=0)
+    for got, ref in ((g_h, want_h), (g_w, want_w)):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
 
 
 def test_stats_and_module():

@@ -1,13 +1,16 @@
-"""Tier 2: the CPU fast path (impl="torch") against the reference, with the three-way rule."""
+"""Tier 2: the CPU fast path (impl="torch", default settings: compiled) against the reference, with the
+three-way rule of DESIGN.md on the loss and the gradient (random upstream gradient)."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
 from vcrd import VCRDConfig, vcrd_loss
 
-from .conftest import assert_three_way, ignore_some, realistic_logits, step_ids_for
+from .conftest import ignore_some, logits_three_way, realistic_logits, step_ids_for
 
 CONFIGS = {
     "kd": VCRDConfig.preset("kd"),
@@ -15,7 +18,7 @@ CONFIGS = {
     "vcrd": VCRDConfig.preset("vcrd"),
     "rkl-expected": VCRDConfig(divergence="rkl", validity="expected"),
     "jsd0.3-T2-ce": VCRDConfig(divergence="jsd", beta=0.3, temperature=2.0, ce_weight=0.5),
-    "fkl-T2-weights": VCRDConfig(temperature=2.0, normalize="weights", window_steps=1),
+    "fkl-T2-tokens": VCRDConfig(temperature=2.0, normalize="tokens", window_steps=1),
 }
 
 
@@ -29,25 +32,16 @@ def batch(N=63, V=1271, std=10.0, agreement=0.8, dtype=torch.float32, B=None, se
     return s.to(dtype), u.to(dtype), y, steps
 
 
-def three_way(s, u, y, steps, cfg, reduction="mean", upstream=None, impl="torch", **kw):
-    """Loss and gradient: ``impl`` in the input dtype vs reference in fp64 (truth) and fp32 (base)."""
-    out = {}
-    for name, dtype, which in [("impl", s.dtype, impl), ("base", torch.float32, "reference"),
-                               ("truth", torch.float64, "reference")]:
-        x = s.detach().to(dtype).requires_grad_()
-        loss = vcrd_loss(x, u.to(dtype), y, step_ids=steps, config=cfg, reduction=reduction, impl=which, **kw)
-        g = torch.randn(loss.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64) \
-            if upstream == "random" else torch.ones(loss.shape, dtype=torch.float64)
-        loss.backward(g.to(loss.dtype))
-        out[name] = (loss.detach(), x.grad)
-    for i, what in enumerate(("loss", "grad")):
-        assert_three_way(what, out["impl"][i], out["base"][i], out["truth"][i], s.dtype)
-    return out
+def three_way(s, u, y, steps, cfg, reduction="mean", upstream="random", impl="torch", **kw):
+    """Loss and gradient: ``impl`` in the input dtype vs the reference in fp64 (truth) and fp32
+    (base), random upstream gradient (conftest.parity_check documents the rule)."""
+    return logits_three_way(s, u, y, cfg, step_ids=steps, reduction=reduction, upstream=upstream, impl=impl, **kw)
 
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
-    """Chunks of 16 rows, so windows and steps straddle chunk boundaries."""
+    """Chunks of 16 rows, so windows and steps straddle chunk boundaries at these small sizes
+    (tests/test_large_n.py runs the default 64-row chunks at realistic sizes)."""
     monkeypatch.setenv("VCRD_CHUNK_ROWS", "16")
 
 
@@ -65,8 +59,9 @@ def test_logit_scales(name, std, agreement):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_reductions_with_random_upstream_gradient(reduction):
-    three_way(*batch(B=3), CONFIGS["vcrd"], reduction=reduction, upstream="random")
+@pytest.mark.parametrize("name", ["kd", "vcrd"])
+def test_reductions_with_random_upstream_gradient(reduction, name):
+    three_way(*batch(B=3), CONFIGS[name], reduction=reduction, upstream="random")
 
 
 def test_packed_layout_and_vocab_truncation():
@@ -77,27 +72,66 @@ def test_packed_layout_and_vocab_truncation():
     assert out["impl"][1][:, 300:].abs().max() == 0
 
 
-def test_gradient_accumulation_with_num_items_in_batch():
-    s, u, y, steps = batch(N=64, B=4)
-    n_valid = int((y != -100).sum())
-    full = s.clone().requires_grad_()
-    vcrd_loss(full, u, y, step_ids=steps, impl="torch").backward()
-    half = s.clone().requires_grad_()
+def _accumulate(s, u, y, steps, cfg, parts, num_items):
+    """Σ over micro-batches (slices of the batch dim) of the loss with ``num_items_in_batch``, and the
+    gradient accumulated into one leaf."""
+    x = s.clone().requires_grad_()
     total = 0.0
-    for part in (slice(0, 2), slice(2, 4)):
-        loss = vcrd_loss(half[part], u[part], y[part], step_ids=steps[part], num_items_in_batch=n_valid, impl="torch")
+    for part in parts:
+        loss = vcrd_loss(x[part], u[part], y[part], step_ids=steps[part], config=cfg, num_items_in_batch=num_items,
+                         impl="torch")
         loss.backward()
         total = total + loss.detach()
-    ref = vcrd_loss(s, u, y, step_ids=steps, impl="reference")
-    torch.testing.assert_close(total, ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(half.grad, full.grad, rtol=1e-5, atol=1e-8)
+    return total, x.grad
+
+
+def test_gradient_accumulation_with_num_items_in_batch_tokens():
+    """normalize="tokens" (kd): the sum over micro-batches equals the full-batch loss, exactly (SPEC §6)."""
+    s, u, y, steps = batch(N=64, B=4)
+    cfg = CONFIGS["kd"]
+    n_valid = int((y != -100).sum())
+    total, grad = _accumulate(s, u, y, steps, cfg, (slice(0, 1), slice(1, 4)), n_valid)
+    full = s.clone().requires_grad_()
+    vcrd_loss(full, u, y, step_ids=steps, config=cfg, impl="torch").backward()
+    ref = vcrd_loss(s.double(), u.double(), y, step_ids=steps, config=cfg, impl="reference")
+    torch.testing.assert_close(total.double(), ref, rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad, full.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_gradient_accumulation_with_num_items_in_batch_weights():
+    """normalize="weights" (vcrd) with ``num_items_in_batch = M``: ``Z = (Σ m·w / Σ m)·M`` per
+    micro-batch, so the sum over micro-batches is the token-weighted average of each micro-batch's
+    weighted mean (SPEC §6), and exactly the full-batch loss with one micro-batch."""
+    s, u, y, steps = batch(N=64, B=4)
+    cfg = CONFIGS["vcrd"]
+    assert cfg.normalize == "weights"
+    n_valid = int((y != -100).sum())
+    parts = (slice(0, 1), slice(1, 4))
+    total, grad = _accumulate(s, u, y, steps, cfg, parts, n_valid)
+    want, want_grad = 0.0, torch.zeros_like(s, dtype=torch.float64)
+    for part in parts:
+        x = s[part].double().requires_grad_()
+        mean_p = vcrd_loss(x, u[part].double(), y[part], step_ids=steps[part], config=cfg, impl="reference")
+        share = int((y[part] != -100).sum()) / n_valid
+        (share * mean_p).backward()
+        want = want + share * mean_p.detach()
+        want_grad[part] = x.grad
+    torch.testing.assert_close(total.double(), want, rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-5 * want_grad.abs().max().item())
+    # one micro-batch: M = Σ m gives the plain weighted mean
+    one, _ = _accumulate(s, u, y, steps, cfg, (slice(0, 4),), n_valid)
+    torch.testing.assert_close(one.double(), vcrd_loss(s.double(), u.double(), y, step_ids=steps, config=cfg,
+                                                       impl="reference"), rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("div", ["fkl", "rkl", "jsd"])
-def test_gradient_equals_finite_differences_float64(div):
+def test_gradient_equals_finite_differences_float64(div, monkeypatch):
     """fp64 central differences of the chunked path's own loss value against its gradient, where the
     loss is a smooth function of s (no weights: they are detached by definition). The same check
-    as torch.autograd.gradcheck, which needs a re-entrant backward this path refuses on purpose."""
+    as torch.autograd.gradcheck, which needs a re-entrant backward this path refuses on purpose.
+    Eager on purpose (VCRD_COMPILE=0): 182 calls, and the compiled fp64 path is checked against the
+    reference in test_compiled.py."""
+    monkeypatch.setenv("VCRD_COMPILE", "0")
     s, u, y, _ = batch(N=7, V=13, std=2.0)
     cfg = VCRDConfig.preset("kd", divergence=div, beta=0.3, temperature=1.7, ce_weight=0.4)
     s, u = s.double(), u.double()
@@ -114,15 +148,21 @@ def test_gradient_equals_finite_differences_float64(div):
     torch.testing.assert_close(x.grad, numeric, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("num_items", [None, 0, 7], ids=["no-count", "count0", "count7"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("normalize", ["tokens", "weights"])
-def test_all_ignored_batch_gives_zero(reduction, normalize):
+def test_all_ignored_batch_gives_zero(reduction, normalize, num_items):
+    """SPEC §6: an all-ignored (micro-)batch gives loss 0 and zero gradients, never NaN, whatever
+    ``num_items_in_batch`` is (0 included)."""
+    if num_items is not None and reduction != "mean":
+        pytest.skip("num_items_in_batch only applies to reduction='mean'")
     s, u, y, steps = batch(N=20, V=50)
-    x = s.clone().requires_grad_()
-    loss = vcrd_loss(x, u, torch.full_like(y, -100), step_ids=steps, config=VCRDConfig(normalize=normalize),
-                     reduction=reduction, impl="torch")
-    loss.sum().backward()
-    assert torch.all(loss == 0) and torch.all(x.grad == 0)
+    for impl in ("torch", "reference"):
+        x = s.clone().requires_grad_()
+        loss = vcrd_loss(x, u, torch.full_like(y, -100), step_ids=steps, config=VCRDConfig(normalize=normalize),
+                         reduction=reduction, num_items_in_batch=num_items, impl=impl)
+        loss.sum().backward()
+        assert torch.all(loss == 0) and torch.all(x.grad == 0), impl
 
 
 def test_stats_match_reference():
@@ -155,3 +195,42 @@ def test_extreme_and_masked_logits():
     y = torch.where(y >= 90, 1, y)
     for div in ("fkl", "rkl", "jsd"):
         three_way(s, u, y, steps, VCRDConfig(divergence=div, validity="expected"))
+
+
+def _sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def test_support_log_ratio_is_clamped_and_a_label_both_models_mask_is_neutral():
+    """SPEC §5: ``l_r = clamp(lp_s - lp_u, -50, 50)``, and 0 when both log-probs are -inf. Row 3's
+    label is masked (-inf) in both models; row 7's is -1e4 below the rest in the teacher only (l is
+    clamped to +50), row 12's in the student only (l clamped to -50). Every later window must stay
+    finite and equal the formula."""
+    s, u, y, steps = batch(N=24, V=97)
+    y[:] = torch.where(y == -100, 5, y)  # every row valid: windows are the last 5 rows (no step ids)
+    y[3], y[7], y[12] = 11, 13, 17
+    s[3, 11] = u[3, 11] = float("-inf")
+    u[7, 13] = -1e4
+    s[12, 17] = -1e4
+    cfg = VCRDConfig(validity=None, window_steps=4, normalize="tokens")
+    _, st = vcrd_loss(s, u, y, config=cfg, impl="torch", return_stats=True)
+    _, ref = vcrd_loss(s.double(), u.double(), y, config=cfg, impl="reference", return_stats=True)
+    lp_s, lp_u = ref.lp_s, ref.lp_u
+    assert lp_s[3] == lp_u[3] == -math.inf and lp_u[7] < -1000 and lp_s[12] < -1000
+    ratio = torch.where(torch.isinf(lp_s) & torch.isinf(lp_u), 0.0, (lp_s - lp_u).clamp(-50, 50))
+    assert ratio[3] == 0 and ratio[7] == 50 and ratio[12] == -50
+    want = torch.tensor([_sigmoid(ratio[max(0, r - 4):r + 1].mean().item()) for r in range(24)], dtype=torch.float64)
+    assert torch.isfinite(st.w_dc).all() and torch.isfinite(ref.w_dc).all()
+    torch.testing.assert_close(ref.w_dc, want, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(st.w_dc.double(), want, rtol=1e-4, atol=1e-6)
+
+
+def test_label_masked_by_both_models_gives_a_finite_loss():
+    """A row whose label both models mask (-inf) has a finite D and, with ``ce_weight=0``, no CE term:
+    the loss and gradient are finite and match the reference (SPEC §5–6: such a label must not
+    poison the loss)."""
+    s, u, y, steps = batch(N=24, V=97)
+    y[3] = 11
+    s[3, 11] = u[3, 11] = float("-inf")
+    out = three_way(s, u, y, steps, VCRDConfig(validity=None, window_steps=4))
+    assert all(torch.isfinite(t).all() for t in out["impl"])

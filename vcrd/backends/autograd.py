@@ -32,12 +32,14 @@ class AttachGrad(torch.autograd.Function):
                                "scaled in place, so retain_graph=True double backward is not supported")
         ctx.used = True
         grads = ctx.saved_tensors
+        # the scale keeps the loss's dtype (fp32 or fp64): a bf16/fp16 gradient is multiplied in
+        # fp32 and rounded once, never by a scale already rounded to its own dtype
         scale = grad_output * ctx.post_scale
         for grad in grads:
             if scale.dim():  # reduction="none": one upstream value per row
-                grad.mul_(scale.reshape(*ctx.value_shape, 1).to(grad.dtype))
+                grad.mul_(scale.reshape(*ctx.value_shape, 1))
             elif scale.device.type != "cpu" or float(scale) != 1.0:
-                grad.mul_(scale.to(grad.dtype))
+                grad.mul_(scale)
         return (None, None, None, *grads, *([None] * ctx.n))
 
 

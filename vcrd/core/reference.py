@@ -136,8 +136,10 @@ def vcrd_loss(
             else torch.ones_like(D)
         w = torch.where(valid, w_val * w_dc, torch.zeros_like(w_val))  # ignored rows: no path for a NaN
 
-    CE = -torch.log_softmax(s.to(dtype), dim=-1).gather(1, y_safe[:, None]).squeeze(1)
-    per_row = cfg.kd_weight * w * D + cfg.ce_weight * CE
+    per_row = cfg.kd_weight * w * D
+    if cfg.ce_weight > 0:  # left out at 0, so a label masked in the student (CE = inf) stays finite
+        CE = -torch.log_softmax(s.to(dtype), dim=-1).gather(1, y_safe[:, None]).squeeze(1)
+        per_row = per_row + cfg.ce_weight * CE
     per_row = torch.where(valid, per_row, torch.zeros_like(per_row))
 
     if reduction == "none":
