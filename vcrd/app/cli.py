@@ -1,8 +1,9 @@
-"""``vcrd`` command line: ``vcrd demo``, ``vcrd aot``, ``vcrd score``, ``vcrd train``."""
+"""``vcrd`` command line: ``vcrd demo``, ``vcrd bench-quality``, ``vcrd aot``, ``vcrd score``, ``vcrd train``."""
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import sys
 import time
@@ -34,8 +35,9 @@ def demo(args: argparse.Namespace) -> int:
     if not args.quick:
         from .demo import DemoSettings, run_demo
 
-        run_demo(DemoSettings(n_train=args.n_train, n_eval=args.n_eval, teacher_steps=args.teacher_steps,
-                              student_steps=args.student_steps, seed=args.seed, out=args.out))
+        run_demo(DemoSettings(n_train=args.n_train, n_trace=args.n_trace, n_eval=args.n_eval,
+                              teacher_steps=args.teacher_steps, student_steps=args.student_steps,
+                              threads=args.threads, seed=args.seed, out=args.out))
         return 0
     s, u, y, step_ids = synthetic_batch(args.batch, args.seq_len, args.vocab, args.seed)
     impl = resolve_impl(args.impl, s)
@@ -68,6 +70,27 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_quality(args: argparse.Namespace) -> int:
+    from .demo import DemoSettings
+    from .quality import ARMS, QualitySettings, merge, run_quality
+
+    command = "vcrd " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench-quality"] else None
+    if args.merge:
+        merge(args.merge, args.out, command=command)
+        return 0
+
+    arms = tuple(a.strip() for a in args.arms.split(",")) if args.arms else tuple(ARMS)
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise ValueError(f"--arms: unknown {unknown}; expected names from {list(ARMS)}")
+    demo_settings = DemoSettings(n_train=args.n_train, n_trace=args.n_trace, n_eval=args.n_eval,
+                                 teacher_steps=args.teacher_steps, student_steps=args.student_steps,
+                                 threads=args.threads, max_new_tokens=args.max_new_tokens)
+    run_quality(QualitySettings(seeds=tuple(range(args.first_seed, args.first_seed + args.seeds)), arms=arms,
+                                demo=demo_settings, out=args.out), command=command)
+    return 0
+
+
 def aot(args: argparse.Namespace) -> int:
     from .aot import compile_all, format_table
 
@@ -82,12 +105,33 @@ def aot(args: argparse.Namespace) -> int:
 
 
 def score(args: argparse.Namespace) -> int:
+    from ..train.checkpoints import signals_exit
+
+    try:
+        with signals_exit():  # SIGTERM/SIGHUP raise SystemExit: the output's temporary file is removed
+            return _score(args)
+    except FileNotFoundError:
+        raise  # a missing input: exit 2 like any refused argument
+    except OSError as e:  # e.g. a disk full while writing: say what and where, no traceback
+        print(f"vcrd score: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+        return 1
+
+
+def _score(args: argparse.Namespace) -> int:
+    import math
+    import os
     from pathlib import Path
 
     from ..select.naturalness import score_responses
     from ..select.selection import rank_teachers, select_responses
-    from ..train.data import read_jsonl, write_jsonl
+    from ..train.checkpoints import check_writable
+    from ..train.data import finite_or_none, read_jsonl, write_jsonl
 
+    out = Path(args.out)
+    if out.is_dir() or args.out.endswith((os.sep, "/")):
+        raise ValueError(f"--out: {args.out!r} is a directory, expected a file name (e.g. {args.out.rstrip('/')}"
+                         f"/selected.jsonl)")
+    check_writable(out.parent, "--out")  # before any scoring
     examples = read_jsonl(args.data)  # every line checked before the model loads
     if not examples:
         raise ValueError(f"data: {args.data} holds no examples")
@@ -95,19 +139,47 @@ def score(args: argparse.Namespace) -> int:
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"--model: expected a local Hugging Face model folder with config.json, "
                                 f"got {str(model_dir)!r}")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from ..train.checkpoints import check_model_folder
+
+    check_model_folder(model_dir, "--model")
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    cap = args.max_prompt_tokens
+    if cap is None:
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        positions = getattr(text, "max_position_embeddings", None)
+        cap = max(1, positions - args.max_step_tokens) if isinstance(positions, int) else 2048
+        origin = f"the default: the model's max_position_embeddings {positions} minus --max-step-tokens " \
+                 f"{args.max_step_tokens}" if isinstance(positions, int) else "the default"
+    elif cap < 1:
+        raise ValueError(f"--max-prompt-tokens must be >= 1, got {cap}")
+    else:
+        origin = "--max-prompt-tokens"
+    bos = 1 if tokenizer.bos_token_id is not None else 0
+    long = [(e.where, n) for e in examples
+            if (n := bos + len(tokenizer(e.prompt, add_special_tokens=False)["input_ids"])) > cap]
+    if long:
+        shown = "; ".join(f"{w} ({n} tokens)" for w, n in long[:5]) + (f" and {len(long) - 5} more"
+                                                                        if len(long) > 5 else "")
+        raise ValueError(f"{len(long)} prompt(s) longer than the cap of {cap} tokens ({origin}): {shown}. "
+                         f"Shorten or drop them, or raise --max-prompt-tokens (within the model's position limit)")
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).to(args.device).eval()
     prompts = [e.prompt for e in examples]
     responses = [e.steps if e.steps is not None else e.response for e in examples]
     scores = score_responses(model, tokenizer, prompts, responses, window=args.window, drop_first=args.drop_first,
                              max_step_tokens=args.max_step_tokens, token_budget=args.token_budget, progress=True)
     chosen = select_responses(prompts, scores)
-    write_jsonl(args.out, ({**examples[i].to_json(), "lalp": scores[i].lalp, "galp": scores[i].galp,
-                            "step_scores": scores[i].step_scores} for i in chosen))
+    nonfinite = sum(1 for sc in scores if not (math.isfinite(sc.lalp) and math.isfinite(sc.galp)))
+    write_jsonl(args.out, (finite_or_none({**examples[i].to_json(), "lalp": scores[i].lalp, "galp": scores[i].galp,
+                                           "step_scores": scores[i].step_scores}) for i in chosen))
     print(f"\n{len(examples)} responses to {len(chosen)} prompts scored (window {args.window}); "
           f"wrote the best-LALP response per prompt to {args.out}\n")
+    if nonfinite:
+        written = sum(1 for i in chosen if not (math.isfinite(scores[i].lalp) and math.isfinite(scores[i].galp)))
+        print(f"{nonfinite} response(s) have no finite score (NaN: e.g. an empty response or nothing scored); "
+              f"{written} of them written with null scores (a prompt with no finite-scored response)\n")
     print(f"{'teacher':<20} {'responses':>9} {'mean LALP':>10} {'mean GALP':>10} {'win rate':>9}")
     for r in rank_teachers(prompts, [e.teacher for e in examples], scores):
         print(f"{r.teacher:<20} {r.n_responses:>9} {r.mean_lalp:>10.4f} {r.mean_galp:>10.4f} {r.win_rate:>9.2%}")
@@ -115,9 +187,22 @@ def score(args: argparse.Namespace) -> int:
 
 
 def train_command(args: argparse.Namespace) -> int:
+    from ..train.callbacks import NonFiniteLossError
+    from ..train.checkpoints import RunError, signals_exit
     from ..train.run import train
 
-    out = train(args.config, resume=args.resume)
+    try:
+        with signals_exit():  # SIGTERM/SIGHUP: partial checkpoint folders and the lock are removed
+            out = train(args.config, resume=args.resume, allow_mismatch=args.allow_mismatch,
+                        stop_on_nonfinite_loss=False if args.no_nonfinite_stop else None)
+    except (RunError, NonFiniteLossError) as e:
+        print(f"vcrd train: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except FileNotFoundError:
+        raise  # a missing input: exit 2 like any refused argument
+    except OSError as e:  # anything the checks could not foresee: what failed and where, no traceback
+        print(f"vcrd train: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+        return 1
     print(f"done: checkpoints in {out}, final model in {out / 'final'}")
     return 0
 
@@ -126,16 +211,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vcrd", description="Validity-calibrated reasoning distillation losses.")
     parser.add_argument("--version", action="version", version=f"vcrd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    d = sub.add_parser("demo", help="the main job: distil a student on the built-in task, kd vs vcrd",
-                       description="Train a small teacher on the built-in arithmetic task, let it write traces, keep "
-                                   "the best-LALP trace per problem, distil one student with preset kd and one with "
-                                   "preset vcrd, and compare held-out accuracy (results.md and curves.png in --out). "
-                                   "With --quick: only the loss on one realistic batch, for each preset.")
+    d = sub.add_parser("demo", help="the main job: distil a student on the built-in task, kd vs discord vs vcrd",
+                       description="Train a small teacher on the built-in two-step arithmetic task, let it sample "
+                                   "traces, keep the best-LALP trace per problem, distil one student per preset (kd, "
+                                   "discord, vcrd) and compare held-out accuracy (results.json, results.md and "
+                                   "curves.png in --out). With --quick: only the loss on one realistic batch, for "
+                                   "each preset.")
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    d.add_argument("--n-train", type=int, default=256, help="training problems (default 256)")
-    d.add_argument("--n-eval", type=int, default=48, help="held-out problems (default 48)")
-    d.add_argument("--teacher-steps", type=int, default=300, help="teacher training steps (default 300)")
-    d.add_argument("--student-steps", type=int, default=150, help="distillation steps per student (default 150)")
+    d.add_argument("--n-train", type=int, default=2000, help="teacher training problems (default 2000)")
+    d.add_argument("--n-trace", type=int, default=1000, help="problems with sampled teacher traces (default 1000)")
+    d.add_argument("--n-eval", type=int, default=500, help="held-out problems (default 500)")
+    d.add_argument("--teacher-steps", type=int, default=1200, help="teacher training steps (default 1200)")
+    d.add_argument("--student-steps", type=int, default=600, help="distillation steps per student (default 600)")
+    d.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: these models are tiny; 0: torch's default)")
     d.add_argument("--quick", action="store_true", help="only the three presets on one batch: loss, weights, timing")
     d.add_argument("--batch", type=int, default=4, help="--quick: sequences (default 4)")
     d.add_argument("--seq-len", type=int, default=256, help="--quick: tokens per sequence (default 256)")
@@ -144,6 +233,26 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--impl", default="auto", choices=["auto", "torch", "triton", "reference"])
     d.set_defaults(func=demo)
+    b = sub.add_parser("bench-quality", help="presets and ablations over paired seeds: accuracy with 95 percent CIs",
+                       description="For each seed: train the demo's teacher once, sample and score its traces, then "
+                                   "distil the same initial student once per arm (presets kd, discord, vcrd; "
+                                   "ablations of vcrd's weights, window, normalisation and trace selection). "
+                                   "Reports held-out accuracy, mean ± 95 percent CI over seeds and the paired "
+                                   "difference to kd and to vcrd (results.json, results.md, quality.png in --out).")
+    b.add_argument("--out", default="runs/quality", help="output folder (default runs/quality)")
+    b.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
+    b.add_argument("--first-seed", type=int, default=0, help="first seed (default 0)")
+    b.add_argument("--arms", default="", help="comma-separated arm names (default: all; see vcrd/app/quality.py)")
+    b.add_argument("--n-train", type=int, default=2000, help="teacher training problems (default 2000)")
+    b.add_argument("--n-trace", type=int, default=1000, help="problems with sampled traces (default 1000)")
+    b.add_argument("--n-eval", type=int, default=500, help="held-out problems per seed (default 500)")
+    b.add_argument("--teacher-steps", type=int, default=1200, help="teacher steps (default 1200)")
+    b.add_argument("--student-steps", type=int, default=400, help="distillation steps per arm (default 400)")
+    b.add_argument("--max-new-tokens", type=int, default=88, help="generation length (default 88)")
+    b.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    b.add_argument("--merge", nargs="+", metavar="DIR",
+                   help="only combine the results.json of earlier runs over other seeds (same settings) into --out")
+    b.set_defaults(func=bench_quality)
     a = sub.add_parser("aot", help="compile every Triton kernel for sm_80/sm_90 and report registers and spills",
                        description="Compile every Triton kernel ahead of time (no GPU needed) and print registers, "
                                    "spill bytes and shared memory per kernel, read from the cubin with cuobjdump. "
@@ -161,13 +270,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--drop-first", type=int, default=0, help="ids not scored at the start of each step (default 0)")
     s.add_argument("--max-step-tokens", type=int, default=256, help="split longer steps at sentence ends")
     s.add_argument("--token-budget", type=int, default=8192, help="tokens per forward batch (default 8192)")
+    s.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="refuse (before scoring, naming FILE:LINE) prompts longer than this many tokens (default: "
+                        "the model's max_position_embeddings minus --max-step-tokens)")
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=score)
     t = sub.add_parser("train", help="distil a local student from a local teacher (JSON config)",
                        description="Distil a student from a teacher on a jsonl file with the VCRD loss, saving "
-                                   "checkpoints every save_steps; see vcrd/train.py for the config keys.")
+                                   "checkpoints every save_steps; see vcrd/train/run.py and docs/training.md for the "
+                                   "config keys. Exit 2: refused before any work; 1: failed during it.")
     t.add_argument("--config", required=True, help="JSON config file")
-    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint in output_dir (incomplete ones are skipped)")
+    t.add_argument("--allow-mismatch", action="store_true",
+                   help="--resume even if the checkpoint's stored config, data hash or preset differ from now")
+    t.add_argument("--no-nonfinite-stop", action="store_true",
+                   help="keep training after a NaN/inf loss (default: stop with the step and the data lines)")
     t.set_defaults(func=train_command)
     return parser
 
@@ -176,7 +294,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     for name in ("batch", "seq_len", "vocab", "repeats", "max_step_tokens", "token_budget", "n_train", "n_eval",
-                 "teacher_steps", "student_steps"):
+                 "teacher_steps", "student_steps", "n_trace", "seeds", "max_new_tokens"):
         if getattr(args, name, 1) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("window", "drop_first"):

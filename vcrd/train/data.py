@@ -2,8 +2,10 @@
 
 One JSON object per line: ``prompt`` (non-empty string), ``response`` (string), optional
 ``teacher`` (string) and optional ``steps`` (list of strings, the response already split into
-reasoning steps). A bad line raises ``ValueError`` naming the file and line before anything is
-written anywhere.
+reasoning steps). A bad line (not JSON, not UTF-8, a wrong field) raises ``ValueError`` naming the
+file and line before anything is written anywhere; a directory or an unreadable file raises
+``ValueError`` saying so (no bare ``PermissionError`` traceback). Each example remembers its
+``FILE:LINE`` (``Example.where``) so that later errors and warnings can name it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class Example:
     teacher: Optional[str] = None
     steps: Optional[List[str]] = None
     extra: Dict[str, object] = field(default_factory=dict)
+    where: Optional[str] = field(default=None, compare=False, repr=False)  # "FILE:LINE" it was read from
 
     def to_json(self) -> Dict[str, object]:
         row = {"prompt": self.prompt, "response": self.response, **self.extra}
@@ -52,20 +55,43 @@ def parse_row(row: object, where: str) -> Example:
     if steps is not None and (not isinstance(steps, list) or not all(isinstance(s, str) for s in steps)):
         raise ValueError(f"{where}: field 'steps' must be a list of strings")
     extra = {k: v for k, v in row.items() if k not in ("prompt", "response", "teacher", "steps")}
-    return Example(row["prompt"], row["response"], teacher, steps, extra)
+    return Example(row["prompt"], row["response"], teacher, steps, extra, where)
+
+
+def open_for_reading(path: Union[str, Path], what: str = "data"):
+    """``path`` opened in binary; ``ValueError`` (not a traceback) for a missing file, a directory or a
+    file this process may not read."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what}: {str(path)!r} is a directory, expected a file")
+    if not path.exists():
+        raise FileNotFoundError(f"{what}: no such file {str(path)!r}")
+    try:
+        return path.open("rb")
+    except PermissionError:
+        raise ValueError(f"{what}: cannot read {str(path)!r}: permission denied") from None
+    except OSError as e:
+        raise ValueError(f"{what}: cannot read {str(path)!r}: {e.strerror or e}") from None
+
+
+def decode_line(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                         f"re-encode the file as UTF-8") from None
 
 
 def read_jsonl(path: Union[str, Path]) -> List[Example]:
     """All examples of a jsonl file (blank lines skipped); a bad line raises ``ValueError`` with its number."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data: no such file {str(path)!r}")
     examples = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open_for_reading(path) as f:
+        for number, raw in enumerate(_lines(f, path), 1):
+            where = f"{path}:{number}"
+            line = decode_line(raw, where)
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
@@ -74,18 +100,62 @@ def read_jsonl(path: Union[str, Path]) -> List[Example]:
     return examples
 
 
+def _lines(f, path: Path):
+    try:
+        yield from f
+    except OSError as e:  # e.g. EIO on a failing disk
+        raise ValueError(f"data: cannot read {str(path)!r}: {e.strerror or e}") from None
+
+
+def new_file_mode(path: Union[str, Path]) -> int:
+    """The mode ``path`` keeps if it exists, else the one ``open(path, "w")`` would give (0666 & ~umask)."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        mask = os.umask(0)
+        os.umask(mask)
+        return 0o666 & ~mask
+
+
+def finite_or_none(value):
+    """``value`` with every non-finite float (NaN, ±inf) replaced by ``None`` (JSON ``null``), recursively."""
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
 def write_jsonl(path: Union[str, Path], rows: Iterable[Dict[str, object]]) -> None:
-    """Write rows atomically: to a temporary file beside ``path``, then renamed over it."""
+    """Write rows atomically: to a temporary file beside ``path``, then renamed over it.
+
+    The temporary file is removed on any exception, ``KeyboardInterrupt`` and ``SystemExit`` (run
+    under :func:`vcrd.train.checkpoints.signals_exit` so that SIGTERM/SIGHUP raise ``SystemExit``
+    too); the result has the permissions of a normal new file (``0666 & ~umask``, or the mode of
+    the file it replaces), not ``mkstemp``'s 0600. Strict JSON: a NaN or infinite float raises
+    ``ValueError`` (use :func:`finite_or_none` to write them as ``null``).
+    """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--out: {str(path)!r} is a directory, expected a file name")
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = new_file_mode(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), mode)
             for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                f.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
         raise
 
 
@@ -97,14 +167,24 @@ class DistillCollator:
     the end of the last step. ``labels`` are the ids with ``-100`` on the prompt and the padding;
     ``step_ids`` number the steps from 1 (0 on the prompt; padding repeats the last step, so ids
     never decrease). Sequences longer than ``max_length`` are cut at the end.
+    ``with_sources=True`` adds ``batch["sources"]``: each example's ``FILE:LINE`` (a list of strings,
+    so only for loops that ignore non-tensor keys, as :class:`VCRDTrainer` does); the trainer's
+    non-finite-loss stop names them.
     """
 
-    def __init__(self, tokenizer, max_length: int = 512, max_step_tokens: int = 256) -> None:
+    def __init__(self, tokenizer, max_length: int = 512, max_step_tokens: int = 256,
+                 with_sources: bool = False) -> None:
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"max_length: expected an int >= 2, got {max_length!r}")
         self.tokenizer, self.max_length, self.max_step_tokens = tokenizer, max_length, max_step_tokens
+        self.with_sources = with_sources
 
     def encode(self, example: Example):
+        ids, labels, steps = self.encode_full(example)
+        return ids[: self.max_length], labels[: self.max_length], steps[: self.max_length]
+
+    def encode_full(self, example: Example):
+        """``(ids, labels, step_ids)`` before the cut at ``max_length``."""
         from ..select.naturalness import split_steps
 
         tok = self.tokenizer
@@ -120,7 +200,7 @@ class DistillCollator:
             ids += piece_ids
             labels += piece_ids
             steps += [i] * len(piece_ids)
-        return ids[: self.max_length], labels[: self.max_length], steps[: self.max_length]
+        return ids, labels, steps
 
     def __call__(self, examples) -> Dict[str, torch.Tensor]:
         import torch
@@ -137,4 +217,39 @@ class DistillCollator:
             batch["attention_mask"][b, :n] = 1
             batch["step_ids"][b, :n] = torch.tensor(steps)
             batch["step_ids"][b, n:] = steps[-1]
+        if self.with_sources:
+            batch["sources"] = [getattr(e, "where", None) or f"example {i}" for i, e in enumerate(examples)]
         return batch
+
+
+@dataclass
+class DataReport:
+    """What :func:`check_examples` found: rows that carry no loss (``(where, why)``), rows cut at
+    ``max_length``, and the largest token id (with its row)."""
+    no_loss: List[tuple]
+    truncated: List[str]
+    max_id: int
+    max_id_where: str
+    n_rows: int
+
+
+def check_examples(examples: List[Example], collator: DistillCollator) -> DataReport:
+    """Tokenise every example as the collator will and report the rows that can carry no loss (no
+    label survives the cut at ``max_length``: an empty response, or a prompt filling ``max_length``),
+    the rows cut at ``max_length`` and the largest token id the models will see, each with its
+    ``FILE:LINE``."""
+    cap = collator.max_length
+    no_loss, truncated, max_id, max_where = [], [], -1, ""
+    for i, e in enumerate(examples):
+        where = e.where or f"example {i}"
+        ids, labels, _ = collator.encode_full(e)
+        if len(ids) > cap:
+            truncated.append(where)
+        if ids[:cap] and max(ids[:cap]) > max_id:
+            max_id, max_where = max(ids[:cap]), where
+        if not any(label != -100 for label in labels[1:cap]):
+            n_prompt = next((t for t, label in enumerate(labels) if label != -100), len(labels))
+            why = "empty response" if n_prompt == len(labels) else \
+                f"its prompt is {n_prompt} tokens, >= max_length={cap}"
+            no_loss.append((where, why))
+    return DataReport(no_loss, truncated, max_id, max_where, len(examples))

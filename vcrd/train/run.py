@@ -5,37 +5,69 @@ The config is a JSON object (every key below; defaults in ``TRAIN_DEFAULTS``)::
     {"teacher": "models/teacher", "student": "models/student", "data": "data/train.jsonl",
      "output_dir": "runs/vcrd", "preset": "vcrd", "loss": {"temperature": 1.0},
      "max_steps": 200, "batch_size": 8, "grad_accum": 1, "learning_rate": 5e-4,
-     "save_steps": 50, "logging_steps": 10, "max_length": 512, "seed": 0}
+     "save_steps": 50, "logging_steps": 10, "max_length": 512, "seed": 0,
+     "stop_on_nonfinite_loss": true}
 
-Everything is checked (types, ranges, folders, every data line) before a model loads or the
-output folder is touched, so a bad config or data file leaves existing checkpoints as they were.
-``--resume`` continues from the last checkpoint in ``output_dir``.
+Every check that needs no model is made before a model loads or the output folder is touched
+(exit 2): types and ranges (a finite learning rate in (0, 1]), readable UTF-8 files (``FILE:LINE``),
+both model folders (config.json, complete safetensors files), every data line, the token ids
+against both vocabularies, ``max_length`` against both position limits, the output folder's
+writability, and with ``--resume`` the checkpoint to continue from and its stored config. Then the
+run takes ``output_dir``'s lock (one run per folder), trains with atomic checkpoints
+(:mod:`vcrd.train.checkpoints`) and stops at the first non-finite loss
+(:mod:`vcrd.train.callbacks`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import sys
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Callable, Dict, Optional, Tuple
 
+from .. import __version__
 from ..core.config import PRESETS, VCRDConfig
 
 TRAIN_DEFAULTS: Dict[str, Any] = {
     "preset": "vcrd", "loss": {}, "max_steps": 200, "batch_size": 8, "grad_accum": 1, "learning_rate": 5e-4,
-    "save_steps": 50, "logging_steps": 10, "max_length": 512, "seed": 0,
+    "save_steps": 50, "logging_steps": 10, "max_length": 512, "seed": 0, "stop_on_nonfinite_loss": True,
 }
 REQUIRED = ("teacher", "student", "data", "output_dir")
 INTS = {"max_steps": 1, "batch_size": 1, "grad_accum": 1, "save_steps": 1, "logging_steps": 1, "max_length": 2,
         "seed": 0}
+MAX_LEARNING_RATE = 1.0
+# stored with each checkpoint; a difference on --resume is an error unless --allow-mismatch
+RESUME_KEYS = ("preset", "loss", "data_sha256", "teacher", "student", "batch_size", "grad_accum", "learning_rate",
+               "max_length", "seed")
+SHOW = 5  # data lines named per warning
+
+
+def _stderr(message: str) -> None:
+    print(f"vcrd train: {message}", file=sys.stderr, flush=True)
+
+
+def read_text(path: str, what: str) -> str:
+    """A UTF-8 text file; ``ValueError`` naming ``FILE:LINE`` for bad bytes, and for a directory or an
+    unreadable file."""
+    from .data import open_for_reading
+
+    with open_for_reading(path, what) as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); re-encode the file as "
+                         f"UTF-8") from None
 
 
 def load_config(path: str) -> Dict[str, Any]:
     """The checked training config (defaults filled in); ``ValueError`` naming the key otherwise."""
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"--config: no such file {path!r}")
+    text = read_text(path, "--config")
     try:
-        raw = json.loads(file.read_text())
+        raw = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(raw, dict):
@@ -53,15 +85,20 @@ def load_config(path: str) -> Dict[str, Any]:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{path}: {key!r} must be an int >= {low}, got {value!r}")
     lr = cfg["learning_rate"]
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-        raise ValueError(f"{path}: 'learning_rate' must be a number > 0, got {lr!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or \
+            not 0 < lr <= MAX_LEARNING_RATE:
+        raise ValueError(f"{path}: 'learning_rate' must be a finite number in (0, {MAX_LEARNING_RATE:g}], "
+                         f"got {lr!r}")
+    if not isinstance(cfg["stop_on_nonfinite_loss"], bool):
+        raise ValueError(f"{path}: 'stop_on_nonfinite_loss' must be true or false, got "
+                         f"{cfg['stop_on_nonfinite_loss']!r}")
     if cfg["preset"] not in PRESETS:
         raise ValueError(f"{path}: 'preset' must be one of {PRESETS}, got {cfg['preset']!r}")
     if not isinstance(cfg["loss"], dict):
         raise ValueError(f"{path}: 'loss' must be an object of VCRDConfig fields, got {cfg['loss']!r}")
     try:
         cfg["vcrd_config"] = VCRDConfig.preset(cfg["preset"], **cfg["loss"])
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: 'loss': {e}") from None
     for key in ("teacher", "student"):
         if not (Path(cfg[key]) / "config.json").is_file():
@@ -70,36 +107,165 @@ def load_config(path: str) -> Dict[str, Any]:
     return cfg
 
 
-def train(config_path: str, resume: bool = False) -> Path:
-    """Run the training a config describes; return the output folder. See the module docstring."""
-    cfg = load_config(config_path)
-    from .data import DistillCollator, read_jsonl
+def _model_limits(folder: str, role: str) -> Tuple[int, Optional[int]]:
+    """``(vocab_size, max_position_embeddings or None)`` from a model folder's config (no weights)."""
+    from transformers import AutoConfig
 
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # a bad config.json: name the folder, no traceback
+        raise ValueError(f"{role}: cannot read {folder}/config.json: {e}") from None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab = getattr(text, "vocab_size", None)
+    if not isinstance(vocab, int) or vocab < 1:
+        raise ValueError(f"{role}: {folder}/config.json has no vocab_size")
+    positions = getattr(text, "max_position_embeddings", None)
+    return vocab, positions if isinstance(positions, int) and positions > 0 else None
+
+
+def _listed(items) -> str:
+    items = list(items)
+    more = f" and {len(items) - SHOW} more" if len(items) > SHOW else ""
+    return "; ".join(items[:SHOW]) + more
+
+
+def check_run(cfg: Dict[str, Any], examples, say: Callable[[str], None]):
+    """Everything checkable without loading a model: weight files, vocabulary coverage, position
+    limits, rows that carry no loss (warned, ``FILE:LINE``), and the output folder's writability.
+    Returns ``(tokenizer, collator)``."""
+    from transformers import AutoTokenizer
+
+    from .checkpoints import check_model_folder, check_writable
+    from .data import DistillCollator, check_examples
+
+    limits = {}
+    for role in ("teacher", "student"):
+        check_model_folder(cfg[role], role)
+        limits[role] = _model_limits(cfg[role], role)
+    positions = {role: p for role, (_, p) in limits.items() if p is not None}
+    for role, limit in positions.items():
+        if cfg["max_length"] > limit:
+            raise ValueError(f"config: 'max_length' is {cfg['max_length']}, but the {role} has "
+                             f"max_position_embeddings={limit}; set max_length <= {min(positions.values())} "
+                             f"(longer rows are cut at the end)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg["student"], local_files_only=True)
+    except Exception as e:
+        raise ValueError(f"student: cannot load the tokenizer from {cfg['student']}: {e}") from None
+    collator = DistillCollator(tokenizer, cfg["max_length"], with_sources=True)
+    report = check_examples(examples, collator)
+    special = [i for i in (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) if i is not None]
+    max_id, where = report.max_id, report.max_id_where
+    if special and max(special) > max_id:
+        max_id, where = max(special), "the tokenizer's special tokens"
+    for role, (vocab, _) in limits.items():
+        if max_id >= vocab:
+            raise ValueError(f"{role}: its vocabulary has {vocab} tokens, but the student's tokenizer gives token id "
+                             f"{max_id} ({where}); the {role} cannot embed it. Use models that share the student's "
+                             f"tokenizer (a larger, padded vocabulary is fine)")
+    if len(report.no_loss) == report.n_rows:
+        raise ValueError(f"data: none of the {report.n_rows} rows carries a loss: "
+                         f"{_listed(f'{w} ({why})' for w, why in report.no_loss)}")
+    if report.no_loss:
+        say(f"warning: {len(report.no_loss)} of {report.n_rows} data rows carry no loss (they cost compute and "
+            f"teach nothing): {_listed(f'{w} ({why})' for w, why in report.no_loss)}")
+    if report.truncated:
+        say(f"note: {len(report.truncated)} data rows are longer than max_length={cfg['max_length']} and are cut "
+            f"at the end: {_listed(report.truncated)}")
+    check_writable(cfg["output_dir"])
+    return tokenizer, collator
+
+
+def run_manifest(cfg: Dict[str, Any], data_sha256: str) -> Dict[str, Any]:
+    """What a checkpoint records about its run (compared on ``--resume``: ``RESUME_KEYS``)."""
+    return {"vcrd_version": __version__, "preset": cfg["preset"], "loss": dataclasses.asdict(cfg["vcrd_config"]),
+            "data": cfg["data"], "data_sha256": data_sha256, "teacher": str(Path(cfg["teacher"]).resolve()),
+            "student": str(Path(cfg["student"]).resolve()),
+            **{k: cfg[k] for k in ("batch_size", "grad_accum", "learning_rate", "max_length", "seed", "max_steps")}}
+
+
+def compare_manifests(stored: Dict[str, Any], current: Dict[str, Any]) -> list:
+    """``"key: checkpoint X, now Y"`` for every ``RESUME_KEYS`` entry that differs."""
+    stored = json.loads(json.dumps(stored))  # same JSON types on both sides (tuples → lists)
+    current = json.loads(json.dumps(current))
+    return [f"{key}: checkpoint {stored.get(key)!r}, now {current.get(key)!r}"
+            for key in RESUME_KEYS if key in stored and stored.get(key) != current.get(key)]
+
+
+def _trainer_class():
+    from .checkpoints import AtomicCheckpointMixin
+    from .trainer import VCRDTrainer
+
+    class RunTrainer(AtomicCheckpointMixin, VCRDTrainer):
+        """VCRDTrainer with atomic, verified checkpoints (``vcrd train``)."""
+
+    return RunTrainer
+
+
+def train(config_path: str, resume: bool = False, allow_mismatch: bool = False,
+          stop_on_nonfinite_loss: Optional[bool] = None, say: Callable[[str], None] = _stderr) -> Path:
+    """Run the training a config describes; return the output folder. See the module docstring.
+
+    Raises ``ValueError`` / ``FileNotFoundError`` (bad input, nothing touched),
+    :class:`vcrd.train.checkpoints.RunError` (a busy folder, nothing to resume from, a checkpoint that
+    could not be written) and :class:`vcrd.train.callbacks.NonFiniteLossError`.
+    """
+    from .checkpoints import (
+        ResumeError,
+        RunLock,
+        checkpoints,
+        file_sha256,
+        find_resume_checkpoint,
+        remove_staging,
+        save_final,
+    )
+    from .data import read_jsonl
+
+    cfg = load_config(config_path)
     examples = read_jsonl(cfg["data"])  # every line checked before anything is written
     if not examples:
         raise ValueError(f"data: {cfg['data']} holds no examples")
+    tokenizer, collator = check_run(cfg, examples, say)
+    manifest = run_manifest(cfg, file_sha256(cfg["data"]))
     out = Path(cfg["output_dir"])
-    if resume and not any(out.glob("checkpoint-*")):
-        raise FileNotFoundError(f"--resume: no checkpoint-* folder in {str(out)!r}")
+    checkpoint = None
+    if resume:
+        checkpoint, stored = find_resume_checkpoint(out, say)
+        differences = compare_manifests(stored.get("run", {}), manifest)
+        if differences and not allow_mismatch:
+            raise ResumeError(f"--resume: {checkpoint.name} was written by a different run configuration "
+                              f"({'; '.join(differences)}); restore the config, or pass --allow-mismatch to "
+                              f"continue anyway")
+        if differences:
+            say(f"warning: --allow-mismatch: resuming {checkpoint.name} despite {'; '.join(differences)}")
+    elif checkpoints(out):
+        say(f"warning: {out} already holds checkpoints from an earlier run; this run starts from step 0 and "
+            f"replaces them as it reaches their steps (use --resume to continue instead)")
+    stop = cfg["stop_on_nonfinite_loss"] if stop_on_nonfinite_loss is None else stop_on_nonfinite_loss
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out, say):
+        remove_staging(out, say)
+        import torch
+        from transformers import AutoModelForCausalLM, TrainingArguments
 
-    from .trainer import VCRDTrainer
-
-    tokenizer = AutoTokenizer.from_pretrained(cfg["student"], local_files_only=True)
-    student = AutoModelForCausalLM.from_pretrained(cfg["student"], local_files_only=True)
-    teacher = AutoModelForCausalLM.from_pretrained(cfg["teacher"], local_files_only=True)
-    args = TrainingArguments(
-        output_dir=str(out), max_steps=cfg["max_steps"], per_device_train_batch_size=cfg["batch_size"],
-        gradient_accumulation_steps=cfg["grad_accum"], learning_rate=cfg["learning_rate"],
-        save_steps=cfg["save_steps"], logging_steps=cfg["logging_steps"], seed=cfg["seed"], data_seed=cfg["seed"],
-        report_to=[], use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
-        save_strategy="steps",
-    )
-    trainer = VCRDTrainer(model=student, teacher_model=teacher, vcrd_config=cfg["vcrd_config"], args=args,
-                          train_dataset=examples, data_collator=DistillCollator(tokenizer, cfg["max_length"]))
-    trainer.train(resume_from_checkpoint=True if resume else None)
-    trainer.save_model(str(out / "final"))
-    tokenizer.save_pretrained(str(out / "final"))
+        models = {}
+        for role in ("student", "teacher"):
+            try:
+                models[role] = AutoModelForCausalLM.from_pretrained(cfg[role], local_files_only=True)
+            except Exception as e:  # damaged in a way the pre-checks cannot see: name the folder
+                raise ValueError(f"{role}: cannot load the model in {cfg[role]}: {e}") from None
+        args = TrainingArguments(
+            output_dir=str(out), max_steps=cfg["max_steps"], per_device_train_batch_size=cfg["batch_size"],
+            gradient_accumulation_steps=cfg["grad_accum"], learning_rate=cfg["learning_rate"],
+            save_steps=cfg["save_steps"], logging_steps=cfg["logging_steps"], seed=cfg["seed"],
+            data_seed=cfg["seed"], report_to=[], use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
+            save_strategy="steps", logging_nan_inf_filter=False,
+        )
+        trainer = _trainer_class()(model=models["student"], teacher_model=models["teacher"],
+                                   vcrd_config=cfg["vcrd_config"], args=args, train_dataset=examples,
+                                   data_collator=collator, stop_on_nonfinite_loss=stop)
+        trainer.run_manifest = manifest
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+        save_final(trainer, tokenizer, out)
     return out

@@ -132,9 +132,11 @@ def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: Opti
     scaled after the head. ``checked``: the result of :func:`check_causal_lm` if already computed.
     """
     head, kwargs = checked if checked is not None else check_causal_lm(model, role)
-    outputs = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    with _decoder_output(model) as captured:
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     states = getattr(outputs, "hidden_states", None)
-    hidden = states[-1] if isinstance(states, (tuple, list)) and len(states) else None
+    hidden = states[-1] if isinstance(states, (tuple, list)) and len(states) else captured.get("hidden")
+    _unshard_head(model, head)  # FSDP2: the full LM head weight, as the model's own forward sees it
     name = type(unwrap_model(model)).__name__
     if not isinstance(hidden, torch.Tensor):
         raise ValueError(f"{role}: {name}.forward(output_hidden_states=...) returned no hidden states "
@@ -147,6 +149,114 @@ def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: Opti
     if isinstance(logits, torch.Tensor) and logits.dim() == 3 and logits.shape[-1] == head.weight.shape[0]:
         _check_head(role, name, hidden, head, logits)
     return hidden, head.weight, getattr(head, "bias", None)
+
+
+def _fsdp_owners(model: nn.Module, weight: torch.Tensor) -> List[nn.Module]:
+    """The FSDP2 modules (``fully_shard``) whose parameters include ``weight`` (a DTensor), deepest first:
+    the first is the one that manages it (``fully_shard`` is applied bottom-up). Empty without FSDP2."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return []
+    modules = [m for m in unwrap_model(model).modules() if isinstance(m, FSDPModule)]
+    return [m for m in reversed(modules) if any(p is weight for p in m.parameters())]
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(t, DTensor)
+
+
+def _unshard_head(model: nn.Module, head: nn.Module) -> None:
+    """Under FSDP2 the LM head weight outside ``forward`` may be the rank's shard (a DTensor: a root with
+    ``reshard_after_forward=True``, or an LM head wrapped on its own). The fused-linear loss needs the
+    full ``[V, H]`` weight: unshard the FSDP module that manages it, through FSDP's own
+    :meth:`FSDPModule.unshard`. The head's gradient then accumulates into the unsharded parameter and
+    FSDP's end-of-backward callback reduce-scatters and reshards it like any gradient from ``forward``
+    (without a backward, :func:`distill_loss` reshards it itself). Plain tensors: nothing to do."""
+    weight = getattr(head, "weight", None)
+    owners = _fsdp_owners(model, weight) if isinstance(weight, torch.Tensor) else []
+    if not owners:
+        return
+    if torch.is_grad_enabled() and weight.requires_grad and not _under_fsdp_root(unwrap_model(model), owners[0]):
+        owner = owners[0]
+        raise ValueError(f"LM head: it is managed by a separate FSDP2 root ({type(owner).__name__}) whose forward "
+                         f"output does not reach the loss, so FSDP would never reduce-scatter its gradient. Apply "
+                         f"fully_shard to the whole model last (fully_shard(model) after the layers and any "
+                         f"sub-modules), so one root's backward covers the head")
+    if not _is_dtensor(weight):
+        return
+    for owner in owners:
+        owner.unshard()
+        if not _is_dtensor(head.weight):
+            return
+    raise ValueError(f"LM head: its weight is a DTensor {tuple(weight.shape)} placed {weight.placements} that no "
+                     f"FSDP2 module of the model can unshard; the fused-linear loss needs the full [V, H] weight "
+                     f"(tensor-parallel heads: compute logits shards and use vcrd.distributed.vocab_parallel_vcrd_loss)")
+
+
+def _under_fsdp_root(inner: nn.Module, owner: nn.Module) -> bool:
+    """Whether FSDP2's end-of-backward callback of the root covering the model's forward also covers
+    ``owner``: ``owner`` is that root, or sits inside one (``fully_shard`` on an ancestor)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if owner is inner:
+        return True
+    ancestors = [m for m in inner.modules() if isinstance(m, FSDPModule) and m is not owner
+                 and any(sub is owner for sub in m.modules())]
+    return bool(ancestors)
+
+
+def _reshard_head(model: nn.Module, head: nn.Module) -> None:
+    """Give back the memory of a head :func:`_unshard_head` gathered when no backward will (FSDP2)."""
+    weight = getattr(head, "weight", None)
+    if weight is None or _is_dtensor(weight):
+        return
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return
+    for module in reversed(list(unwrap_model(model).modules())):
+        if isinstance(module, FSDPModule) and any(p is weight for p in module.parameters()):
+            module.reshard()
+            return
+
+
+class _decoder_output:
+    """``with _decoder_output(model) as captured``: ``captured["hidden"]`` is the decoder's
+    ``last_hidden_state`` when the decoder was wrapped by FSDP2's ``fully_shard`` (which swaps its class
+    to ``FSDP<Name>``, so transformers' class-keyed output capturing returns no hidden states); a plain
+    forward hook, removed on exit. Nothing is registered for other models."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.captured: Dict[str, torch.Tensor] = {}
+        self.handle = None
+        inner = unwrap_model(model)
+        get_decoder = getattr(inner, "get_decoder", None)
+        try:
+            from torch.distributed.fsdp import FSDPModule
+            decoder = get_decoder() if callable(get_decoder) else None
+        except Exception:  # noqa: BLE001 - no FSDP2 or no decoder lookup: nothing to capture
+            return
+        if isinstance(decoder, FSDPModule) and decoder is not inner:
+            self.handle = decoder.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output) -> None:
+        hidden = getattr(output, "last_hidden_state", None)
+        if hidden is None and isinstance(output, (tuple, list)) and output:
+            hidden = output[0]
+        if isinstance(hidden, torch.Tensor):
+            self.captured["hidden"] = hidden
+
+    def __enter__(self) -> Dict[str, torch.Tensor]:
+        return self.captured
+
+    def __exit__(self, *exc) -> None:
+        if self.handle is not None:
+            self.handle.remove()
 
 
 @torch.no_grad()
@@ -259,14 +369,20 @@ def distill_loss(student: nn.Module, teacher: nn.Module, batch: Mapping,
     input_ids, mask, labels, steps = _check_batch(batch)
     num_items_in_batch = _check_count(num_items_in_batch)
     teacher_lm = check_causal_lm(teacher, "teacher")  # refused before the student's forward runs
-    h_s, w_s, b_s = final_hidden(student, input_ids, mask, "student")
+    student_lm = check_causal_lm(student, "student")
+    h_s, w_s, b_s = final_hidden(student, input_ids, mask, "student", student_lm)
     with torch.no_grad():
         h_t, w_t, b_t = final_hidden(teacher, input_ids, mask, "teacher", teacher_lm)
     v_s, v_t = w_s.shape[0], w_t.shape[0]
-    return loss_fn(h_s[:, :-1], w_s, h_t[:, :-1].detach(), w_t.detach(), labels[:, 1:],
-                   student_bias=b_s, teacher_bias=None if b_t is None else b_t.detach(),
-                   step_ids=None if steps is None else steps[:, 1:], num_items_in_batch=num_items_in_batch,
-                   vocab_size=min(v_s, v_t) if v_s != v_t else None, return_stats=True)
+    loss, stats = loss_fn(h_s[:, :-1], w_s, h_t[:, :-1].detach(), w_t.detach(), labels[:, 1:],
+                          student_bias=b_s, teacher_bias=None if b_t is None else b_t.detach(),
+                          step_ids=None if steps is None else steps[:, 1:], num_items_in_batch=num_items_in_batch,
+                          vocab_size=min(v_s, v_t) if v_s != v_t else None, return_stats=True)
+    # FSDP2: a head gathered for the loss is resharded by the backward; without one, give it back now
+    _reshard_head(teacher, teacher_lm[0])
+    if not loss.requires_grad:
+        _reshard_head(student, student_lm[0])
+    return loss, stats
 
 
 class _StatSums:
@@ -319,7 +435,7 @@ class VCRDTrainer(Trainer):
     """
 
     def __init__(self, *args, teacher_model: nn.Module, vcrd_config: Union[VCRDConfig, str, None] = None,
-                 **kwargs) -> None:
+                 stop_on_nonfinite_loss: bool = True, **kwargs) -> None:
         loss = _loss_module(vcrd_config, "vcrd_config")
         check_causal_lm(teacher_model, "teacher_model")
         super().__init__(*args, **kwargs)
@@ -334,6 +450,10 @@ class VCRDTrainer(Trainer):
         if not self.label_names:
             self.label_names = ["labels"]  # prediction_step computes a loss only for batches with labels
         self._train_stats, self._eval_stats = _StatSums(), _StatSums()
+        if stop_on_nonfinite_loss:  # the first NaN/inf loss raises NonFiniteLossError naming the step and data lines
+            from .callbacks import NonFiniteLossStop
+
+            self.add_callback(NonFiniteLossStop(self))
 
     def _get_num_items_in_batch(self, batch_samples: List[Any], device: torch.device):
         """The Trainer's count (and its all-rank gather) over ``labels[..., 1:] != ignore_index``,
