@@ -69,7 +69,7 @@ class RowBatch:
                 yield base + c0, base + c1, s[c0:c1], u[c0:c1]
 
 
-def _rows_view(x: torch.Tensor, V: int) -> Optional[torch.Tensor]:
+def rows_view(x: torch.Tensor, V: int) -> Optional[torch.Tensor]:
     """``x[..., :V]`` as an ``[N, V]`` view, or None when that would need a copy."""
     x = x[..., :V]
     try:
@@ -78,7 +78,7 @@ def _rows_view(x: torch.Tensor, V: int) -> Optional[torch.Tensor]:
         return None
 
 
-def _tensor(name: str, value, kinds: str) -> torch.Tensor:
+def check_tensor(name: str, value, kinds: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
     if kinds == "float" and value.dtype not in FLOAT_DTYPES:
@@ -90,8 +90,8 @@ def _tensor(name: str, value, kinds: str) -> torch.Tensor:
 
 def check_logits(student_logits, teacher_logits, vocab_size: Optional[int]) -> int:
     """Check both logits tensors and the vocabulary; return the vocabulary size V used."""
-    s = _tensor("student_logits", student_logits, "float")
-    u = _tensor("teacher_logits", teacher_logits, "float")
+    s = check_tensor("student_logits", student_logits, "float")
+    u = check_tensor("teacher_logits", teacher_logits, "float")
     if s.dim() not in (2, 3):
         raise ValueError(f"student_logits: expected shape [N, V] or [B, T, V], got {tuple(s.shape)}")
     if u.shape[:-1] != s.shape[:-1] or u.dim() != s.dim():
@@ -144,7 +144,7 @@ def check_labels(labels, lead_shape: torch.Size, device: torch.device, cfg: VCRD
             raise ValueError(f"labels: required with {' and '.join(needs)} (they use the trace token's log-prob); "
                              "pass labels, or use a config without them (e.g. config='kd')")
         return None
-    _tensor("labels", labels, "int")
+    check_tensor("labels", labels, "int")
     if labels.shape != lead_shape:
         raise ValueError(f"labels: expected shape {tuple(lead_shape)} like the inputs' leading dims, "
                          f"got {tuple(labels.shape)}")
@@ -180,7 +180,7 @@ def check_rows(labels: Optional[torch.Tensor], lead_shape: torch.Size, device: t
                              f"got {int(y[r])} at flat row {r}")
     batch = labels_shape[0] if len(labels_shape) == 2 else None
     if cu_seqlens is not None:
-        _tensor("cu_seqlens", cu_seqlens, "int")
+        check_tensor("cu_seqlens", cu_seqlens, "int")
         if batch is not None:
             raise ValueError("cu_seqlens: only for packed [N, V] inputs; [B, T, V] inputs have one sequence per b")
         cu = cu_seqlens.to(device=device, dtype=torch.int64)
@@ -190,7 +190,7 @@ def check_rows(labels: Optional[torch.Tensor], lead_shape: torch.Size, device: t
         cu_seqlens = cu
     seq = sequence_ids(N, batch, cu_seqlens, device)
     if step_ids is not None:
-        _tensor("step_ids", step_ids, "int")
+        check_tensor("step_ids", step_ids, "int")
         if step_ids.shape != labels_shape:
             raise ValueError(f"step_ids: expected shape {tuple(labels_shape)} like labels, got {tuple(step_ids.shape)}")
         steps = step_ids.reshape(-1).to(device=device, dtype=torch.int64)
@@ -211,7 +211,7 @@ def prepare(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     V = check_logits(student_logits, teacher_logits, vocab_size)
     lead, device = student_logits.shape[:-1], student_logits.device
     layout = check_rows(check_labels(labels, lead, device, cfg), lead, device, step_ids, cu_seqlens, cfg, V)
-    s, u = _rows_view(student_logits, V), _rows_view(teacher_logits, V)
+    s, u = rows_view(student_logits, V), rows_view(teacher_logits, V)
     if s is None or u is None:  # keep [B, T, V] views: flattening them would copy N·V elements
         s, u = student_logits[..., :V], teacher_logits[..., :V]
     return RowBatch(s, u, layout)
@@ -219,7 +219,7 @@ def prepare(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
 
 
 def _float_tensor(name: str, value, dims) -> torch.Tensor:
-    t = _tensor(name, value, "float")
+    t = check_tensor(name, value, "float")
     if t.dim() not in dims:
         raise ValueError(f"{name}: expected {' or '.join(map(str, dims))} dimensions, got shape {tuple(t.shape)}")
     return t

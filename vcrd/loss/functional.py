@@ -15,7 +15,7 @@ from ..backends import IMPLS, resolve_impl, run_backend
 from ..backends.autograd import attach_grads
 from ..backends.memory import advise_huge_pages
 from ..core import reference
-from ..core.checks import check_options, prepare
+from ..core.checks import RowBatch, check_options, prepare
 from ..core.config import VCRDConfig, resolve_config
 from ..core.reduction import reduce_rows, row_normalizer
 from ..core.stats import VCRDStats
@@ -71,6 +71,13 @@ def vcrd_loss(
                                    config=cfg, num_items_in_batch=num_items_in_batch, vocab_size=vocab_size,
                                    reduction=reduction, return_stats=return_stats)
 
+    return loss_from_batch(student_logits, batch, cfg, impl, reduction, num_items_in_batch, return_stats)
+
+
+def loss_from_batch(student_logits: torch.Tensor, batch: RowBatch, cfg: VCRDConfig, impl: str, reduction: str,
+                    num_items_in_batch, return_stats: bool):
+    """The loss of a checked batch on a resolved backend (``"torch"`` or ``"triton"``): the gradient
+    buffer, the sweeps, the reduction and the autograd glue (shared with the sparse-teacher loss)."""
     want_grad = torch.is_grad_enabled() and student_logits.requires_grad
     Z = row_normalizer(reduction, cfg, num_items_in_batch, batch.rows)
     grad = grad_rows = None

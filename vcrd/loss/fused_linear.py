@@ -11,7 +11,7 @@ gradients by the upstream gradient.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -96,18 +96,32 @@ def fused_linear_vcrd_loss(
                           num_items_in_batch=num_items_in_batch, vocab_size=vocab_size, reduction=reduction,
                           return_stats=return_stats)
 
+    dtype = torch.promote_types(student_weight.dtype, torch.float32)
+    w_t = teacher_weight[:V].to(dtype)  # once per call: the GEMMs accumulate and output fp32
+    b_t = None if teacher_bias is None else teacher_bias[:V].to(dtype)
+    h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    return loss_from_hidden(student_hidden, student_weight, student_bias,
+                            lambda idx: _logits(h_t[idx].to(dtype), w_t, b_t), V, layout, cfg, impl, reduction,
+                            num_items_in_batch, chunk_size, return_stats)
+
+
+def loss_from_hidden(student_hidden: torch.Tensor, student_weight: torch.Tensor, student_bias: Optional[torch.Tensor],
+                     teacher_rows: Callable[[torch.Tensor], torch.Tensor], V: int, layout: RowLayout, cfg: VCRDConfig,
+                     impl: str, reduction: str, num_items_in_batch, chunk_size, return_stats: bool):
+    """The fused-linear loss of checked inputs: ``teacher_rows(idx)`` gives the teacher's ``[C, V]``
+    logits of rows ``idx`` in the loss's precision (a GEMM, or a sparse teacher densified: shared with
+    :mod:`vcrd.loss.sparse`)."""
     h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
     impl = resolve_impl(impl, h_s)
     student = (student_hidden, student_weight, student_bias)
     needs_grad = tuple(x is not None and x.requires_grad and torch.is_grad_enabled() for x in student)
     Z = row_normalizer(reduction, cfg, num_items_in_batch, layout)
-    heads = _Heads(student_weight, student_bias, teacher_weight, teacher_bias, V)
     kept_idx = layout.valid.nonzero().squeeze(1)  # ignored rows never reach a GEMM
     C = auto_chunk_size(kept_idx.numel(), V, settings.fused_budget_bytes()) if chunk_size == "auto" else chunk_size
     # the loss's own precision, whatever autocast the caller runs under (its GEMMs accumulate in fp32)
     with torch.no_grad(), torch.autocast(h_s.device.type, enabled=False):
-        kept, grads = _chunked(h_s, teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), heads, layout, kept_idx,
-                               cfg, impl, C, 1.0 / Z, needs_grad, student_weight.shape)
+        kept, grads = _chunked(h_s, student_weight, student_bias, teacher_rows, V, layout, kept_idx, cfg, impl, C,
+                               1.0 / Z, needs_grad)
         value, post_scale = reduce_rows(kept["per_row"], kept["w"], reduction, cfg, Z, torch.Size([]), layout.n_valid,
                                         num_items_in_batch)
     pairs = [(x, g.reshape(x.shape).to(x.dtype)) for x, g in zip(student, grads) if g is not None]
@@ -120,25 +134,15 @@ def fused_linear_vcrd_loss(
     return loss, VCRDStats.from_rows(full, layout)
 
 
-class _Heads:
-    """Both LM heads restricted to the shared vocabulary, in the loss's precision (fp32, or fp64 for
-    fp64 inputs): bf16 heads are upcast once per call, so the GEMMs accumulate and output fp32."""
-
-    def __init__(self, w_s, b_s, w_t, b_t, V: int) -> None:
-        self.dtype = torch.promote_types(w_s.dtype, torch.float32)
-        self.w_s, self.w_t = w_s[:V].to(self.dtype), w_t[:V].to(self.dtype)
-        self.b_s = None if b_s is None else b_s[:V].to(self.dtype)
-        self.b_t = None if b_t is None else b_t[:V].to(self.dtype)
-        self.V = V
-
-
-def _chunked(h_s, h_t, heads: _Heads, layout, kept_idx, cfg, impl, C, grad_scale, needs_grad, weight_shape):
+def _chunked(h_s, weight, bias, teacher_rows, V, layout, kept_idx, cfg, impl, C, grad_scale, needs_grad):
     """Walk the kept rows in chunks of ``C``: both logits, the backend's rows and the logit gradient
     (written over the student logits), then ``grad_hidden[chunk] = g @ W_s``, ``grad_W_s += g^T h_s``,
     ``grad_b_s += Σ g`` (fp32). Returns the kept rows (``[n_kept]``) and ``[grad_hidden, grad_weight,
     grad_bias]`` (None where ``needs_grad`` says no)."""
-    dtype, dev, V = heads.dtype, h_s.device, heads.V
-    shapes = (h_s.shape, weight_shape, weight_shape[:1])
+    dtype, dev = torch.promote_types(weight.dtype, torch.float32), h_s.device
+    w_s = weight[:V].to(dtype)  # once per call (a bf16 head: fp32 GEMMs, never rounded)
+    b_s = None if bias is None else bias[:V].to(dtype)
+    shapes = (h_s.shape, weight.shape, weight.shape[:1])
     grad_h, grad_w, grad_b = (torch.zeros(shape, dtype=dtype, device=dev) if need else None
                               for shape, need in zip(shapes, needs_grad))
     # the window over kept rows only: a kept row's window holds the kept rows from its start on
@@ -146,14 +150,14 @@ def _chunked(h_s, h_t, heads: _Heads, layout, kept_idx, cfg, impl, C, grad_scale
     parts = []
     for c0 in range(0, kept_idx.numel(), C):
         idx = kept_idx[c0:c0 + C]
-        hs, ht = h_s[idx].to(dtype), h_t[idx].to(dtype)
+        hs = h_s[idx].to(dtype)
         rows = RowLayout(layout.labels[idx], torch.ones(idx.numel(), dtype=torch.bool, device=dev),
                          layout.starts[idx], idx.shape, idx.numel())
-        chunk = RowBatch(_logits(hs, heads.w_s, heads.b_s), _logits(ht, heads.w_t, heads.b_t), rows)
+        chunk = RowBatch(_logits(hs, w_s, b_s), teacher_rows(idx), rows)
         g = chunk.s if any(needs_grad) else None  # the gradient overwrites the student logits, row by row
         parts.append(run_backend(impl, chunk, cfg, g, grad_scale, window=window))
         if grad_h is not None:
-            grad_h[idx] = g @ heads.w_s
+            grad_h[idx] = g @ w_s
         if grad_w is not None:
             grad_w[:V].addmm_(g.T, hs)
         if grad_b is not None:

@@ -1,0 +1,123 @@
+"""SPEC §10: the sparse (top-K) teacher against the dense formulas on the completed teacher."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vcrd import (SparseTeacher, VCRDConfig, fused_linear_sparse_vcrd_loss, fused_linear_vcrd_loss, reference,
+                  sparse_vcrd_loss, vcrd_loss)
+
+from .conftest import assert_parity, ignore_some, realistic_logits, step_ids_for
+
+CONFIGS = {
+    "kd": VCRDConfig.preset("kd"),
+    "vcrd": VCRDConfig.preset("vcrd"),
+    "discord-T2": VCRDConfig.preset("discord", temperature=2.0),
+    "jsd0.3-expected": VCRDConfig(divergence="jsd", beta=0.3, validity="expected"),
+}
+
+
+def completed_dense(teacher_logits: torch.Tensor, k: int) -> torch.Tensor:
+    """The test's own completion (SPEC §10), written apart from vcrd: top-k log-probs kept, the rest
+    of the mass spread uniformly over the other V - k tokens."""
+    logq = torch.log_softmax(teacher_logits.double(), -1)
+    V = logq.shape[-1]
+    top, ids = logq.topk(k, -1)
+    if k == V:
+        return logq
+    tail = torch.log1p(-top.exp().sum(-1, keepdim=True).clamp(max=1.0))
+    out = (tail - math.log(V - k)).expand_as(logq).clone()
+    return out.scatter(-1, ids, top)
+
+
+def problem(N=150, V=257, seed=0):
+    s, u, y = realistic_logits(N, V, std=3.0, agreement=0.8, seed=seed)
+    return s, u, ignore_some(y, seed=seed), step_ids_for(N, seed=seed)
+
+
+def test_from_logits_fields():
+    _, u, _, _ = problem()
+    t = SparseTeacher.from_logits(u, 16)
+    logq = torch.log_softmax(u.double(), -1)
+    assert t.topk_ids.shape == (150, 16) and torch.equal(t.topk_ids[:, 0], u.argmax(-1))
+    torch.testing.assert_close(t.topk_logprobs.double(), logq.gather(1, t.topk_ids), rtol=0, atol=1e-5)
+    rest = logq.scatter(1, t.topk_ids, -math.inf).logsumexp(-1)
+    torch.testing.assert_close(t.tail_logprob.double(), rest, rtol=1e-4, atol=1e-5)
+    assert torch.isinf(SparseTeacher.from_logits(u, 257).tail_logprob).all()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("k", [8, 64, 257], ids=["K8", "K64", "K=V"])
+def test_sparse_loss_equals_dense_formulas_on_the_completed_teacher(name, k):
+    s, u, y, steps = problem()
+    cfg = CONFIGS[name]
+    t = SparseTeacher.from_logits(u, k)
+    dense = completed_dense(u, k)
+    out = {}
+    for which, fn in (("impl", lambda x: sparse_vcrd_loss(x, t, y, step_ids=steps, config=cfg, impl="torch")),
+                      ("base", lambda x: reference.vcrd_loss(x, dense.float(), y, step_ids=steps, config=cfg)),
+                      ("truth", lambda x: reference.vcrd_loss(x, dense, y, step_ids=steps, config=cfg))):
+        x = s.clone().to(torch.float64 if which == "truth" else torch.float32).requires_grad_()
+        loss = fn(x)
+        loss.backward()
+        out[which] = (loss.detach(), x.grad)
+    for i, what in enumerate(("loss", "grad")):
+        assert_parity(what, out["impl"][i], out["base"][i], out["truth"][i], torch.float32)
+
+
+def test_k_equal_v_equals_the_dense_loss():
+    s, u, y, steps = problem(seed=3)
+    t = SparseTeacher.from_logits(u, u.shape[-1])
+    for cfg in CONFIGS.values():
+        a = sparse_vcrd_loss(s, t, y, step_ids=steps, config=cfg)
+        b = vcrd_loss(s, u, y, step_ids=steps, config=cfg)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [16, 96])
+def test_fused_linear_sparse_matches_its_reference_and_the_dense_fused_loss_at_k_equal_v(k):
+    g = torch.Generator().manual_seed(5)
+    B, T, H, V = 3, 70, 24, 96
+    h = torch.randn(B, T, H, generator=g)
+    w = (torch.randn(V, H, generator=g) * 0.6).requires_grad_()
+    ht, wt = torch.randn(B, T, H, generator=g), torch.randn(V, H, generator=g) * 0.6
+    y = ignore_some(torch.randint(0, V, (B, T), generator=g))
+    t = SparseTeacher.from_logits(ht @ wt.T, k)
+    grads = {}
+    for impl in ("torch", "reference"):
+        x = h.clone().requires_grad_()
+        w.grad = None
+        loss = fused_linear_sparse_vcrd_loss(x, w, t, y, config="vcrd", impl=impl, chunk_size=64)
+        loss.backward()
+        grads[impl] = (loss.detach().double(), x.grad.double(), w.grad.double())
+    for a, b in zip(grads["torch"], grads["reference"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max()))
+    if k == V:
+        dense = fused_linear_vcrd_loss(h, w, ht, wt, y, config="vcrd")
+        torch.testing.assert_close(grads["torch"][0].float(), dense.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_sparse_teachers_are_refused_with_the_row():
+    _, u, y, _ = problem(N=10, V=31)
+    t = SparseTeacher.from_logits(u, 4)
+    with pytest.raises(ValueError, match="topk_logprobs.*row 2"):
+        lp = t.topk_logprobs.clone()
+        lp[2, 1] = 0.5
+        SparseTeacher(t.topk_ids, lp, t.tail_logprob)
+    with pytest.raises(ValueError, match="tail_logprob.*row 0"):
+        SparseTeacher(t.topk_ids, t.topk_logprobs, t.tail_logprob + 1.0)
+    bad_ids = t.topk_ids.clone()
+    bad_ids[7, 0] = 31
+    with pytest.raises(ValueError, match="topk_ids.*row 7"):
+        sparse_vcrd_loss(torch.randn(10, 31), SparseTeacher(bad_ids, t.topk_logprobs, t.tail_logprob), y)
+    with pytest.raises(ValueError, match="K=4 exceeds"):
+        sparse_vcrd_loss(torch.randn(10, 3), t, None, config="kd")
+    with pytest.raises(ValueError, match="rows shaped"):
+        sparse_vcrd_loss(torch.randn(9, 31), t, y[:9])
+    with pytest.raises(TypeError, match="SparseTeacher"):
+        sparse_vcrd_loss(torch.randn(10, 31), u, y)
+    with pytest.raises(ValueError, match="k: expected"):
+        SparseTeacher.from_logits(u, 0)

@@ -1,0 +1,230 @@
+"""Offline distillation from a sparse (top-K) teacher (SPEC §10).
+
+The teacher is stored as its top-K: ``topk_ids [N, K]`` (decreasing probability at T=1),
+``topk_logprobs [N, K]`` (``log q``, normalised over the full vocabulary) and ``tail_logprob [N]``
+(``log(1 - Σ_k q_k)``). The tail is completed uniformly: ``log q_v = tail_logprob - log(V - K)``
+for every ``v`` outside the top-K (exact at K = V, the maximum-entropy completion otherwise).
+Every quantity of SPEC §2–6 is then the dense formula applied to the completed teacher, whose
+log-probabilities play the teacher logits (temperature applies as to logits: ``q_T ∝ q^{1/T}``).
+
+This version densifies the completed teacher one row chunk at a time (``[C, V]``, never ``[N, V]``)
+and runs the dense backends on it: the teacher costs a fill and a scatter per chunk instead of the
+teacher's forward and LM-head GEMM; the O(K)-per-row kernel of SPEC §10 is future work.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional, Tuple, Union
+
+import torch
+
+from ..backends import IMPLS, resolve_impl
+from ..core import reference
+from ..core.checks import RowBatch, check_labels, check_options, check_rows, check_tensor, rows_view
+from ..core.config import VCRDConfig, resolve_config
+from .functional import loss_from_batch
+from .fused_linear import loss_from_hidden
+
+TAIL_TOLERANCE = 1e-3  # |log(Σ_k q_k + tail) | allowed: the cache stores log-probs in 16-bit floats
+
+
+@dataclass
+class SparseTeacher:
+    """A teacher kept as its top-K per row (SPEC §10); leading shape ``[N]`` or ``[B, T]``.
+
+    ``topk_ids [..., K]`` int, ``topk_logprobs [..., K]`` float (fp16/bf16/fp32), ``tail_logprob
+    [...]`` fp32 (``-inf`` when the top-K holds all the mass). Checked on construction.
+    """
+
+    topk_ids: torch.Tensor
+    topk_logprobs: torch.Tensor
+    tail_logprob: torch.Tensor
+
+    def __post_init__(self) -> None:
+        check_tensor("topk_ids", self.topk_ids, "int")
+        check_tensor("topk_logprobs", self.topk_logprobs, "float")
+        check_tensor("tail_logprob", self.tail_logprob, "float")
+        if self.topk_ids.dim() < 2 or self.topk_logprobs.shape != self.topk_ids.shape:
+            raise ValueError(f"topk_logprobs: expected the shape of topk_ids [..., K] "
+                             f"{tuple(self.topk_ids.shape)}, got {tuple(self.topk_logprobs.shape)}")
+        if self.tail_logprob.shape != self.topk_ids.shape[:-1]:
+            raise ValueError(f"tail_logprob: expected shape {tuple(self.topk_ids.shape[:-1])}, "
+                             f"got {tuple(self.tail_logprob.shape)}")
+        lp = self.topk_logprobs.double()
+        bad = lp.isnan() | (lp > 0)
+        if bool(bad.any()):
+            raise ValueError(f"topk_logprobs: expected log-probabilities (<= 0, not NaN), got "
+                             f"{float(lp[bad][0])} at row {_first_row(bad.reshape(-1, self.k).any(-1))}")
+        total = torch.logaddexp(torch.logsumexp(lp, -1), self.tail_logprob.double())
+        off = ~(total.abs() <= TAIL_TOLERANCE)
+        if bool(off.any()):
+            r = _first_row(off.reshape(-1))
+            raise ValueError(f"tail_logprob: the top-K mass and the tail must sum to 1 (log 0 ± {TAIL_TOLERANCE}); "
+                             f"row {r} sums to exp({float(total.reshape(-1)[r]):.4g})")
+
+    @property
+    def k(self) -> int:
+        return self.topk_ids.shape[-1]
+
+    @classmethod
+    def from_logits(cls, teacher_logits: torch.Tensor, k: int) -> SparseTeacher:
+        """The top-``k`` of ``teacher_logits [..., V]`` at T=1, with the tail mass (fp32 log-probs)."""
+        check_tensor("teacher_logits", teacher_logits, "float")
+        V = teacher_logits.shape[-1]
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= V:
+            raise ValueError(f"k: expected an int in [1, V={V}], got {k!r}")
+        with torch.no_grad():
+            logq = torch.log_softmax(teacher_logits.detach().float(), -1)
+            top, ids = logq.topk(k, -1)  # sorted: decreasing probability, ids[..., 0] = argmax
+            top_mass = torch.logsumexp(top, -1)
+            # log(1 - Σ_k q_k), accurate when the top-K holds almost all the mass; -inf at K = V
+            tail = torch.log(-torch.expm1(top_mass.clamp_max(0))) if k < V else torch.full_like(top_mass, -math.inf)
+        return cls(ids, top, tail)
+
+    def completed_logprobs(self, rows: Union[torch.Tensor, slice], V: int, dtype: torch.dtype,
+                           out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The completed teacher's ``log q`` of the given flat rows, ``[C, V]`` in ``dtype`` (written into
+        ``out`` when given: a buffer reused across chunks costs no fresh pages)."""
+        ids = self.topk_ids.reshape(-1, self.k)[rows]
+        top = self.topk_logprobs.reshape(-1, self.k)[rows].to(dtype)
+        tail = self.tail_logprob.reshape(-1)[rows].to(dtype)
+        fill = tail - math.log(max(V - self.k, 1))  # tail mass spread uniformly (-inf when none)
+        out = torch.empty((ids.shape[0], V), dtype=dtype, device=ids.device) if out is None else out
+        return out.copy_(fill[:, None].expand(ids.shape[0], V)).scatter_(1, ids.long(), top)
+
+    def chunk_reader(self, V: int, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``read(idx)``: the completed rows ``idx`` as ``[C, V]``, in one buffer reused from chunk to chunk
+        (each result is valid until the next call)."""
+        buffer: List[torch.Tensor] = []
+
+        def read(idx: torch.Tensor) -> torch.Tensor:
+            if not buffer or buffer[0].shape[0] < idx.numel():
+                buffer[:] = [torch.empty((idx.numel(), V), dtype=dtype, device=self.topk_ids.device)]
+            return self.completed_logprobs(idx, V, dtype, out=buffer[0][:idx.numel()])
+
+        return read
+
+    def check_against(self, V: int, lead_shape: torch.Size, device: torch.device) -> None:
+        """The ids are in ``[0, V)``, ``K <= V``, and the rows match the student's."""
+        if self.topk_ids.shape[:-1] != lead_shape:
+            raise ValueError(f"teacher: expected rows shaped {tuple(lead_shape)} like the student's, "
+                             f"got topk_ids {tuple(self.topk_ids.shape)}")
+        if self.k > V:
+            raise ValueError(f"teacher: K={self.k} exceeds the vocabulary V={V}")
+        if self.topk_ids.device != device:
+            raise ValueError(f"teacher: expected device {device} like the student's, got {self.topk_ids.device}")
+        bad = (self.topk_ids < 0) | (self.topk_ids >= V)
+        if bool(bad.any()):
+            raise ValueError(f"topk_ids: expected ids in [0, {V}), got {int(self.topk_ids[bad][0])} "
+                             f"at row {_first_row(bad.reshape(-1, self.k).any(-1))}")
+
+
+def _first_row(flat_rows: torch.Tensor) -> int:
+    """The first flat row where a ``[N]`` bool mask holds."""
+    return int(flat_rows.nonzero()[0, 0])
+
+
+@dataclass
+class _SparseRowBatch(RowBatch):
+    """A :class:`RowBatch` whose teacher rows are the completed sparse teacher, densified per chunk."""
+
+    teacher: Optional[SparseTeacher] = None
+
+    def chunks(self, rows: int) -> Iterator[Tuple[int, int, torch.Tensor, torch.Tensor]]:
+        dtype = torch.promote_types(self.s.dtype, torch.float32)
+        for r0, r1, s, _ in super().chunks(rows):
+            yield r0, r1, s, self.teacher.completed_logprobs(slice(r0, r1), self.vocab, dtype)
+
+
+def sparse_vcrd_loss(
+    student_logits: torch.Tensor,
+    teacher: SparseTeacher,
+    labels: Optional[torch.Tensor] = None,
+    *,
+    step_ids: Optional[torch.Tensor] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    config: Union[VCRDConfig, str, None] = None,
+    num_items_in_batch: Optional[Union[int, torch.Tensor]] = None,
+    reduction: str = "mean",
+    impl: str = "auto",
+    return_stats: bool = False,
+):
+    """:func:`vcrd.vcrd_loss` with the teacher given as a :class:`SparseTeacher` (SPEC §10).
+
+    ``student_logits [N, V]`` or ``[B, T, V]``; the teacher's rows match the student's. Every other
+    argument as in :func:`vcrd.vcrd_loss`. ``impl="reference"`` densifies the whole completed teacher
+    and runs the reference (tests, small inputs).
+    """
+    cfg = resolve_config(config)
+    check_options(reduction, impl, num_items_in_batch, cfg, IMPLS)
+    check_tensor("student_logits", student_logits, "float")
+    if student_logits.dim() not in (2, 3):
+        raise ValueError(f"student_logits: expected shape [N, V] or [B, T, V], got {tuple(student_logits.shape)}")
+    if not isinstance(teacher, SparseTeacher):
+        raise TypeError(f"teacher: expected a vcrd.SparseTeacher, got {type(teacher).__name__}")
+    V, lead, device = student_logits.shape[-1], student_logits.shape[:-1], student_logits.device
+    teacher.check_against(V, lead, device)
+    layout = check_rows(check_labels(labels, lead, device, cfg), lead, device, step_ids, cu_seqlens, cfg, V)
+    if impl == "reference":
+        dtype = torch.promote_types(student_logits.dtype, torch.float32)
+        dense = teacher.completed_logprobs(slice(None), V, dtype).reshape(*lead, V)
+        return reference.vcrd_loss(student_logits, dense, labels, step_ids=step_ids, cu_seqlens=cu_seqlens,
+                                   config=cfg, num_items_in_batch=num_items_in_batch, reduction=reduction,
+                                   return_stats=return_stats)
+    impl = resolve_impl(impl, student_logits)
+    s = rows_view(student_logits, V)
+    s = s if s is not None else student_logits
+    batch = _SparseRowBatch(s, s, layout, teacher=teacher)
+    return loss_from_batch(student_logits, batch, cfg, impl, reduction, num_items_in_batch, return_stats)
+
+
+def fused_linear_sparse_vcrd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher: SparseTeacher,
+    labels: Optional[torch.Tensor] = None,
+    *,
+    student_bias: Optional[torch.Tensor] = None,
+    step_ids: Optional[torch.Tensor] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    config: Union[VCRDConfig, str, None] = None,
+    num_items_in_batch: Optional[Union[int, torch.Tensor]] = None,
+    reduction: str = "mean",
+    chunk_size: Union[int, str] = "auto",
+    impl: str = "auto",
+    return_stats: bool = False,
+):
+    """:func:`vcrd.fused_linear_vcrd_loss` with a :class:`SparseTeacher`: three GEMMs (student logits,
+    grad of hidden, grad of weight), no teacher forward or GEMM. ``student_hidden [N, H]`` or
+    ``[B, T, H]``, ``student_weight [V, H]``; the teacher's rows match the hidden states' rows."""
+    cfg = resolve_config(config)
+    if reduction not in ("mean", "sum", "batchmean"):
+        raise ValueError(f"reduction: expected 'mean', 'sum' or 'batchmean' for the fused-linear loss, "
+                         f"got {reduction!r}")
+    check_options(reduction, impl, num_items_in_batch, cfg, IMPLS)
+    for name, x, dims in (("student_hidden", student_hidden, (2, 3)), ("student_weight", student_weight, (2,))):
+        check_tensor(name, x, "float")
+        if x.dim() not in dims:
+            raise ValueError(f"{name}: expected {' or '.join(map(str, dims))} dimensions, got {tuple(x.shape)}")
+    if student_weight.shape[1] != student_hidden.shape[-1]:
+        raise ValueError(f"student_weight: expected shape [V, {student_hidden.shape[-1]}], "
+                         f"got {tuple(student_weight.shape)}")
+    if not isinstance(teacher, SparseTeacher):
+        raise TypeError(f"teacher: expected a vcrd.SparseTeacher, got {type(teacher).__name__}")
+    if chunk_size != "auto" and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size: expected 'auto' or an int >= 1, got {chunk_size!r}")
+    V, lead, device = student_weight.shape[0], student_hidden.shape[:-1], student_hidden.device
+    teacher.check_against(V, lead, device)
+    layout = check_rows(check_labels(labels, lead, device, cfg), lead, device, step_ids, cu_seqlens, cfg, V)
+    dtype = torch.promote_types(student_weight.dtype, torch.float32)
+    if impl == "reference":
+        s = student_hidden.double() @ student_weight.double().T
+        if student_bias is not None:
+            s = s + student_bias.double()
+        return sparse_vcrd_loss(s, teacher, labels, step_ids=step_ids, cu_seqlens=cu_seqlens, config=cfg,
+                                num_items_in_batch=num_items_in_batch, reduction=reduction, impl="reference",
+                                return_stats=return_stats)
+    return loss_from_hidden(student_hidden, student_weight, student_bias, teacher.chunk_reader(V, dtype), V, layout,
+                            cfg, impl, reduction, num_items_in_batch, chunk_size, return_stats)
