@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["vcrd", "vcrd.core", "vcrd.backends", "vcrd.loss", "vcrd.select", "vcrd.train", "vcrd.app",
+    packages=["vcrd", "vcrd.core", "vcrd.backends", "vcrd.loss", "vcrd.select", "vcrd.train", "vcrd.app", "vcrd.distributed",
               "vcrd.kernels"],
     package_dir={"vcrd": "vcrd", "vcrd.kernels": "kernels"},
     install_requires=["torch>=2.4", "numpy", "tqdm", "transformers>=4.46"],

@@ -195,7 +195,7 @@ def _unshard_head(model: nn.Module, head: nn.Module) -> None:
             return
     raise ValueError(f"LM head: its weight is a DTensor {tuple(weight.shape)} placed {weight.placements} that no "
                      f"FSDP2 module of the model can unshard; the fused-linear loss needs the full [V, H] weight "
-                     f"(tensor-parallel heads: compute logits shards and use vcrd.distributed.vocab_parallel_vcrd_loss)")
+                     f"(tensor-parallel heads: compute logit shards, then vcrd.distributed.vocab_parallel_vcrd_loss)")
 
 
 def _under_fsdp_root(inner: nn.Module, owner: nn.Module) -> bool:

@@ -1,0 +1,224 @@
+"""The sparse teacher cache on disk (SPEC §10): written as from_logits says, resumable, verified, collated."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vcrd.app.cli import main
+from vcrd.app.tokenizer import build_char_tokenizer
+from vcrd.loss.sparse import SparseTeacher, fused_linear_sparse_vcrd_loss
+from vcrd.train import teacher_cache as tc
+from vcrd.train.data import DistillCollator, read_jsonl
+
+from .test_trainer import tiny_llama
+
+K = 8
+ROWS = [{"prompt": f"What is {a}+{b}?", "response": f"First {a}+{b}. So {a + b}."}
+        for a, b in ((1, 2), (13, 4), (7, 7), (20, 5), (3, 9), (11, 11))]
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    tok = build_char_tokenizer()
+    teacher = tiny_llama(tok, 32, 1)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(20.0)  # peaked distributions, like a trained model's
+    teacher.save_pretrained(root / "teacher")
+    tok.save_pretrained(root / "teacher")
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    built = tc.build_cache(root / "teacher", root / "data.jsonl", root / "full", K, batch_size=2, shard_rows=40,
+                           max_length=64, progress=False, say=lambda _: None)
+    return root, tok, teacher.eval(), built
+
+
+def collator(tok):
+    return DistillCollator(tok, max_length=64)
+
+
+def test_rows_equal_from_logits_of_the_teacher(ws):
+    root, tok, teacher, out = ws
+    cache = tc.TeacherCache(out)
+    assert len(cache.shards) >= 3 and cache.k == K and cache.vocab == len(tok)
+    examples = read_jsonl(root / "data.jsonl")
+    cache.verify(examples, collator(tok), vocab_size=len(tok))
+    for i, e in enumerate(examples):
+        ids, labels, _ = collator(tok).encode(e)
+        with torch.no_grad():  # one example alone, no padding: the teacher's own logits
+            logits = teacher(torch.tensor([ids])).logits[0]
+        want = SparseTeacher.from_logits(logits[tc.loss_rows(labels)], K)
+        got = cache.rows_for(i)
+        assert got.topk_ids.shape == (len(tc.loss_rows(labels)), K) and got.topk_ids.dtype == torch.int32
+        assert torch.equal(got.topk_ids.long(), want.topk_ids)
+        torch.testing.assert_close(got.topk_logprobs.float(), want.topk_logprobs, atol=2e-3, rtol=1e-3)
+        torch.testing.assert_close(got.tail_logprob, want.tail_logprob, atol=1e-4, rtol=1e-4)
+
+
+def test_killed_run_resumes_to_the_same_files(ws, monkeypatch):
+    root, _, _, full = ws
+    real, calls = tc._write_shard, []
+
+    def dying(path, rows, k, fill):
+        if calls:  # killed while writing the second shard, half-way through its records
+
+            def fill_and_die(array):
+                array["tail_logprob"][: rows // 2] = -1.0
+                raise KeyboardInterrupt
+
+            return real(path, rows, k, fill_and_die)
+        calls.append(1)
+        return real(path, rows, k, fill)
+
+    monkeypatch.setattr(tc, "_write_shard", dying)
+    with pytest.raises(KeyboardInterrupt):
+        tc.build_cache(root / "teacher", root / "data.jsonl", root / "cut", K, batch_size=2, shard_rows=40,
+                       max_length=64, progress=False, say=lambda _: None)
+    first = (root / "cut" / "shard-00000.npy").read_bytes()
+    assert not (root / "cut" / "shard-00001.npy").exists() and not list((root / "cut").glob(".shard-*"))
+    with pytest.raises(tc.CacheError, match="unfinished"):
+        tc.TeacherCache(root / "cut")
+    monkeypatch.setattr(tc, "_write_shard", real)
+    said = []
+    tc.build_cache(root / "teacher", root / "data.jsonl", root / "cut", K, batch_size=2, shard_rows=40,
+                   max_length=64, progress=False, say=said.append)
+    assert any("continuing" in s for s in said)
+    assert (root / "cut" / "shard-00000.npy").read_bytes() == first  # finished shard kept, not rewritten
+    names = sorted(p.name for p in full.glob("shard-*"))
+    assert names == sorted(p.name for p in (root / "cut").glob("shard-*"))
+    for name in names:
+        assert (root / "cut" / name).read_bytes() == (full / name).read_bytes(), name
+    assert json.loads((root / "cut" / "manifest.json").read_text()) == json.loads((full / "manifest.json").read_text())
+    # a finished shard damaged later: a rerun rewrites it (and only it), a reader refuses it meanwhile
+    shard = root / "cut" / "shard-00002.npy"
+    shard.write_bytes(shard.read_bytes()[:-7])
+    with pytest.raises(tc.CacheError, match="shard-00002.npy: truncated"):
+        tc.TeacherCache(root / "cut")
+    said.clear()
+    tc.build_cache(root / "teacher", root / "data.jsonl", root / "cut", K, batch_size=2, shard_rows=40,
+                   max_length=64, progress=False, say=said.append)
+    assert any("shard-00002.npy: finished earlier but now damaged" in s for s in said)
+    assert shard.read_bytes() == (full / "shard-00002.npy").read_bytes()
+    tc.TeacherCache(root / "cut").verify()
+
+
+def test_mismatches_are_refused_naming_the_example(ws, tmp_path):
+    root, tok, _, out = ws
+    cache = tc.TeacherCache(out)
+    other = build_char_tokenizer("0123456789+?. abcdefghijklmnopqrstuvwxyzWFS\n")
+    with pytest.raises(tc.CacheError, match="another tokenizer"):
+        cache.verify(None, DistillCollator(other, max_length=64))
+    changed = ROWS[:3] + [{**ROWS[3], "response": "First 20+5. So 26."}] + ROWS[4:]
+    (tmp_path / "changed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in changed))
+    with pytest.raises(tc.CacheError, match=r"example 3 \(.*changed.jsonl:4\).*token ids differ"):
+        cache.verify(read_jsonl(tmp_path / "changed.jsonl"), collator(tok))
+    with pytest.raises(tc.CacheError, match="max_length"):
+        cache.verify(None, DistillCollator(tok, max_length=32))
+    # rebuilding into the same folder with other data: refused, nothing touched
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(tc.CacheError, match="other settings or data"):
+        tc.build_cache(root / "teacher", tmp_path / "changed.jsonl", out, K, batch_size=2, shard_rows=40,
+                       max_length=64, progress=False, say=lambda _: None)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    with pytest.raises(ValueError, match="exceeds the teacher's vocabulary"):
+        tc.build_cache(root / "teacher", root / "data.jsonl", tmp_path / "big", 10_000, progress=False)
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_damaged_caches_are_refused_naming_file_and_row(ws, tmp_path):
+    root, tok, _, out = ws
+    bad = _copy(out, tmp_path / "trunc")
+    shard = bad / "shard-00001.npy"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(tc.CacheError, match=r"shard-00001.npy: truncated"):
+        tc.TeacherCache(bad)
+    (bad / "shard-00001.npy").unlink()
+    with pytest.raises(tc.CacheError, match=r"shard-00001.npy: missing shard"):
+        tc.TeacherCache(bad)
+
+    def poke(name, field, value, row=3):
+        folder = _copy(out, tmp_path / name)
+        array = np.load(folder / "shard-00001.npy", mmap_mode="r+")
+        array[field][row] = value
+        array.flush()
+        del array
+        return tc.TeacherCache(folder)
+
+    cases = [("ids", "topk_ids", 10_000, "token id 10000 outside"), ("nan", "topk_logprobs", np.nan, "NaN or positive"),
+             ("pos", "topk_logprobs", 0.5, "NaN or positive"), ("tail", "tail_logprob", -20.0, "sum to exp")]
+    for name, field, value, message in cases:
+        cache = poke(name, field, value)
+        with pytest.raises(tc.CacheError, match="sha256"):
+            cache.verify()
+        first = cache.shards[1]["first_row"]
+        with pytest.raises(tc.CacheError, match=rf"shard-00001.npy: row 3 \(cache row {first + 3}, example \d+\).*"
+                                                rf"{message}"):
+            cache.verify(check_hashes=False)
+
+
+def test_collator_aligns_the_cached_rows_with_the_shifted_labels_and_the_loss_runs(ws, monkeypatch):
+    monkeypatch.setenv("VCRD_COMPILE", "0")  # eager: this test is about the batch, not the compiled path
+    root, tok, teacher, out = ws
+    cache = tc.TeacherCache(out)
+    examples = read_jsonl(root / "data.jsonl")
+    data = tc.IndexedExamples(examples)
+    collate = tc.TeacherCacheCollator(collator(tok), cache)
+    batch = collate([data[4], data[1], data[5]])
+    B, T = batch["input_ids"].shape
+    assert batch["teacher_topk_ids"].shape == (B, T, K) and batch["teacher_topk_logprobs"].shape == (B, T, K)
+    assert batch["teacher_tail_logprob"].shape == (B, T)
+    for b, i in enumerate((4, 1, 5)):
+        pos = (batch["labels"][b, 1:] != -100).nonzero().squeeze(1)
+        rows = cache.rows_for(i)
+        assert torch.equal(batch["teacher_topk_ids"][b, pos], rows.topk_ids)
+        assert torch.equal(batch["teacher_topk_logprobs"][b, pos], rows.topk_logprobs)
+        assert (batch["teacher_topk_ids"][b, pos] < len(tok)).all()
+    teacher_rows = tc.sparse_teacher_of(batch)  # the filler rows pass SparseTeacher's checks too
+    student = tiny_llama(tok, 16, 3)
+    with torch.no_grad():
+        h = student.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    h = h.detach().requires_grad_()
+    loss = fused_linear_sparse_vcrd_loss(h[:, :-1], student.lm_head.weight, teacher_rows, batch["labels"][:, 1:],
+                                         step_ids=batch["step_ids"][:, 1:], config="vcrd")
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(h.grad).all()
+    # the filler is harmless: another filler on the rows without a loss gives the same loss
+    other = {**batch, "teacher_tail_logprob": batch["teacher_tail_logprob"].clone(),
+             "teacher_topk_logprobs": batch["teacher_topk_logprobs"].clone(),
+             "teacher_topk_ids": batch["teacher_topk_ids"].clone()}
+    free = torch.ones(B, T, dtype=torch.bool)
+    free[:, :-1] = batch["labels"][:, 1:] == -100
+    other["teacher_topk_ids"][free] = torch.arange(K, dtype=torch.int32) + 5
+    lp = torch.log_softmax(torch.arange(K, 0, -1).float(), -1)
+    other["teacher_topk_logprobs"][free] = lp.half()
+    other["teacher_tail_logprob"][free] = float("-inf")
+    again = fused_linear_sparse_vcrd_loss(h.detach()[:, :-1], student.lm_head.weight, tc.sparse_teacher_of(other),
+                                          batch["labels"][:, 1:], step_ids=batch["step_ids"][:, 1:], config="vcrd")
+    torch.testing.assert_close(again, loss.detach())
+    # a changed example under a cached index is refused by the collator itself
+    moved = [(4, examples[1])]
+    with pytest.raises(tc.CacheError, match="example 4"):
+        collate(moved)
+
+
+def test_cli_builds_and_refuses(ws, tmp_path, capsys):
+    root, _, _, full = ws
+    args = ["cache-teacher", "--model", str(root / "teacher"), "--data", str(root / "data.jsonl"), "--top-k", str(K),
+            "--batch-size", "3", "--shard-rows", "40", "--max-length", "64"]
+    assert main(args + ["--out", str(tmp_path / "c")]) == 0
+    for p in full.glob("shard-*.npy"):  # batch size does not change the results beyond float noise
+        a, b = np.load(p), np.load(tmp_path / "c" / p.name)
+        assert (a["topk_ids"][:, 0] == b["topk_ids"][:, 0]).all()
+    assert main(args + ["--out", str(tmp_path / "c")]) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert main(args[:-4] + ["--out", str(tmp_path / "d"), "--top-k", "0"]) == 2
+    assert "--top-k" in capsys.readouterr().err
