@@ -13,6 +13,7 @@ from vcrd.app.tokenizer import build_char_tokenizer
 from vcrd.loss.sparse import SparseTeacher, fused_linear_sparse_vcrd_loss
 from vcrd.train import teacher_cache as tc
 from vcrd.train.data import DistillCollator, read_jsonl
+from vcrd.train.trainer import distill_loss
 
 from .test_trainer import tiny_llama
 
@@ -222,3 +223,21 @@ def test_cli_builds_and_refuses(ws, tmp_path, capsys):
     assert "already complete" in capsys.readouterr().out
     assert main(args[:-4] + ["--out", str(tmp_path / "d"), "--top-k", "0"]) == 2
     assert "--top-k" in capsys.readouterr().err
+
+
+def test_distill_loss_trains_from_a_cached_batch_without_a_teacher(ws):
+    """distill_loss with the cached rows in the batch runs no teacher and equals the sparse loss on the
+    student's own hidden states; the student's parameters all receive its gradient."""
+    root, tok, _, out = ws
+    data = tc.IndexedExamples(read_jsonl(root / "data.jsonl"))
+    batch = tc.TeacherCacheCollator(collator(tok), tc.TeacherCache(out))([data[0], data[3], data[2]])
+    student = tiny_llama(tok, 16, 5)
+    loss, stats = distill_loss(student, None, batch, "vcrd")
+    loss.backward()
+    with torch.no_grad():
+        h = student.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    want = fused_linear_sparse_vcrd_loss(h[:, :-1], student.lm_head.weight.detach(), tc.sparse_teacher_of(batch),
+                                         batch["labels"][:, 1:], step_ids=batch["step_ids"][:, 1:], config="vcrd")
+    torch.testing.assert_close(loss.detach(), want, rtol=1e-5, atol=1e-6)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters() if p.requires_grad)
+    assert stats.valid.sum() == (batch["labels"][:, 1:] != -100).sum()

@@ -24,6 +24,7 @@ from torch import nn
 from ..core.config import VCRDConfig, resolve_config
 from ..core.stats import ROW_FIELDS, VCRDStats
 from ..loss.fused_linear import FusedLinearVCRDLoss
+from ..loss.sparse import SparseTeacher, fused_linear_sparse_vcrd_loss
 
 BATCH_KEYS = ("input_ids", "attention_mask", "labels", "step_ids")
 # logged means: stats field -> log name
@@ -368,6 +369,8 @@ def distill_loss(student: nn.Module, teacher: nn.Module, batch: Mapping,
     loss_fn = _loss_module(loss_fn)
     input_ids, mask, labels, steps = _check_batch(batch)
     num_items_in_batch = _check_count(num_items_in_batch)
+    if CACHE_KEYS[0] in batch:  # offline: the teacher's top-K rows come with the batch (vcrd cache-teacher)
+        return _distill_from_cache(student, batch, loss_fn, input_ids, mask, labels, steps, num_items_in_batch)
     teacher_lm = check_causal_lm(teacher, "teacher")  # refused before the student's forward runs
     student_lm = check_causal_lm(student, "student")
     h_s, w_s, b_s = final_hidden(student, input_ids, mask, "student", student_lm)
@@ -383,6 +386,26 @@ def distill_loss(student: nn.Module, teacher: nn.Module, batch: Mapping,
     if not loss.requires_grad:
         _reshard_head(student, student_lm[0])
     return loss, stats
+
+
+CACHE_KEYS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_logprob")
+
+
+def _distill_from_cache(student, batch, loss_fn, input_ids, mask, labels, steps, num_items_in_batch):
+    """:func:`distill_loss` with a cached sparse teacher (SPEC §10): ``batch`` carries
+    ``teacher_topk_ids [B, T, K]``, ``teacher_topk_logprobs [B, T, K]``, ``teacher_tail_logprob [B, T]``
+    aligned with the input positions (:class:`vcrd.train.teacher_cache.TeacherCacheCollator`); no
+    teacher model runs."""
+    missing = [k for k in CACHE_KEYS if k not in batch]
+    if missing:
+        raise ValueError(f"batch: a cached teacher needs {list(CACHE_KEYS)}, missing {missing}")
+    teacher = SparseTeacher(*(batch[k][:, :-1] for k in CACHE_KEYS))
+    student_lm = check_causal_lm(student, "student")
+    h_s, w_s, b_s = final_hidden(student, input_ids, mask, "student", student_lm)
+    return fused_linear_sparse_vcrd_loss(
+        h_s[:, :-1], w_s, teacher, labels[:, 1:], student_bias=b_s, step_ids=None if steps is None else steps[:, 1:],
+        config=loss_fn.config, num_items_in_batch=num_items_in_batch, reduction=loss_fn.reduction,
+        chunk_size=loss_fn.chunk_size, impl=loss_fn.impl, return_stats=True)
 
 
 class _StatSums:
