@@ -1,13 +1,18 @@
 """Packed LALP scorer vs one plain forward per window (same tiny model, same scores).
 
-    python benches/bench_naturalness.py            # prints a markdown table; numbers go into docs/benchmarks.md
+    .venv/bin/python benches/bench_naturalness.py                    # the full table for docs/benchmarks.md
+    .venv/bin/python benches/bench_naturalness.py --vocab 300 --prompt 16 --repeats 3
 
-A randomly initialised Llama-style model (4 layers, hidden 256) with a 32000-entry vocabulary,
-as small students have (the LM head then dominates their compute; the built-in character
-tokenizer uses the first 100 ids), 32 responses × 12 steps × ~30 tokens, window 4. Both scorers
-run the same windows through the same model: the packed scorer batches them and computes logits
-only at the scored positions, the naive loop runs one forward per window over full logits.
-``--vocab 100`` shows the case where the LM head costs nothing. Times are medians of 3 runs.
+A randomly initialised Llama-style model (4 layers, hidden 256, 4 heads) and a byte-pair tokenizer
+with a 300-entry vocabulary trained here (``tokenizers``, no download) on text like the data; the
+model's vocabulary is 300 (the LM head costs almost nothing: only the transformer work and its
+batching count) or 32000 (as small students have: the head dominates a naive loop, which computes
+logits everywhere). 32 responses × 12 steps, window 4, prompts of about 16 / 128 / 512 tokens.
+
+Both scorers run in the same process, interleaved (naive, packed, naive, packed, ...), so a
+machine shared with other jobs slows both alike; the table gives the median wall time and the
+median CPU time (``time.process_time``: all threads of this process) of each, and the largest
+|Δ| over LALP, GALP and every step score.
 """
 
 from __future__ import annotations
@@ -18,54 +23,114 @@ import time
 
 import torch
 
+WORDS = ("the a train car goes runs km miles hours speed total sum of each and then add take away what "
+         "is left more less times twice half number answer question first second next last value price "
+         "apples books pages weeks days people").split()
 
-def data(n_responses: int = 32, n_steps: int = 12, seed: int = 0):
+
+def data(n_responses: int = 32, n_steps: int = 12, prompt_words: int = 4, seed: int = 0):
     rng = random.Random(seed)
     prompts, responses = [], []
     for r in range(n_responses):
         a, b = rng.randint(10, 99), rng.randint(10, 99)
-        prompts.append(f"Q{r}: what is {a}*{b}+{n_steps}?")
+        context = " ".join(rng.choice(WORDS) for _ in range(prompt_words))
+        prompts.append(f"Q{r}: {context} what is {a}*{b}+{n_steps}?")
         steps = [f"Step {i}: add {rng.randint(10, 99)} to get {rng.randint(100, 999)}.\n\n" for i in range(n_steps)]
         responses.append(steps)
     return prompts, responses
 
 
-def median_time(fn, repeats: int = 3):
-    out, times = None, []
+def bpe_tokenizer(vocab_size: int = 300):
+    """A byte-level BPE tokenizer with ``vocab_size`` entries (BOS ``<s>``, pad ``<pad>``), trained locally."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    prompts, responses = data(200, 12, 40, seed=123)
+    core.train_from_iterator(prompts + ["".join(r) for r in responses], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def prompt_words_for(tok, target: int) -> int:
+    """The number of filler words that makes the prompts about ``target`` tokens long (BOS included)."""
+    lo, hi = 0, 4 * target
+    while lo < hi:
+        mid = (lo + hi) // 2
+        n = statistics.mean(1 + len(tok(p, add_special_tokens=False)["input_ids"]) for p in data(8, 1, mid)[0])
+        lo, hi = (mid + 1, hi) if n < target else (lo, mid)
+    return lo
+
+
+def run(vocab: int, prompt_tokens: int, repeats: int, tok, n_threads: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from vcrd.select.naturalness import naive_score, score_responses
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=max(vocab, len(tok)), hidden_size=256, intermediate_size=688,
+                                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                                         max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
+                                         pad_token_id=tok.pad_token_id)).eval()
+    prompts, responses = data(prompt_words=prompt_words_for(tok, prompt_tokens) if prompt_tokens > 16 else 0)
+    p_len = statistics.mean(1 + len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+    n_tok = sum(len(tok(s, add_special_tokens=False)["input_ids"]) for r in responses for s in r)
+
+    def packed():
+        return score_responses(model, tok, prompts, responses, window=4)
+
+    def naive():
+        return [naive_score(model, tok, p, r, 4) for p, r in zip(prompts, responses)]
+
+    times = {"naive": ([], []), "packed": ([], [])}
+    outs = {}
+    packed()  # warm-up (allocator, first-call costs) for both
+    naive_score(model, tok, prompts[0], responses[0], 4)
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+        for name, fn in (("naive", naive), ("packed", packed)):
+            w0, c0 = time.perf_counter(), time.process_time()
+            outs[name] = fn()
+            times[name][0].append(time.perf_counter() - w0)
+            times[name][1].append(time.process_time() - c0)
+    diff = 0.0
+    for a, (lalp, galp, steps) in zip(outs["packed"], outs["naive"]):
+        diff = max([diff, abs(a.lalp - lalp), abs(a.galp - galp)] + [abs(x - y) for x, y in zip(a.step_scores, steps)])
+    wn, cn = (statistics.median(t) for t in times["naive"])
+    wp, cp = (statistics.median(t) for t in times["packed"])
+    return (f"| {vocab} | {p_len:.0f} | {n_tok} | {wn:.2f} | {wp:.2f} | **{wn / wp:.2f}×** | {cn:.2f} | {cp:.2f} | "
+            f"{cn / cp:.2f}× | {diff:.1e} |")
 
 
 def main() -> None:
     import argparse
-
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from vcrd.app.tokenizer import build_char_tokenizer
-    from vcrd.select.naturalness import naive_score, score_responses
+    import os
+    import platform
 
     parser = argparse.ArgumentParser(description="Packed LALP scorer vs one forward per window.")
-    parser.add_argument("--vocab", type=int, default=32000, help="model vocabulary (>= 100; default 32000)")
-    vocab = max(parser.parse_args().vocab, 100)
-    torch.manual_seed(0)
-    tok = build_char_tokenizer()
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=688,
-                                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-                                         max_position_embeddings=2048)).eval()
-    prompts, responses = data()
-    n_tokens = sum(len(tok(s, add_special_tokens=False)["input_ids"]) for r in responses for s in r)
-    t_packed, packed = median_time(lambda: score_responses(model, tok, prompts, responses, window=4))
-    t_naive, naive = median_time(lambda: [naive_score(model, tok, p, r, 4) for p, r in zip(prompts, responses)])
-    diff = max(max(abs(a.lalp - b[0]), abs(a.galp - b[1])) for a, b in zip(packed, naive))
-    print(f"{len(prompts)} responses × {len(responses[0])} steps, {n_tokens} response tokens, window 4, "
-          f"vocabulary {vocab}, {torch.get_num_threads()} threads\n")
-    print("| scorer | median time (s) | speed-up | max |Δ LALP/GALP| vs naive |")
-    print("|---|---|---|---|")
-    print(f"| naive: one forward per window | {t_naive:.2f} | 1.00× | – |")
-    print(f"| vcrd packed (`score_responses`) | {t_packed:.2f} | {t_naive / t_packed:.2f}× | {diff:.1e} |")
+    parser.add_argument("--vocab", type=int, nargs="*", default=[300, 32000], help="model vocabularies")
+    parser.add_argument("--prompt", type=int, nargs="*", default=[16, 128, 512], help="prompt lengths (tokens)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each scorer (interleaved)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tok = bpe_tokenizer(300)
+    threads = torch.get_num_threads()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"32 responses × 12 steps, window 4, 4 layers × 256, BPE tokenizer of {len(tok)} ids; {threads} threads, "
+          f"torch {torch.__version__}, {platform.processor() or platform.machine()}, load average {load:.1f} at start;"
+          f" median of {args.repeats} interleaved runs\n")
+    print("| vocab | prompt tokens | response tokens | naive wall (s) | packed wall (s) | wall speed-up | "
+          "naive CPU (s) | packed CPU (s) | CPU speed-up | max \\|Δ\\| |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for vocab in args.vocab:
+        for p in args.prompt:
+            print(run(vocab, p, args.repeats, tok, threads), flush=True)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"\nload average {load:.1f} at the end")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
@@ -27,7 +28,7 @@ def lm():
     torch.manual_seed(0)
     tok = build_char_tokenizer()
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     model = LlamaForCausalLM(cfg).eval()
     return model, tok
@@ -46,6 +47,99 @@ def test_equals_one_forward_per_window(lm, window, drop_first):
         assert abs(score.lalp - lalp) < 1e-4 and abs(score.galp - galp) < 1e-4
         assert all(abs(a - b) < 1e-4 for a, b in zip(score.step_scores, steps))
         assert score.n_steps == len(steps)
+
+
+def prompt_of(n_tokens: int, seed: int = 0) -> str:
+    """A prompt of exactly ``n_tokens`` ids with the character tokenizer (its BOS included)."""
+    text = "".join("Q: what is 12+7*3? Think. " for _ in range(n_tokens // 20 + 1))
+    return text[seed % 7:][:n_tokens - 1]
+
+
+def assert_equal_to_naive(model, tok, prompts, responses, got, window, drop_first, tol=1e-4):
+    for prompt, response, score in zip(prompts, responses, got):
+        lalp, galp, steps = naive_score(model, tok, prompt, steps_of(response, tok), window, drop_first)
+        assert score.n_steps == len(steps)
+        assert (math.isnan(lalp) and math.isnan(score.lalp)) or abs(score.lalp - lalp) < tol
+        assert (math.isnan(galp) and math.isnan(score.galp)) or abs(score.galp - galp) < tol
+        for a, b in zip(score.step_scores, steps):
+            assert (math.isnan(a) and math.isnan(b)) or abs(a - b) < tol, (window, drop_first, a, b)
+
+
+@pytest.mark.parametrize("prompt_tokens", [1, 16, 128, 512])
+def test_prompt_lengths_windows_and_drop_first_equal_naive(lm, prompt_tokens):
+    """Shared prompt KV caches and step scores read from the GALP forward give the naive scores:
+    windows 0/1/2/4/>=P, drop_first 0 and 3 (a step shorter than drop_first is not scored)."""
+    model, tok = lm
+    prompts = [prompt_of(prompt_tokens, s) for s in range(3)]
+    assert all(len(tok(p)["input_ids"]) + 1 == prompt_tokens for p in prompts)
+    responses = RESPONSES[:2] + [["ab", "Short. ", "A longer step with more words in it.\n\n", "x", "End."]]
+    for window, drop_first in ((0, 0), (1, 3), (2, 0), (4, 0), (4, 3), (99, 0)):
+        got = score_responses(model, tok, prompts, responses, window=window, drop_first=drop_first, token_budget=600)
+        assert_equal_to_naive(model, tok, prompts, responses, got, window, drop_first)
+
+
+def test_mixed_and_repeated_prompts_share_caches(lm):
+    """Prompts of different lengths in one padded batch, the same prompt for several responses (one
+    cache), and every prompt token run through the decoder once."""
+    model, tok = lm
+    prompts = [prompt_of(1), prompt_of(16), prompt_of(128), prompt_of(16), prompt_of(128), prompt_of(40, 3)]
+    responses = [RESPONSES[j % 3] for j in range(len(prompts))]
+    counted = []
+
+    def count(module, args, kwargs):
+        ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+        counted.append(int(mask[:, -ids.shape[1]:].sum()))
+
+    handle = model.get_decoder().register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        got = score_responses(model, tok, prompts, responses, window=99, token_budget=4096)
+    finally:
+        handle.remove()
+    assert_equal_to_naive(model, tok, prompts, responses, got, 99, 0)
+    distinct = {p: len(tok(p)["input_ids"]) + 1 for p in prompts}
+    response_ids = sum(len(tok(s, add_special_tokens=False)["input_ids"]) for r in responses for s in steps_of(r, tok))
+    # window >= P: one forward per response (the last prompt id + the response) after its prompt's cache
+    assert sum(counted) == sum(n - 1 for n in distinct.values()) + len(prompts) + response_ids
+    for window, drop_first in ((0, 0), (2, 1)):
+        got = score_responses(model, tok, prompts, responses, window=window, drop_first=drop_first, token_budget=300)
+        assert_equal_to_naive(model, tok, prompts, responses, got, window, drop_first)
+
+
+def test_without_prompt_sharing_equals_naive(lm, monkeypatch):
+    """Models whose caches cannot be reused (sliding-window or hybrid layers) run each window with its
+    whole prompt; the scores are the same."""
+    import vcrd.select.naturalness as nat
+
+    model, tok = lm
+    monkeypatch.setattr(nat, "_prompt_sharing_supported", lambda model: False)
+    prompts = [prompt_of(1), prompt_of(16), prompt_of(128)]
+    for window, drop_first in ((0, 0), (2, 2)):
+        got = score_responses(model, tok, prompts, RESPONSES, window=window, drop_first=drop_first, token_budget=500)
+        assert_equal_to_naive(model, tok, prompts, RESPONSES, got, window, drop_first)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and importlib.util.find_spec("flash_attn")),
+                    reason="the varlen (padding-free) path needs CUDA and the flash_attn package; neither can be "
+                           "installed on the CPU-only build machines")
+def test_varlen_flash_attention_path_equals_naive():  # pragma: no cover - CUDA + flash-attn only
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tok = build_char_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, bos_token_id=tok.bos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    model.config._attn_implementation = "flash_attention_2"
+    from vcrd.select.naturalness import _varlen_available
+
+    assert _varlen_available(model, torch.device("cuda"))
+    prompts = [prompt_of(16), prompt_of(128), prompt_of(16, 2)]
+    ref = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    ref.load_state_dict(model.state_dict())
+    ref.config._attn_implementation = "eager"
+    got = score_responses(model, tok, prompts, RESPONSES, window=2)
+    assert_equal_to_naive(ref, tok, prompts, RESPONSES, got, 2, 0, tol=3e-2)  # bf16 forwards
 
 
 def test_full_window_reproduces_galp_token_by_token(lm):

@@ -6,11 +6,28 @@ A response is split into reasoning steps; step i is scored with only the prompt 
 context. Every piece (prompt, each step) is tokenised on its own, so a step has the same ids in
 every context.
 
-All windows of all responses (and the GALP sequences) are batched: sorted by length and grouped
-into padded batches of at most ``token_budget`` tokens, one ``torch.inference_mode`` forward of the
-decoder per batch (an attention mask keeps windows apart; each window's positions start at 0).
-Log-probs of the scored ids come from the final hidden states and the LM head, ``chunk_rows`` rows
-at a time (the Triton label log-prob kernel on CUDA), never a ``[tokens, V]`` log-softmax.
+Exact sharing, then batching (the scores equal one plain forward per window, see ``naive_score``):
+
+- the prompt is the same prefix of every window of a response: its KV cache (all ids but the last)
+  is computed once per distinct prompt and reused, gathered into each batch, by every window and the
+  GALP sequence of the responses that have it (``DynamicCache``; right-padded prefixes are masked
+  out and each row's positions continue after its own prompt). Models with sliding-window or
+  hybrid layers run each window with its whole prompt instead;
+- the windows of steps ``1..k+1`` are prefixes of the GALP sequence (prompt ++ every earlier step),
+  so their step scores are read from the GALP forward; only steps ``k+2..P`` get a forward of
+  their own (prompt cache ++ last prompt id ++ ``k`` steps ++ the step); with ``k >= P`` one
+  forward per response gives every score;
+- the remaining sequences are sorted by length and grouped into padded batches of at most
+  ``token_budget`` (prefix + suffix) tokens, one ``torch.inference_mode`` decoder forward per batch
+  without a new KV cache (``use_cache=False`` when there is no prefix). On CUDA with ``flash_attn``
+  and a model loaded with ``attn_implementation="flash_attention_2"`` the sequences are packed back
+  to back without padding instead (Hugging Face's position-id packing, flash-attn varlen; no prompt
+  cache on that path).
+
+Log-probs of the scored ids come from the final hidden states and the LM head (cast to fp32 once
+per call), ``chunk_rows`` rows at a time (the Triton label log-prob kernel on CUDA), never a
+``[tokens, V]`` log-softmax. Prompt caches live only while their group of responses runs (groups of
+at most ``4 * token_budget`` distinct prompt tokens).
 """
 
 from __future__ import annotations
@@ -66,16 +83,21 @@ def _ids(tokenizer, text: str) -> List[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def label_logprobs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, chunk_rows: int = 1024
-                   ) -> torch.Tensor:
-    """``log softmax(head(hidden))[label]`` per row, fp32, ``chunk_rows`` rows of logits at a time."""
+def label_logprobs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, chunk_rows: int = 1024,
+                   *, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``log softmax(head(hidden))[label]`` per row, fp32, ``chunk_rows`` rows of logits at a time.
+
+    ``weight`` / ``bias``: the head's parameters already cast to fp32 (the scorer casts them once per
+    call); by default they are taken from ``head`` and cast here, once per call of this function."""
+    if weight is None:
+        weight = head.weight.float()
+        bias = getattr(head, "bias", None)
+        bias = None if bias is None else bias.float()
     out = torch.empty(labels.shape[0], dtype=torch.float32, device=hidden.device)
-    bias = getattr(head, "bias", None)
     for r0 in range(0, labels.shape[0], chunk_rows):
-        h = hidden[r0:r0 + chunk_rows].float()
-        logits = h @ head.weight.float().T
+        logits = hidden[r0:r0 + chunk_rows].float() @ weight.T
         if bias is not None:
-            logits = logits + bias.float()
+            logits = logits + bias
         y = labels[r0:r0 + chunk_rows]
         if logits.is_cuda:
             from vcrd.kernels.label_logprob import label_logprob
@@ -86,35 +108,63 @@ def label_logprobs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Te
     return out
 
 
+Owner = Tuple[int, int]  # (response index, step index; -1 for GALP)
+
+
 @dataclass
-class _Window:
-    """One sequence to run: ``ids``, and the positions whose next-token log-prob is scored."""
+class _Item:
+    """One sequence to run after a shared prefix (the prompt's KV cache, ``prefix`` ids long).
 
+    ``ids`` is the suffix; ``spans`` are ``(start, stop, owner)``: suffix positions ``start..stop-1``
+    are scored for ``owner``, each predicted by the hidden state one position before (so ``start >= 1``)."""
+
+    prefix_key: Tuple[int, ...]
     ids: List[int]
-    scored_from: int  # ids[scored_from:] are scored (each predicted from everything before it)
-    owner: Tuple[int, int]  # (response index, step index; -1 for the GALP sequence)
+    spans: List[Tuple[int, int, Owner]]
 
 
-def _windows(prompt_ids: List[int], step_ids: List[List[int]], window: int, drop_first: int, r: int) -> List[_Window]:
+def _items(prompt_ids: List[int], step_ids: List[List[int]], window: int, drop_first: int, r: int,
+           share_prompt: bool) -> List[_Item]:
+    """The sequences that score one response (SPEC §8, exact sharing).
+
+    With ``share_prompt`` every sequence starts after ``prompt_ids[:-1]`` (computed once, its KV cache
+    reused); the suffix starts with the prompt's last id, whose hidden state predicts the first id
+    after the prompt. The "full" sequence (prompt ++ all steps) gives GALP and also the step scores of
+    steps ``0..window`` (0-based), whose windows are its prefixes (context = prompt ++ all earlier
+    steps). Each later step ``i`` gets its own sequence: prompt ++ steps ``i-window..i``."""
+    if share_prompt and prompt_ids:
+        key, lead = tuple(prompt_ids[:-1]), prompt_ids[-1:]
+    else:
+        key, lead = (), list(prompt_ids)
     out = []
+    full, spans, off = lead + [t for s in step_ids for t in s], [], len(lead)
+    if prompt_ids and len(full) > len(lead):
+        spans.append((len(lead), len(full), (r, -1)))
     for i, ids in enumerate(step_ids):
-        context = prompt_ids + [t for s in step_ids[max(0, i - window):i] for t in s]
-        if len(ids) > drop_first and context:
-            out.append(_Window(context + ids, len(context) + drop_first, (r, i)))
-    response = [t for s in step_ids for t in s]
-    if response and prompt_ids:
-        out.append(_Window(prompt_ids + response, len(prompt_ids), (r, -1)))
+        start = off if i <= window else len(lead) + sum(len(s) for s in step_ids[i - window:i])
+        if len(ids) > drop_first and start > 0:  # a step with no context at all is not scored
+            if i <= window:
+                spans.append((start + drop_first, start + len(ids), (r, i)))
+            else:
+                context = lead + [t for s in step_ids[i - window:i] for t in s]
+                out.append(_Item(key, context + ids, [(len(context) + drop_first, len(context) + len(ids), (r, i))]))
+        off += len(ids)
+    if spans:
+        out.append(_Item(key, full, spans))
     return out
 
 
-def _batches(windows: List[_Window], token_budget: int) -> List[List[_Window]]:
-    """Length-sorted padded batches of at most ``token_budget`` tokens (a longer window runs alone)."""
-    batches, current = [], []
-    for w in sorted(windows, key=lambda w: len(w.ids)):
-        if current and (len(current) + 1) * len(w.ids) > token_budget:
+def _batches(items: List[_Item], token_budget: int) -> List[List[_Item]]:
+    """Padded batches sorted by suffix length (then prefix length); a batch's padded size
+    ``rows * (longest prefix + longest suffix)`` stays within ``token_budget`` (a longer item runs alone)."""
+    batches, current, lp, ls = [], [], 0, 0
+    for it in sorted(items, key=lambda it: (len(it.ids), len(it.prefix_key))):
+        p, s = max(lp, len(it.prefix_key)), max(ls, len(it.ids))
+        if current and (len(current) + 1) * (p + s) > token_budget:
             batches.append(current)
-            current = []
-        current.append(w)
+            current, p, s = [], len(it.prefix_key), len(it.ids)
+        current.append(it)
+        lp, ls = p, s
     if current:
         batches.append(current)
     return batches
@@ -129,6 +179,123 @@ def _decoder_and_head(model):
     if head is None or not hasattr(head, "weight"):
         raise ValueError(f"model: expected a causal LM with an output embedding (LM head), got {type(model).__name__}")
     return model.get_decoder(), head
+
+
+def _varlen_available(model, device: torch.device) -> bool:
+    """Padding-free packing (flash-attn varlen through Hugging Face's position-id packing): CUDA, the
+    ``flash_attn`` package importable, and the model loaded with ``attn_implementation="flash_attention_2"``."""
+    if device.type != "cuda" or getattr(getattr(model, "config", None), "_attn_implementation", None) != \
+            "flash_attention_2":
+        return False
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def _prompt_sharing_supported(model) -> bool:
+    """Prompt KV caches are reused only for plain full-attention caches (no sliding-window or
+    hybrid layers, whose caches drop or transform keys)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return False
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    types = getattr(text, "layer_types", None)
+    if types is not None and any(t != "full_attention" for t in types):
+        return False
+    return not getattr(text, "sliding_window", None) or not getattr(text, "use_sliding_window", True)
+
+
+class _PrefixCaches:
+    """KV caches of the distinct prompt prefixes of a group of responses (one padded forward per batch)."""
+
+    def __init__(self, decoder, keys: List[Tuple[int, ...]], token_budget: int, device, pad: int):
+        self.kv = {}  # key -> [(k, v) per layer], each [kv heads, length, head dim]
+        todo = sorted({k for k in keys if k}, key=len)
+        i = 0
+        while i < len(todo):
+            n = max(1, min(len(todo) - i, token_budget // len(todo[i])))
+            while n > 1 and n * len(todo[i + n - 1]) > token_budget:
+                n -= 1
+            group, L = todo[i:i + n], len(todo[i + n - 1])
+            ids = torch.full((n, L), pad, dtype=torch.long)
+            mask = torch.zeros((n, L), dtype=torch.long)
+            for b, k in enumerate(group):
+                ids[b, :len(k)] = torch.tensor(k)
+                mask[b, :len(k)] = 1
+            cache = decoder(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True).past_key_values
+            layers = ([(layer.keys, layer.values) for layer in cache.layers] if hasattr(cache, "layers")
+                      else list(zip(cache.key_cache, cache.value_cache)))  # transformers < 4.56
+            for b, k in enumerate(group):
+                self.kv[k] = [(kk[b, :, :len(k)], vv[b, :, :len(k)]) for kk, vv in layers]
+            i += n
+
+    def batch(self, keys: List[Tuple[int, ...]]):
+        """A ``DynamicCache`` holding each row's prefix, right-padded to the longest."""
+        from transformers import DynamicCache
+
+        P = max(len(k) for k in keys)
+        if P == 0:
+            return None, 0
+        some = self.kv[next(k for k in keys if k)]
+        layers = []
+        for li, (k0, v0) in enumerate(some):
+            K = k0.new_zeros((len(keys), k0.shape[0], P, k0.shape[-1]))
+            V = v0.new_zeros((len(keys), v0.shape[0], P, v0.shape[-1]))
+            for b, k in enumerate(keys):
+                if k:
+                    K[b, :, :len(k)], V[b, :, :len(k)] = self.kv[k][li]
+            layers.append((K, V))
+        cache = DynamicCache()
+        for li, (K, V) in enumerate(layers):
+            cache.update(K, V, li)
+        return cache, P
+
+
+def _run_batch(decoder, batch: List[_Item], caches: Optional[_PrefixCaches], device, pad: int):
+    """Final hidden states ``[rows, longest suffix, H]`` of a padded batch of items."""
+    L = max(len(it.ids) for it in batch)
+    ids = torch.full((len(batch), L), pad, dtype=torch.long)
+    for b, it in enumerate(batch):
+        ids[b, :len(it.ids)] = torch.tensor(it.ids)
+    past, P = (None, 0) if caches is None else caches.batch([it.prefix_key for it in batch])
+    mask = torch.zeros((len(batch), P + L), dtype=torch.long)
+    for b, it in enumerate(batch):
+        mask[b, :len(it.prefix_key)] = 1
+        mask[b, P:P + len(it.ids)] = 1
+    if P:
+        kwargs = dict(past_key_values=past, use_cache=True, position_ids=(
+            torch.tensor([len(it.prefix_key) for it in batch])[:, None] + torch.arange(L)).to(device))
+    else:
+        kwargs = dict(use_cache=False)
+    return decoder(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).last_hidden_state
+
+
+def _run_packed(decoder, batch: List[_Item], device):
+    """Varlen path: the items back to back in one row, positions restarting at 0 for each, no padding
+    and no attention mask (flash-attn's varlen kernel keeps them apart). Returns ``[rows, longest, H]``."""
+    ids = torch.tensor([t for it in batch for t in it.ids])[None]
+    pos = torch.cat([torch.arange(len(it.ids)) for it in batch])[None]
+    hidden = decoder(input_ids=ids.to(device), position_ids=pos.to(device), use_cache=False).last_hidden_state[0]
+    L = max(len(it.ids) for it in batch)
+    out = hidden.new_zeros((len(batch), L, hidden.shape[-1]))
+    start = 0
+    for b, it in enumerate(batch):
+        out[b, :len(it.ids)] = hidden[start:start + len(it.ids)]
+        start += len(it.ids)
+    return out
+
+
+def _packed_batches(items: List[_Item], token_budget: int) -> List[List[_Item]]:
+    batches, current, n = [], [], 0
+    for it in sorted(items, key=lambda it: len(it.ids)):
+        if current and n + len(it.ids) > token_budget:
+            batches.append(current)
+            current, n = [], 0
+        current.append(it)
+        n += len(it.ids)
+    if current:
+        batches.append(current)
+    return batches
 
 
 @torch.inference_mode()
@@ -160,8 +327,10 @@ def score_responses(
     device = head.weight.device
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    varlen = _varlen_available(model, device)
+    share = not varlen and _prompt_sharing_supported(model)
 
-    all_steps, windows, n_tokens = [], [], []
+    all_steps, items, n_tokens = [], [], []
     for r, (prompt, response) in enumerate(zip(prompts, responses)):
         if not isinstance(prompt, str):
             raise TypeError(f"prompts[{r}]: expected a string, got {type(prompt).__name__}")
@@ -174,39 +343,63 @@ def score_responses(
         step_ids = [_ids(tokenizer, s) for s in steps]
         all_steps.append(step_ids)
         n_tokens.append(sum(len(s) for s in step_ids))
-        windows += _windows(bos + _ids(tokenizer, prompt), step_ids, window, drop_first, r)
+        items.append(_items(bos + _ids(tokenizer, prompt), step_ids, window, drop_first, r, share))
 
+    weight = head.weight.float()  # cast once per call
+    bias = getattr(head, "bias", None)
+    bias = None if bias is None else bias.float()
     sums = {}  # owner -> (sum of log-probs, count)
-    batches = _batches(windows, token_budget)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=sum(len(w.ids) for w in windows), unit="tok", desc="scoring")
-    for batch in batches:
-        L = max(len(w.ids) for w in batch)
-        ids = torch.full((len(batch), L), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), L), dtype=torch.long)
-        for b, w in enumerate(batch):
-            ids[b, :len(w.ids)] = torch.tensor(w.ids)
-            mask[b, :len(w.ids)] = 1
-        hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
-        rows, labels, owners = [], [], []
-        for b, w in enumerate(batch):
-            pos = torch.arange(w.scored_from, len(w.ids))
-            rows.append(b * L + pos - 1)  # the hidden state before each scored id predicts it
-            labels.append(torch.tensor(w.ids[w.scored_from:]))
-            owners += [w.owner] * len(pos)
-        lp = label_logprobs(hidden.reshape(-1, hidden.shape[-1])[torch.cat(rows).to(device)], head,
-                            torch.cat(labels).to(device)).double().cpu()
-        start = 0
-        for w in batch:
-            n = len(w.ids) - w.scored_from
-            total, count = sums.get(w.owner, (0.0, 0))
-            sums[w.owner] = (total + float(lp[start:start + n].sum()), count + n)
-            start += n
-        if bar is not None:
-            bar.update(sum(len(w.ids) for w in batch))
+        bar = tqdm(total=sum(len(it.ids) for its in items for it in its), unit="tok", desc="scoring")
+    # Responses in groups whose distinct prompt prefixes fit a cache budget (responses with the same
+    # prompt are adjacent, so they share one cache); the caches live only while their group runs.
+    order = sorted(range(len(items)), key=lambda r: items[r][0].prefix_key if items[r] else ())
+    cache_budget = 4 * token_budget
+    groups, current, seen, cached = [], [], set(), 0
+    for r in order:
+        new = {it.prefix_key for it in items[r]} - seen
+        if current and cached + sum(len(k) for k in new) > cache_budget:
+            groups.append(current)
+            current, seen, cached, new = [], set(), 0, {it.prefix_key for it in items[r]}
+        current.append(r)
+        seen |= new
+        cached += sum(len(k) for k in new)
+    if current:
+        groups.append(current)
+    for group in groups:
+        group_items = [it for r in group for it in items[r]]
+        if not group_items:
+            continue
+        caches = None
+        if share and any(it.prefix_key for it in group_items):
+            caches = _PrefixCaches(decoder, [it.prefix_key for it in group_items], token_budget, device, pad)
+        batches = _packed_batches(group_items, token_budget) if varlen else _batches(group_items, token_budget)
+        for batch in batches:
+            if varlen:
+                hidden = _run_packed(decoder, batch, device)
+            else:
+                hidden = _run_batch(decoder, batch, caches, device, pad)
+            L = hidden.shape[1]
+            rows, labels = [], []
+            for b, it in enumerate(batch):
+                for start, stop, _ in it.spans:
+                    rows.append(torch.arange(b * L + start - 1, b * L + stop - 1))
+                    labels.append(torch.tensor(it.ids[start:stop]))
+            lp = label_logprobs(hidden.reshape(-1, hidden.shape[-1])[torch.cat(rows).to(device)], head,
+                                torch.cat(labels).to(device), weight=weight, bias=bias).double().cpu()
+            k = 0
+            for it in batch:
+                for start, stop, owner in it.spans:
+                    n = stop - start
+                    total, count = sums.get(owner, (0.0, 0))
+                    sums[owner] = (total + float(lp[k:k + n].sum()), count + n)
+                    k += n
+            if bar is not None:
+                bar.update(sum(len(it.ids) for it in batch))
+        del caches
     if bar is not None:
         bar.close()
 

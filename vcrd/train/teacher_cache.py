@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from ..loss.sparse import TAIL_TOLERANCE, SparseTeacher
+from .checkpoints import fsync_dir
 from .data import DistillCollator, Example, new_file_mode
 
 FORMAT = "vcrd-teacher-cache"
@@ -103,15 +104,6 @@ def plan(examples: Sequence[Example], collator: DistillCollator, shard_rows: int
 
 
 # ------------------------------------------------------------------------------------------ files
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _write_json(path: Path, obj: Any) -> None:
     """Atomically: a temporary file beside ``path``, fsync, rename, fsync the folder."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -126,7 +118,7 @@ def _write_json(path: Path, obj: Any) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _sha256(path: Path) -> str:
@@ -190,7 +182,7 @@ def _write_shard(path: Path, rows: int, k: int, fill: Callable[[np.ndarray], Non
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path.stat().st_size, _sha256(path)
 
 
