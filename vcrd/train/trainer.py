@@ -455,11 +455,24 @@ class VCRDTrainer(Trainer):
       statistics ``(D, w_val, w_dc, g, n, lp_s, lp_u, agree)``, each ``[B, T - 1]``.
     - Each training log adds the token means of ``w_val``, ``w_dc``, ``agree``, ``naturalness``
       and ``divergence`` since the last log (this process's batches).
+    - On-policy data as TRL's ``GKDTrainer``: ``lmbda`` (the fraction of micro-batches whose
+      responses the student writes), ``seq_kd`` (the teacher writes them), ``max_new_tokens``,
+      ``generation_temperature`` (0: greedy). See :meth:`generated_batch`.
     """
 
     def __init__(self, *args, teacher_model: nn.Module, vcrd_config: Union[VCRDConfig, str, None] = None,
-                 stop_on_nonfinite_loss: bool = True, **kwargs) -> None:
+                 stop_on_nonfinite_loss: bool = True, lmbda: float = 0.0, seq_kd: bool = False,
+                 max_new_tokens: int = 128, generation_temperature: float = 0.9, **kwargs) -> None:
         loss = _loss_module(vcrd_config, "vcrd_config")
+        if isinstance(lmbda, bool) or not isinstance(lmbda, (int, float)) or not 0.0 <= lmbda <= 1.0:
+            raise ValueError(f"lmbda: expected a fraction in [0, 1], got {lmbda!r}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
+        if not isinstance(generation_temperature, (int, float)) or not generation_temperature >= 0:
+            raise ValueError(f"generation_temperature: expected a number >= 0 (0: greedy), "
+                             f"got {generation_temperature!r}")
+        self.lmbda, self.seq_kd = float(lmbda), bool(seq_kd)
+        self.max_new_tokens, self.generation_temperature = max_new_tokens, float(generation_temperature)
         check_causal_lm(teacher_model, "teacher_model")
         super().__init__(*args, **kwargs)
         check_causal_lm(self.model, "model")
@@ -477,6 +490,69 @@ class VCRDTrainer(Trainer):
             from .callbacks import NonFiniteLossStop
 
             self.add_callback(NonFiniteLossStop(self))
+
+    def training_step(self, model: nn.Module, inputs: Dict[str, Any], num_items_in_batch: Count = None):
+        """TRL's GKD mixing: with ``seq_kd`` the teacher writes the responses; then, with probability
+        ``lmbda`` (a seeded draw per micro-batch), the student writes them (on-policy). A rewritten
+        batch is scored as its own mean (its token count is no longer the Trainer's), averaged over the
+        accumulated micro-batches. ``lmbda=0`` and ``seq_kd=False`` leave the Trainer's step unchanged."""
+        rewritten = False
+        if self.seq_kd:
+            inputs, rewritten = self.generated_batch(self.teacher, inputs), True
+        if self.lmbda > 0 and self._on_policy_draw() < self.lmbda:
+            inputs, rewritten = self.generated_batch(self.accelerator.unwrap_model(model), inputs), True
+        return super().training_step(model, inputs, None if rewritten else num_items_in_batch)
+
+    def _on_policy_draw(self) -> float:
+        """A uniform draw from a generator seeded by ``args.seed`` and the step (reproducible on resume)."""
+        g = torch.Generator().manual_seed(self.args.seed * 1_000_003 + self.state.global_step * 131 +
+                                          getattr(self, "_micro_step", 0))
+        self._micro_step = getattr(self, "_micro_step", 0) + 1
+        return float(torch.rand((), generator=g))
+
+    @torch.no_grad()
+    def generated_batch(self, model: nn.Module, inputs: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        """``inputs`` with each response replaced by one ``model`` writes for its prompt (the positions
+        before the first label), as TRL labels on-policy batches: prompt ``-100``, the generated ids
+        (through the first EOS) as labels, padding ``-100``. Step ids are dropped (one step per token)."""
+        ids, labels = inputs["input_ids"], inputs["labels"]
+        ignore = self.vcrd_loss.config.ignore_index
+        cfg = unwrap_model(model).generation_config
+        pad = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id
+        eos = cfg.eos_token_id if not isinstance(cfg.eos_token_id, list) else cfg.eos_token_id[0]
+        has_label = labels != ignore
+        mask_in = inputs.get("attention_mask")
+        lengths = mask_in.sum(1) if mask_in is not None else torch.full_like(ids[:, 0], ids.shape[1])
+        starts = torch.where(has_label.any(1), has_label.float().argmax(1), lengths)  # no label: the whole row
+        prompts = [ids[b, :int(starts[b])] for b in range(ids.shape[0])]
+        L = max(len(p) for p in prompts)
+        left = torch.full((len(prompts), L), pad, dtype=ids.dtype, device=ids.device)
+        mask = torch.zeros_like(left)
+        for b, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
+            left[b, L - len(p):], mask[b, L - len(p):] = p, 1
+        was_training = model.training
+        model.eval()
+        sample = self.generation_temperature > 0
+        out = model.generate(input_ids=left, attention_mask=mask, max_new_tokens=self.max_new_tokens,
+                             do_sample=sample, temperature=self.generation_temperature if sample else None,
+                             top_k=None, top_p=None, pad_token_id=pad, eos_token_id=eos)[:, L:]
+        model.train(was_training)
+        rows = []
+        for b, p in enumerate(prompts):
+            new = out[b]
+            ends = (new == eos).nonzero()
+            new = new[:int(ends[0, 0]) + 1] if len(ends) else new
+            rows.append((p, new))
+        T = max(len(p) + len(n) for p, n in rows)
+        batch = {"input_ids": torch.full((len(rows), T), pad, dtype=ids.dtype, device=ids.device),
+                 "attention_mask": torch.zeros((len(rows), T), dtype=torch.long, device=ids.device),
+                 "labels": torch.full((len(rows), T), ignore, dtype=labels.dtype, device=ids.device)}
+        for b, (p, n) in enumerate(rows):
+            seq = torch.cat([p, n])
+            batch["input_ids"][b, :len(seq)] = seq
+            batch["attention_mask"][b, :len(seq)] = 1
+            batch["labels"][b, len(p):len(seq)] = n
+        return batch
 
     def _get_num_items_in_batch(self, batch_samples: List[Any], device: torch.device):
         """The Trainer's count (and its all-rank gather) over ``labels[..., 1:] != ignore_index``,
