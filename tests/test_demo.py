@@ -4,21 +4,42 @@ from __future__ import annotations
 
 import json
 
-from vcrd.app.cli import main
+from vcrd.app.cli import build_parser, main
+from vcrd.app.demo import DemoSettings, run_demo, style_of
+
+TINY = dict(n_train=8, n_trace=4, n_eval=4, teacher_steps=3, student_steps=3, max_new_tokens=12, eval_batch=8)
 
 
 def test_demo_runs_writes_results_and_repeats(tmp_path, capsys):
-    args = ["demo", "--n-train", "8", "--n-eval", "4", "--teacher-steps", "3", "--student-steps", "3"]
-    assert main(args + ["--out", str(tmp_path / "a")]) == 0
-    assert main(args + ["--out", str(tmp_path / "b")]) == 0
+    a = run_demo(DemoSettings(**TINY, out=str(tmp_path / "a")))
+    b = run_demo(DemoSettings(**TINY, out=str(tmp_path / "b")))
     out = capsys.readouterr().out
-    assert "student, preset kd" in out and "student, preset vcrd" in out
-    a = json.loads((tmp_path / "a" / "results.json").read_text())
-    b = json.loads((tmp_path / "b" / "results.json").read_text())
-    assert a["accuracy"] == b["accuracy"] and a["teacher_trace_accuracy"] == b["teacher_trace_accuracy"]
-    assert all(0.0 <= v <= 1.0 for v in a["accuracy"].values())
+    assert "1 torch thread(s)" in out and "preset discord" in out
+    saved = json.loads((tmp_path / "a" / "results.json").read_text())
+    for key in ("accuracy", "n_eval", "seconds", "cpu_seconds", "threads", "loss", "load_average", "style_ranking",
+                "teacher_trace_accuracy"):
+        assert key in saved, key
+    assert set(saved["accuracy"]) == {"teacher", "kd", "discord", "vcrd"} and saved["n_eval"] == 4
+    assert all(len(v) == 2 for v in saved["loss"].values()) and saved["threads"] == 1
+    assert all(0.0 <= v <= 1.0 for v in saved["accuracy"].values())
+    # determinism: the same seed gives the same table
+    assert a["accuracy"] == b["accuracy"] and a["loss"] == b["loss"]
+    assert a["teacher_trace_accuracy"] == b["teacher_trace_accuracy"]
     md = (tmp_path / "a" / "results.md").read_text()
-    assert "| student, preset vcrd |" in md and (tmp_path / "a" / "curves.png").exists()
+    assert "| student (64-d, 2 layers), preset vcrd |" in md and (tmp_path / "a" / "curves.png").exists()
+    assert "as two teachers" in md
+
+
+def test_demo_cli_defaults_are_the_settings_defaults():
+    args = build_parser().parse_args(["demo"])
+    d = DemoSettings()
+    assert (args.n_train, args.n_trace, args.n_eval, args.teacher_steps, args.student_steps, args.threads) == \
+        (d.n_train, d.n_trace, d.n_eval, d.teacher_steps, d.student_steps, d.threads)
+
+
+def test_style_of():
+    assert style_of("3+4=7\n\n7-2=5\n\nAnswer: 5") == "terse"
+    assert style_of("Ana gets 4 more, so 3+4=7.\n\nAnswer: 7") == "verbose"
 
 
 def test_quick_demo_prints_every_preset(capsys):

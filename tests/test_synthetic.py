@@ -36,3 +36,23 @@ def test_answer_checker_and_bad_style():
     assert not check_answer("no answer here", 1)
     with pytest.raises(ValueError, match="style"):
         make_problem(random.Random(0)).solution("chatty")
+
+
+def test_two_step_task_difficulty_and_held_out_exclusion():
+    train = make_dataset(300, seed=0, task="two_step", difficulty=0)
+    held = make_dataset(100, seed=1, task="two_step", difficulty=0, exclude={p.question for p in train})
+    assert not {p.question for p in held} & {p.question for p in train}
+    for p in train + held:
+        assert len(p.steps) == 2
+        for style in ("terse", "verbose"):
+            assert check_answer(p.solution(style), p.answer)
+        for eq, _ in p.steps:
+            lhs, rhs = eq.split("=")
+            assert eval(lhs) == int(rhs) >= 0  # noqa: S307 (our own generated arithmetic)
+    assert max(int(p.steps[0][0].split("+")[0].split("-")[0]) for p in train) <= 9
+    hard = make_dataset(200, seed=0, task="two_step", difficulty=2)
+    assert max(int(p.steps[0][0].split("+")[0].split("-")[0]) for p in hard) > 9
+    with pytest.raises(ValueError, match="difficulty"):
+        make_dataset(1, task="two_step", difficulty=7)
+    with pytest.raises(ValueError, match="task"):
+        make_dataset(1, task="riddles")

@@ -207,6 +207,25 @@ def train_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def cache_teacher(args: argparse.Namespace) -> int:
+    from ..train.checkpoints import signals_exit
+    from ..train.teacher_cache import build_cache
+
+    try:
+        with signals_exit():  # SIGTERM/SIGHUP: the half-written shard's temporary file is removed
+            out = build_cache(args.model, args.data, args.out, args.top_k, batch_size=args.batch_size,
+                              shard_rows=args.shard_rows, max_length=args.max_length,
+                              max_step_tokens=args.max_step_tokens, device=args.device)
+    except FileNotFoundError:
+        raise  # a missing input: exit 2 like any refused argument
+    except OSError as e:  # e.g. a disk full while writing a shard: finished shards are kept
+        print(f"vcrd cache-teacher: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}",
+              file=sys.stderr)
+        return 1
+    print(f"done: teacher cache in {out} (manifest {out / 'manifest.json'})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vcrd", description="Validity-calibrated reasoning distillation losses.")
     parser.add_argument("--version", action="version", version=f"vcrd {__version__}")
@@ -287,6 +306,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-nonfinite-stop", action="store_true",
                    help="keep training after a NaN/inf loss (default: stop with the step and the data lines)")
     t.set_defaults(func=train_command)
+    c = sub.add_parser("cache-teacher", help="cache a local teacher's top-K log-probs for offline distillation",
+                       description="Run a local teacher over a jsonl file (prompt, response), tokenised as vcrd train "
+                                   "does, and store its top-K log-probs and tail mass at every trace token in "
+                                   "memory-mapped shards plus manifest.json (SPEC 10; docs/offline.md). Rerunning "
+                                   "the same command continues an interrupted cache at its first unfinished shard.")
+    c.add_argument("--model", required=True, help="local Hugging Face model folder (the teacher, with its tokenizer)")
+    c.add_argument("--data", required=True, help="input jsonl (the training data)")
+    c.add_argument("--out", required=True, help="cache folder (new, empty, or an unfinished cache of this command)")
+    c.add_argument("--top-k", type=int, default=64, help="K: ids kept per token (default 64)")
+    c.add_argument("--batch-size", type=int, default=8, help="examples per teacher forward (default 8)")
+    c.add_argument("--shard-rows", type=int, default=65536, help="token rows per shard file (default 65536)")
+    c.add_argument("--max-length", type=int, default=512, help="tokens per example, as the training max_length "
+                                                                  "(default 512)")
+    c.add_argument("--max-step-tokens", type=int, default=256, help="split longer steps at sentence ends (default 256)")
+    c.add_argument("--device", default="cpu")
+    c.set_defaults(func=cache_teacher)
     return parser
 
 

@@ -1,48 +1,70 @@
-"""The main job (``vcrd demo``): a complete distillation on the built-in arithmetic task, on a CPU.
+"""The main job (``vcrd demo``): a complete distillation on the built-in two-step arithmetic task, on a CPU.
 
-1. train a small teacher briefly on reference solutions (both styles, cross-entropy);
-2. let it write two sampled solutions per training problem (its traces);
-3. keep, per problem, the trace with the highest local naturalness (LALP) under the student;
-4. distil the same initial student twice on the kept traces, with preset ``kd`` and with preset
-   ``vcrd`` (same seeds, steps, data and batches), through :func:`vcrd.train.trainer.distill_loss`;
-5. evaluate exact-match accuracy by greedy decoding on held-out problems;
-6. print a table and write ``results.md`` and ``curves.png`` to the output folder.
+1. train a small teacher (128-d, 4 layers) on reference solutions in two styles (terse equations,
+   verbose sentences; cross-entropy, 1200 steps): it gets most, not all, held-out problems right;
+2. let it write two sampled solutions (temperature 0.8) per training problem: its traces, with its
+   real mistakes in them;
+3. score every trace by local and global naturalness (LALP / GALP) under the initial student, keep
+   the best-LALP trace per problem, and rank the two styles as two "teachers" (``rank_teachers``);
+4. distil the same initial student (64-d, 2 layers) once per preset (``kd``, ``discord``, ``vcrd``:
+   same seeds, steps, data and batches) through :func:`vcrd.train.trainer.distill_loss`;
+5. evaluate exact-match accuracy by batched greedy decoding (KV cache, left padding) on 500
+   held-out problems;
+6. print a table and write ``results.json``, ``results.md`` and ``curves.png`` to the output folder.
 
-Everything is seeded: the same seed gives the same table.
+Everything is seeded: the same seed and thread count give the same table. The pieces (teacher,
+traces, selection, distillation, evaluation) are reused by :mod:`vcrd.app.quality`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import random
+import re
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..select.naturalness import score_responses
-from ..select.selection import select_responses
+from ..core.config import VCRDConfig
+from ..select.naturalness import ResponseScore, score_responses
+from ..select.selection import rank_teachers, select_responses
 from ..train.data import DistillCollator, Example
 from ..train.trainer import distill_loss
-from .synthetic import Problem, check_answer
+from .synthetic import STYLES, Problem, check_answer, make_dataset
 from .tokenizer import build_char_tokenizer
+
+PRESET_NAMES = ("kd", "discord", "vcrd")
 
 
 @dataclass
 class DemoSettings:
-    n_train: int = 256
-    n_eval: int = 48
-    teacher_steps: int = 300
-    student_steps: int = 150
-    batch_size: int = 16
+    n_train: int = 2000            # problems the teacher trains on (both styles of each)
+    n_trace: int = 1000            # the first n_trace training problems get sampled teacher traces
+    n_eval: int = 500              # held-out problems (questions never seen in training)
+    teacher_steps: int = 1200
+    student_steps: int = 600
+    batch_size: int = 8
+    lr: float = 3e-3
+    samples: int = 2               # sampled traces per problem
+    temperature: float = 0.8
+    difficulty: int = 0
+    eval_batch: int = 128
+    max_new_tokens: int = 88       # the longest verbose solution is 81 characters, terse ones <= 27
+    group: int = 8                 # length grouping: every `group` batches come from one sorted draw
+    threads: int = 1               # torch threads (0: torch's default); 1: see docs/quality.md
     seed: int = 0
+    presets: Tuple[str, ...] = PRESET_NAMES
     out: str = "runs/demo"
 
 
-def _llama(tok, hidden: int, layers: int, seed: int):
+# ------------------------------------------------------------------------------------------ pieces
+def llama(tok, hidden: int, layers: int, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -52,49 +74,65 @@ def _llama(tok, hidden: int, layers: int, seed: int):
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False))
 
 
-def _schedule(opt, steps: int):
+def schedule(opt, steps: int):
     """Linear warm-up over the first tenth of the steps, then cosine decay to 0."""
     warm = max(1, steps // 10)
     return torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
 
 
-def _problems(n: int, seed: int) -> List[Problem]:
+def batches(examples: Sequence[Example], steps: int, batch_size: int, seed: int, group: int) -> List[List[Example]]:
+    """``steps`` batches; every ``group`` batches come from one random draw of ``group * batch_size``
+    examples sorted by length (less padding); ``group=1`` is plain random sampling."""
     rng = random.Random(seed)
-    from .synthetic import make_problem
+    n = min(batch_size, len(examples))
+    out: List[List[Example]] = []
+    while len(out) < steps:
+        pool = rng.sample(list(examples), min(len(examples), n * group))
+        pool.sort(key=lambda e: len(e.prompt) + len(e.response))
+        chunk = [pool[i:i + n] for i in range(0, len(pool) - n + 1, n)]
+        rng.shuffle(chunk)
+        out += chunk
+    return out[:steps]
 
-    return [make_problem(rng, n_events=2) for _ in range(n)]
+
+def _step(model, opt, sched, loss) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
 
 
-def _train_teacher(model, tok, problems: List[Problem], steps: int, batch_size: int, seed: int, bar) -> List[float]:
-    collate = DistillCollator(tok, max_length=384)
-    examples = [Example(p.question, p.solution(style)) for p in problems for style in ("terse", "verbose")]
-    rng = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    sched = _schedule(opt, steps)
-    losses = []
+def train_teacher(model, tok, problems: Sequence[Problem], steps: int, batch_size: int, lr: float, seed: int,
+                  group: int, bar=None) -> List[float]:
+    """Cross-entropy on the reference solutions of ``problems`` in both styles."""
+    collate = DistillCollator(tok, max_length=256)
+    examples = [Example(p.question, p.solution(style)) for p in problems for style in STYLES]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    sched = schedule(opt, steps)
+    losses: List[float] = []
     model.train()
-    for _ in range(steps):
-        batch = collate(rng.sample(examples, batch_size))
+    for chosen in batches(examples, steps, batch_size, seed, group):
+        batch = collate(chosen)
         loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        _step(model, opt, sched, loss)
         losses.append(loss.item())
-        bar.update(1)
+        if bar is not None:
+            bar.update(1)
     return losses
 
 
 @torch.inference_mode()
-def _generate(model, tok, prompts: List[str], *, sample: bool, seed: int, max_new_tokens: int = 200) -> List[str]:
-    """Solutions written by ``model`` for each prompt (greedy, or sampled at temperature 0.7)."""
+def generate(model, tok, prompts: Sequence[str], *, sample: bool, seed: int, max_new_tokens: int, batch: int,
+             temperature: float = 1.0) -> List[str]:
+    """Solutions written by ``model`` for each prompt: batched, left-padded, with the KV cache;
+    greedy, or sampled at ``temperature``."""
     model.eval()
     torch.manual_seed(seed)
-    out = []
-    for i in range(0, len(prompts), 32):
-        enc = [[tok.bos_token_id] + tok(p, add_special_tokens=False)["input_ids"] for p in prompts[i:i + 32]]
+    out: List[str] = []
+    for i in range(0, len(prompts), batch):
+        enc = [[tok.bos_token_id] + tok(p, add_special_tokens=False)["input_ids"] for p in prompts[i:i + batch]]
         L = max(map(len, enc))
         ids = torch.full((len(enc), L), tok.pad_token_id)
         mask = torch.zeros((len(enc), L), dtype=torch.long)
@@ -102,46 +140,176 @@ def _generate(model, tok, prompts: List[str], *, sample: bool, seed: int, max_ne
             ids[b, L - len(e):] = torch.tensor(e)
             mask[b, L - len(e):] = 1
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=sample,
-                             temperature=0.7 if sample else None, top_k=None, top_p=None,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                             temperature=temperature if sample else None, top_k=None, top_p=None,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True)
         out += [tok.decode(g[L:], skip_special_tokens=True) for g in gen]
     return out
 
 
-def _distil(student, teacher, tok, examples: List[Example], preset: str, steps: int, batch_size: int, seed: int,
-            bar) -> Dict[str, List[float]]:
-    collate = DistillCollator(tok, max_length=384)
-    rng = random.Random(seed)  # the same batches for every preset
-    opt = torch.optim.AdamW(student.parameters(), lr=3e-3, weight_decay=0.0)
-    sched = _schedule(opt, steps)
-    curves: Dict[str, List[float]] = {"loss": [], "w_val": [], "w_dc": [], "agree": []}
+def style_of(text: str) -> str:
+    """``verbose`` when the solution is written in sentences ("..., so 3+4=7."), else ``terse``."""
+    return "verbose" if re.search(r"\bso\b|\bleft\b", text) else "terse"
+
+
+def evaluate(model, tok, problems: Sequence[Problem], s: DemoSettings) -> Dict[str, float]:
+    """Greedy exact-match accuracy on ``problems``, and the share of verbose answers."""
+    answers = generate(model, tok, [p.question for p in problems], sample=False, seed=s.seed,
+                       max_new_tokens=s.max_new_tokens, batch=s.eval_batch)
+    right = [check_answer(a, p.answer) for a, p in zip(answers, problems)]
+    return {"accuracy": sum(right) / len(problems),
+            "verbose_share": sum(style_of(a) == "verbose" for a in answers) / len(problems)}
+
+
+def distil(student, teacher, tok, examples: Sequence[Example], config: Union[str, VCRDConfig], s: DemoSettings,
+           steps: int, seed: int, bar=None) -> Dict[str, List[float]]:
+    """Distil ``student`` from ``teacher`` on ``examples`` with one loss config; per-step curves:
+    the loss, mean w_val / w_dc, and mean w_dc on digit tokens and on the other trace tokens."""
+    collate = DistillCollator(tok, max_length=256)
+    digits = torch.tensor([tok.convert_tokens_to_ids(c) for c in "0123456789"])
+    opt = torch.optim.AdamW(student.parameters(), lr=s.lr, weight_decay=0.0, betas=(0.9, 0.98))
+    sched = schedule(opt, steps)
+    curves: Dict[str, List[float]] = {k: [] for k in ("loss", "w_val", "w_dc", "agree", "w_dc_digits", "w_dc_other")}
     student.train()
-    for _ in range(steps):
-        batch = collate(rng.sample(examples, min(batch_size, len(examples))))
-        loss, stats = distill_loss(student, teacher, batch, preset)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        sched.step()
+    for chosen in batches(examples, steps, s.batch_size, seed, s.group):
+        batch = collate(chosen)
+        loss, stats = distill_loss(student, teacher, batch, config)
+        _step(student, opt, sched, loss)
         means = stats.means()
         curves["loss"].append(loss.item())
         for key in ("w_val", "w_dc", "agree"):
             curves[key].append(float(means[key]))
-        bar.update(1)
+        with torch.no_grad():
+            y = batch["labels"][:, 1:]
+            w = stats.w_dc.detach().float()
+            is_digit = torch.isin(y, digits)
+            other = (y != -100) & ~is_digit
+            curves["w_dc_digits"].append(float(w[is_digit].mean()) if is_digit.any() else math.nan)
+            curves["w_dc_other"].append(float(w[other].mean()) if other.any() else math.nan)
+        if bar is not None:
+            bar.update(1)
     return curves
 
 
-def _accuracy(model, tok, problems: List[Problem], seed: int) -> float:
-    answers = _generate(model, tok, [p.question for p in problems], sample=False, seed=seed)
-    return sum(check_answer(a, p.answer) for a, p in zip(answers, problems)) / len(problems)
+def head_tail(values: Sequence[float], n: int = 10) -> Tuple[float, float]:
+    """Mean of the first ``n`` and of the last ``n`` values (fewer when there are fewer)."""
+    k = max(1, min(n, len(values)))
+    return sum(values[:k]) / k, sum(values[-k:]) / k
 
 
-def _tail_mean(values: List[float], n: int = 20) -> float:
-    tail = values[-n:]
-    return sum(tail) / len(tail)
+def _nanmean(values: Sequence[float]) -> float:
+    real = [v for v in values if not math.isnan(v)]
+    return sum(real) / len(real) if real else math.nan
 
 
+@dataclass
+class Prepared:
+    """What every student shares: the teacher, the traces and their scores, the initial student."""
+
+    tok: object
+    train: List[Problem]
+    held_out: List[Problem]
+    teacher: object
+    teacher_losses: List[float]
+    prompts: List[str]                  # one per candidate trace
+    traces: List[str]
+    problem_of: List[int]               # candidate -> index into train
+    right: List[bool]
+    scores: List[ResponseScore]         # LALP / GALP under the initial student (window 4)
+    initial_student: object
+    timings: Dict[str, Dict[str, float]] = field(default_factory=dict)
+
+
+class Clock:
+    """Wall and CPU seconds per phase (CPU: ``time.process_time``, all threads of this process)."""
+
+    def __init__(self) -> None:
+        self.phases: Dict[str, Dict[str, float]] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        w, c = time.perf_counter(), time.process_time()
+        yield
+        self.phases[name] = {"wall": time.perf_counter() - w, "cpu": time.process_time() - c}
+
+
+@contextlib.contextmanager
+def eager_loss() -> Iterator[None]:
+    """``VCRD_COMPILE=0`` unless set: at a 90-token vocabulary compiling the loss chunks costs more
+    than it saves (and batch shapes vary, so it would recompile)."""
+    old = os.environ.get("VCRD_COMPILE")
+    os.environ.setdefault("VCRD_COMPILE", "0")
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("VCRD_COMPILE", None)
+
+
+def prepare(s: DemoSettings, clock: Clock, bar=None, log=print) -> Prepared:
+    """Steps 1–3: data, teacher, sampled traces, scores under the initial student."""
+    tok = build_char_tokenizer()
+    train = make_dataset(s.n_train, s.seed, "two_step", s.difficulty)
+    held_out = make_dataset(s.n_eval, s.seed + 1, "two_step", s.difficulty, exclude={p.question for p in train})
+    with clock("teacher"):
+        teacher = llama(tok, 128, 4, s.seed)
+        teacher_losses = train_teacher(teacher, tok, train, s.teacher_steps, s.batch_size, s.lr, s.seed, s.group, bar)
+        teacher.eval().requires_grad_(False)
+    traced = train[:min(s.n_trace, len(train))]
+    log(f"\nteacher writes {s.samples} sampled traces (temperature {s.temperature}) for {len(traced)} problems ...",
+        flush=True)
+    with clock("traces"):
+        qs = [p.question for p in traced]
+        sampled = [generate(teacher, tok, qs, sample=True, seed=s.seed + 1 + k, max_new_tokens=s.max_new_tokens,
+                            batch=s.eval_batch, temperature=s.temperature) for k in range(s.samples)]
+    problem_of = [i for _ in range(s.samples) for i in range(len(traced))]
+    traces = [t for k in range(s.samples) for t in sampled[k]]
+    prompts = [traced[i].question for i in problem_of]
+    right = [check_answer(t, traced[i].answer) for i, t in zip(problem_of, traces)]
+    with clock("scoring"):
+        initial_student = llama(tok, 64, 2, s.seed + 7)
+        scores = score_responses(initial_student, tok, prompts, traces, window=4)
+    return Prepared(tok, train, held_out, teacher, teacher_losses, prompts, traces, problem_of, right, scores,
+                    initial_student)
+
+
+def select(prep: Prepared, how: str = "lalp", seed: int = 0) -> Tuple[List[Example], float]:
+    """One trace per problem: the best LALP (``"lalp"``), best GALP (``"galp"``) or a random one
+    (``"random"``); returns the examples and the share of kept traces that are right."""
+    if how == "random":
+        rng = random.Random(seed)
+        by_prompt: Dict[str, List[int]] = {}
+        for j, p in enumerate(prep.prompts):
+            by_prompt.setdefault(p, []).append(j)
+        keep = [rng.choice(js) for js in by_prompt.values()]
+    else:
+        keep = select_responses(prep.prompts, prep.scores, by=how)
+    keep = [j for j in keep if prep.traces[j].strip()]
+    examples = [Example(prep.prompts[j], prep.traces[j]) for j in keep]
+    return examples, sum(prep.right[j] for j in keep) / max(1, len(keep))
+
+
+def fresh_student(prep: Prepared, s: DemoSettings):
+    student = llama(prep.tok, 64, 2, s.seed + 7)
+    student.load_state_dict(prep.initial_student.state_dict())
+    return student
+
+
+def style_ranking(prep: Prepared, scores: Sequence[ResponseScore], rows: Optional[Sequence[int]] = None
+                  ) -> List[Dict[str, object]]:
+    """The two styles as two "teachers": ``rank_teachers`` over the sampled traces, with each
+    style's share of right traces."""
+    rows = list(range(len(prep.traces))) if rows is None else list(rows)
+    styles = [style_of(prep.traces[j]) for j in rows]
+    ranks = rank_teachers([prep.prompts[j] for j in rows], styles, list(scores))
+    out = []
+    for r in ranks:
+        mine = [prep.right[j] for j, st in zip(rows, styles) if st == r.teacher]
+        out.append({"style": r.teacher, "traces": r.n_responses, "mean_lalp": r.mean_lalp, "mean_galp": r.mean_galp,
+                    "win_rate": r.win_rate, "right": sum(mine) / max(1, len(mine))})
+    return out
+
+
+# --------------------------------------------------------------------------------------------- run
 def _plot(curves: Dict[str, Dict[str, List[float]]], teacher_losses: List[float], path: Path) -> bool:
     try:
         import matplotlib
@@ -154,74 +322,150 @@ def _plot(curves: Dict[str, Dict[str, List[float]]], teacher_losses: List[float]
     axes[0].plot(teacher_losses, color="gray")
     axes[0].set(title="teacher: cross-entropy", xlabel="step", yscale="log")
     for preset, c in curves.items():
-        axes[1].plot(c["loss"], label=preset)
-        axes[2].plot(c["w_val"], label=f"{preset}: mean w_val")
-        axes[2].plot(c["w_dc"], linestyle="--", label=f"{preset}: mean w_dc")
+        axes[1].plot(c["loss"], label=preset, linewidth=0.8)
+        axes[2].plot(c["w_val"], label=f"{preset}: mean w_val", linewidth=0.8)
+        axes[2].plot(c["w_dc"], linestyle="--", label=f"{preset}: mean w_dc", linewidth=0.8)
     axes[1].set(title="student: distillation loss", xlabel="step", yscale="log")
     axes[2].set(title="student: mean weights", xlabel="step")
     axes[1].legend(fontsize=8)
-    axes[2].legend(fontsize=7)
+    axes[2].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    plt.close(fig)
     return True
 
 
-def run_demo(settings: DemoSettings) -> Dict[str, object]:
-    """Run the whole job; return the results (also written to ``settings.out``)."""
+def _fmt(x: float, spec: str = ".3f") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """``torch.set_num_threads(n)`` for the block (``n = 0``: unchanged), restored afterwards."""
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def run_demo(s: DemoSettings) -> Dict[str, object]:
+    """Run the whole job; return the results (also written to ``s.out``)."""
+    with torch_threads(s.threads):
+        return _run_demo(s)
+
+
+def _run_demo(s: DemoSettings) -> Dict[str, object]:
     from tqdm.auto import tqdm
 
-    t0 = time.perf_counter()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    out = Path(settings.out)
+    for p in s.presets:
+        if p not in PRESET_NAMES:
+            raise ValueError(f"presets: expected names from {PRESET_NAMES}, got {p!r}")
+    threads = torch.get_num_threads()
+    load_start = os.getloadavg()
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_char_tokenizer()
-    train = _problems(settings.n_train, settings.seed)
-    held_out = _problems(settings.n_eval, settings.seed + 1)
-    total = settings.teacher_steps + 2 * settings.student_steps
-    with tqdm(total=total, desc="training", unit="step") as bar:
-        teacher = _llama(tok, 128, 4, settings.seed)
-        teacher_losses = _train_teacher(teacher, tok, train, settings.teacher_steps, settings.batch_size,
-                                        settings.seed, bar)
-        teacher.eval().requires_grad_(False)
-        print("\nteacher writes two sampled traces per problem ...", flush=True)
-        prompts = [p.question for p in train]
-        traces = [_generate(teacher, tok, prompts, sample=True, seed=settings.seed + k) for k in (1, 2)]
-        candidates = [(p, t) for k in range(2) for p, t in zip(prompts, traces[k])]
-        initial_student = _llama(tok, 64, 2, settings.seed + 7)
-        scores = score_responses(initial_student, tok, [c[0] for c in candidates], [c[1] for c in candidates],
-                                 window=4)
-        keep = select_responses([c[0] for c in candidates], scores)
-        data = [Example(candidates[i][0], candidates[i][1]) for i in keep if candidates[i][1].strip()]
-        teacher_train_acc = sum(check_answer(candidates[i][1], train[i % len(train)].answer) for i in keep) / len(keep)
-        curves, accuracy = {}, {}
-        for preset in ("kd", "vcrd"):
-            student = _llama(tok, 64, 2, settings.seed + 7)  # the same initial student for both
-            student.load_state_dict(initial_student.state_dict())
-            curves[preset] = _distil(student, teacher, tok, data, preset, settings.student_steps,
-                                     settings.batch_size, settings.seed + 3, bar)
-            accuracy[preset] = _accuracy(student, tok, held_out, settings.seed)
-    accuracy["teacher"] = _accuracy(teacher, tok, held_out, settings.seed)
-    seconds = time.perf_counter() - t0
-    rows = [("teacher (128-d, 4 layers)", accuracy["teacher"], "-", "-", "-"),
-            *[(f"student, preset {p}", accuracy[p], f"{curves[p]['loss'][-1]:.4f}",
-               f"{_tail_mean(curves[p]['w_val']):.3f}", f"{_tail_mean(curves[p]['w_dc']):.3f}")
-              for p in ("kd", "vcrd")]]
-    table = ["| model | held-out exact match | final distillation loss | mean w_val (last 20) | mean w_dc (last 20) |",
-             "|---|---|---|---|---|"]
-    table += [f"| {name} | {acc:.1%} | {loss} | {wv} | {wd} |" for name, acc, loss, wv, wd in rows]
-    header = (f"vcrd demo, seed {settings.seed}: {settings.n_train} training problems (2-step arithmetic), teacher "
-              f"{settings.teacher_steps} steps, 2 sampled traces per problem, best-LALP trace kept "
-              f"(teacher traces correct on {teacher_train_acc:.0%} of kept problems), students distilled "
-              f"{settings.student_steps} steps each, {settings.n_eval} held-out problems, greedy decoding; "
-              f"{seconds:.0f} s on {torch.get_num_threads()} threads.")
-    plotted = _plot(curves, teacher_losses, out / "curves.png")
+    clock = Clock()
+    print(f"vcrd demo: seed {s.seed}, {threads} torch thread(s), load average {load_start[0]:.2f}", flush=True)
+    with eager_loss(), tqdm(total=s.teacher_steps + len(s.presets) * s.student_steps, desc="training",
+                            unit="step") as bar:
+        prep = prepare(s, clock, bar, log=print)
+        data, kept_right = select(prep, "lalp")
+        with clock("teacher_eval"):
+            teacher_eval = evaluate(prep.teacher, prep.tok, prep.held_out, s)
+        curves: Dict[str, Dict[str, List[float]]] = {}
+        evals: Dict[str, Dict[str, float]] = {}
+        students = {}
+        for preset in s.presets:
+            student = fresh_student(prep, s)  # the same initial student, data and batches for every preset
+            with clock(f"student_{preset}"):
+                curves[preset] = distil(student, prep.teacher, prep.tok, data, preset, s, s.student_steps,
+                                        s.seed + 3, bar)
+            with clock(f"eval_{preset}"):
+                evals[preset] = evaluate(student, prep.tok, prep.held_out, s)
+            students[preset] = student
+    ranking = {"initial student": style_ranking(prep, prep.scores)}
+    ref = "kd" if "kd" in students else s.presets[0]
+    with clock("ranking"), eager_loss():  # the same ranking under a trained student (the first 300 problems)
+        rows = [j for j, i in enumerate(prep.problem_of) if i < 300]
+        trained_scores = score_responses(students[ref], prep.tok, [prep.prompts[j] for j in rows],
+                                         [prep.traces[j] for j in rows], window=4)
+        ranking[f"{ref} student (first 300 problems)"] = style_ranking(prep, trained_scores, rows)
+    seconds, cpu_seconds = time.perf_counter() - wall0, time.process_time() - cpu0
+    load_end = os.getloadavg()
+
+    accuracy = {"teacher": teacher_eval["accuracy"], **{p: evals[p]["accuracy"] for p in s.presets}}
+    loss = {p: list(head_tail(curves[p]["loss"])) for p in s.presets}
+    trace_right = sum(prep.right) / len(prep.right)
+    results = {
+        "accuracy": accuracy, "n_eval": len(prep.held_out), "seconds": seconds, "cpu_seconds": cpu_seconds,
+        "threads": threads, "load_average": {"start": list(load_start), "end": list(load_end)},
+        "loss": loss, "teacher_loss": list(head_tail(prep.teacher_losses)),
+        "teacher_trace_accuracy": trace_right, "kept_trace_accuracy": kept_right, "n_traces": len(prep.traces),
+        "n_kept": len(data), "verbose_share": {"teacher": teacher_eval["verbose_share"],
+                                               **{p: evals[p]["verbose_share"] for p in s.presets}},
+        "weights_last20": {p: {k: _nanmean(curves[p][k][-20:]) for k in ("w_val", "w_dc", "w_dc_digits", "w_dc_other")}
+                           for p in s.presets},
+        "style_ranking": ranking, "phases": clock.phases,
+        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(s).items()},
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+
+    table = ["| model | held-out exact match | distillation loss, mean of first 10 → last 10 steps | "
+             "mean w_val (last 20) | mean w_dc (last 20): all / digits / other tokens |",
+             "|---|---|---|---|---|",
+             f"| teacher (128-d, 4 layers) | {accuracy['teacher']:.1%} | - | - | - |"]
+    for p in s.presets:
+        f, l_ = loss[p]
+        w = results["weights_last20"][p]
+        table.append(f"| student (64-d, 2 layers), preset {p} | {accuracy[p]:.1%} | {f:.3f} → {l_:.3f} "
+                     f"({1 - l_ / f:.0%} lower) | {_fmt(w['w_val'])} | {_fmt(w['w_dc'])} / {_fmt(w['w_dc_digits'])} "
+                     f"/ {_fmt(w['w_dc_other'])} |")
+    rank_table = ["| scored under | style (as a teacher) | traces | right | mean LALP | mean GALP | LALP win rate |",
+                  "|---|---|---|---|---|---|---|"]
+    for under, ranks in ranking.items():
+        rank_table += [f"| {under} | {r['style']} | {r['traces']} | {r['right']:.1%} | {r['mean_lalp']:.3f} | "
+                       f"{r['mean_galp']:.3f} | {r['win_rate']:.1%} |" for r in ranks]
+    header = (f"vcrd demo, seed {s.seed}: two-step arithmetic (difficulty {s.difficulty}); teacher trained "
+              f"{s.teacher_steps} steps (batch {s.batch_size}) on {s.n_train} problems in both styles; it sampled "
+              f"{s.samples} traces per problem for {len(prep.traces) // s.samples} problems ({trace_right:.0%} of "
+              f"traces right); the best-LALP trace per problem was kept ({kept_right:.0%} right); students distilled "
+              f"{s.student_steps} steps each (batch {s.batch_size}); {len(prep.held_out)} held-out problems, greedy "
+              f"decoding. {seconds:.0f} s wall, {cpu_seconds:.0f} s CPU on {threads} torch thread(s) "
+              f"(load average {load_start[0]:.1f} at the start, {load_end[0]:.1f} at the end).")
+    notes = []
+    if "discord" in s.presets:
+        w = results["weights_last20"]["discord"]
+        f, l_ = loss["discord"]
+        starved = w["w_dc_digits"] < w["w_dc_other"]
+        notes.append(
+            f"Preset discord: loss {f:.3f} → {l_:.3f}, held-out accuracy {accuracy['discord']:.1%}. Its per-token "
+            f"correction weight w_dc = sigmoid(lp_s - lp_u) is small where the student gives the teacher's "
+            f"token a low probability; in the last 20 steps it averaged {_fmt(w['w_dc_digits'])} on digit tokens "
+            f"(the arithmetic) against {_fmt(w['w_dc_other'])} on the other tokens"
+            + (". With normalize=\"weights\" the loss is a weighted mean, so it leans on the tokens the student "
+               "already predicts and can fall while the digits stay unlearned; vcrd averages the weight over a "
+               "4-step window, so hard tokens keep the weight of their neighbourhood." if starved else
+               " (no starvation of the digits in this run)."))
+    notes.append(f"LALP selection scores the traces under the untrained initial student (the method scores under "
+                 f"the student), where every trace scores close to log(1/V): it keeps {kept_right:.0%} right traces "
+                 f"against {trace_right:.0%} of all traces. Greedy answers are terse "
+                 "(verbose share of greedy answers: " + ", ".join(
+                     f"{k} {v:.0%}" for k, v in results["verbose_share"].items()) + ").")
+    plotted = _plot(curves, prep.teacher_losses, out / "curves.png")
     md = "\n".join(["# vcrd demo results", "", header, "", *table, "",
+                    "The two teacher styles ranked as two teachers (`rank_teachers`, window 4):", "", *rank_table, "",
+                    *[n + "\n" for n in notes],
                     "![curves](curves.png)" if plotted else "", "",
-                    "Command: `vcrd demo` (what `make demo` runs); the same seed gives the same table.", ""])
+                    "Command: `vcrd demo` (what `make demo` runs); the same seed and thread count give the same "
+                    "table.", ""])
     (out / "results.md").write_text(md)
-    (out / "results.json").write_text(json.dumps({"accuracy": accuracy, "seconds": seconds,
-                                                  "teacher_trace_accuracy": teacher_train_acc}, indent=1))
     print("\n" + header + "\n")
     print("\n".join(table))
-    print(f"\nwrote {out / 'results.md'} and {out / 'curves.png'}")
-    return {"accuracy": accuracy, "seconds": seconds}
+    print("\n" + "\n".join(rank_table) + "\n")
+    print("\n".join(notes))
+    print(f"\nwrote {out / 'results.json'}, {out / 'results.md'} and {out / 'curves.png'}")
+    return results

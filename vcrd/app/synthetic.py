@@ -1,6 +1,12 @@
-"""The built-in reasoning task: multi-step arithmetic word problems, solved step by step.
+"""The built-in reasoning tasks: arithmetic word problems, solved step by step.
 
-Each problem is a short story (a start amount, then 2–4 events: buying k packs of n, giving some
+Two tasks share one :class:`Problem` type. ``events`` (:func:`make_problem`): a start amount, then
+2–4 events (buying k packs of n, giving some away, sharing equally), 2-digit amounts; too hard for
+a model trained for minutes on a CPU. ``two_step`` (:func:`make_two_step_problem`, what ``vcrd
+demo`` uses): one "gets b more" and one "gives c away" in random order, with a ``difficulty`` knob
+for the operand sizes; a 0.7M-parameter teacher learns it in a few minutes.
+
+In the ``events`` task, each problem is a short story (a start amount, then 2–4 events: buying k packs of n, giving some
 away, sharing equally among m people) whose answer needs one arithmetic step per event. Solutions
 come in two teacher styles: ``terse`` (bare equations) and ``verbose`` (a sentence per step).
 Steps are separated by blank lines, so SPEC §8's default splitter finds them, and every solution
@@ -12,7 +18,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Femi", "Gus", "Hana"]
 ITEMS = ["apples", "marbles", "stamps", "coins", "cards", "pens"]
@@ -68,10 +74,53 @@ def make_problem(rng: random.Random, n_events: Optional[int] = None) -> Problem:
     return Problem(question, steps, total)
 
 
-def make_dataset(n: int, seed: int = 0) -> List[Problem]:
-    """``n`` problems from one seed (the same seed gives the same problems)."""
+DIFFICULTIES = {0: (9, 9), 1: (19, 9), 2: (29, 19)}  # difficulty -> (max start, max amount got)
+TASKS = ("events", "two_step")
+
+
+def make_two_step_problem(rng: random.Random, difficulty: int = 0) -> Problem:
+    """Two events (gets b more, gives c away) in random order; one arithmetic step per event.
+
+    ``difficulty`` 0: start 1–9, b 1–9 (single-digit operands); 1: start 1–19, b 1–9; 2: start
+    1–29, b 1–19. c is 0–9 and never more than there is, so every value is >= 0."""
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"difficulty: expected one of {sorted(DIFFICULTIES)}, got {difficulty!r}")
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    a_max, b_max = DIFFICULTIES[difficulty]
+    total = start = rng.randint(1, a_max)
+    story, steps = [], []
+    order = ["buy", "give"] if rng.random() < 0.5 else ["give", "buy"]
+    for kind in order:
+        if kind == "buy":
+            b = rng.randint(1, b_max)
+            story.append(f"gets {b} more")
+            steps.append((f"{total}+{b}={total + b}", f"{name} gets {b} more, so {total}+{b}={total + b}."))
+            total += b
+        else:
+            c = rng.randint(0, min(total, 9))
+            story.append(f"gives {c} away")
+            steps.append((f"{total}-{c}={total - c}", f"{name} gives {c} away, so {total}-{c}={total - c} are left."))
+            total -= c
+    question = f"{name} has {start} {item}, {story[0]} and {story[1]}. How many now?"
+    return Problem(question, steps, total)
+
+
+def make_dataset(n: int, seed: int = 0, task: str = "events", difficulty: int = 0,
+                 exclude: Iterable[str] = ()) -> List[Problem]:
+    """``n`` problems of ``task`` (``"events"`` or ``"two_step"`` at ``difficulty``) from one seed
+    (the same arguments give the same problems); questions in ``exclude`` are skipped (held-out
+    sets exclude the training questions; keep ``n`` well below the number of distinct questions,
+    tens of thousands for the two-step task at difficulty 0)."""
+    if task not in TASKS:
+        raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
     rng = random.Random(seed)
-    return [make_problem(rng) for _ in range(n)]
+    skip = frozenset(exclude)
+    out: List[Problem] = []
+    while len(out) < n:
+        p = make_problem(rng) if task == "events" else make_two_step_problem(rng, difficulty)
+        if p.question not in skip:
+            out.append(p)
+    return out
 
 
 def check_answer(text: str, answer: int) -> bool:

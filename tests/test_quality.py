@@ -1,0 +1,70 @@
+"""The quality benchmark: its statistics on known numbers, and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from vcrd.app.cli import main
+from vcrd.app.quality import ARMS, arm_config, mean_ci, paired_difference, summarize, t_quantile
+
+
+def test_t_quantiles():
+    assert t_quantile(1) == 12.706 and t_quantile(2) == 4.303 and t_quantile(30) == 2.042
+    assert t_quantile(40) == pytest.approx(2.021, abs=1e-3)
+    assert t_quantile(120) == pytest.approx(1.980, abs=1e-3)
+    with pytest.raises(ValueError):
+        t_quantile(0)
+
+
+def test_mean_ci_and_paired_difference_on_known_numbers():
+    m, h = mean_ci([1.0, 2.0, 3.0])  # sd 1, n 3: 4.303 / sqrt(3)
+    assert m == 2.0 and h == pytest.approx(4.303 / math.sqrt(3))
+    m, h = mean_ci([0.5])
+    assert m == 0.5 and math.isnan(h)
+    m, h = paired_difference([0.5, 0.6, 0.7], [0.4, 0.4, 0.6])  # differences 0.1, 0.2, 0.1
+    assert m == pytest.approx(0.4 / 3) and h == pytest.approx(4.303 * math.sqrt(1 / 300) / math.sqrt(3))
+    m, h = paired_difference([0.3, 0.5], [0.2, 0.4])  # a constant shift: zero spread
+    assert m == pytest.approx(0.1) and h == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError):
+        paired_difference([1.0], [1.0, 2.0])
+
+
+def test_summary_pairs_seeds_and_arms_build_valid_configs():
+    per_seed = {"0": {"kd": {"accuracy": 0.5, "loss": [4.0, 1.0]}, "vcrd": {"accuracy": 0.6, "loss": [4.0, 2.0]}},
+                "1": {"kd": {"accuracy": 0.3, "loss": [4.0, 1.0]}, "vcrd": {"accuracy": 0.5, "loss": [4.0, 2.0]}}}
+    rows = {r["arm"]: r for r in summarize(per_seed, ["kd", "vcrd"], [0, 1])}
+    assert rows["vcrd"]["vs_kd"][0] == pytest.approx(0.15) and rows["kd"]["accuracy"][0] == pytest.approx(0.4)
+    assert rows["vcrd"]["loss_drop"][0] == pytest.approx(0.5) and "vs_kd" not in rows["kd"]
+    for name in ARMS:
+        arm_config(name)
+    assert arm_config("per-token window").window_steps is None and arm_config("window 1").window_steps == 1
+
+
+def test_bench_quality_tiny_end_to_end(tmp_path, capsys):
+    out = tmp_path / "q"
+    args = ["bench-quality", "--seeds", "2", "--arms", "kd,vcrd,random selection", "--n-train", "8", "--n-trace",
+            "4", "--n-eval", "4", "--teacher-steps", "2", "--student-steps", "2", "--max-new-tokens", "8",
+            "--out", str(out)]
+    assert main(args) == 0
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["seeds"] == [0, 1] and set(saved["per_seed"]["1"]) == {"kd", "vcrd", "random selection"}
+    assert [r["arm"] for r in saved["summary"]] == ["kd", "vcrd", "random selection"]
+    md = (out / "results.md").read_text()
+    assert "Δ vs kd" in md and "| random selection |" in md
+    assert main(["bench-quality", "--arms", "nope", "--out", str(out)]) == 2
+
+
+def test_bench_quality_merges_runs_over_other_seeds(tmp_path):
+    base = ["bench-quality", "--seeds", "1", "--arms", "kd,vcrd", "--n-train", "8", "--n-trace", "4", "--n-eval", "4",
+            "--teacher-steps", "2", "--student-steps", "2", "--max-new-tokens", "8"]
+    assert main(base + ["--first-seed", "0", "--out", str(tmp_path / "s0")]) == 0
+    assert main(base + ["--first-seed", "1", "--out", str(tmp_path / "s1")]) == 0
+    assert main(["bench-quality", "--merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out",
+                 str(tmp_path / "all")]) == 0
+    saved = json.loads((tmp_path / "all" / "results.json").read_text())
+    assert saved["seeds"] == [0, 1] and saved["summary"][1]["n_seeds"] == 2 and "vs_kd" in saved["summary"][1]
+    assert main(["bench-quality", "--merge", str(tmp_path / "s0"), str(tmp_path / "s0"), "--out",
+                 str(tmp_path / "bad")]) == 2
