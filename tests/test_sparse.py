@@ -7,8 +7,15 @@ import math
 import pytest
 import torch
 
-from vcrd import (SparseTeacher, VCRDConfig, fused_linear_sparse_vcrd_loss, fused_linear_vcrd_loss, reference,
-                  sparse_vcrd_loss, vcrd_loss)
+from vcrd import (
+    SparseTeacher,
+    VCRDConfig,
+    fused_linear_sparse_vcrd_loss,
+    fused_linear_vcrd_loss,
+    reference,
+    sparse_vcrd_loss,
+    vcrd_loss,
+)
 
 from .conftest import assert_parity, ignore_some, realistic_logits, step_ids_for
 
