@@ -291,6 +291,8 @@ def self_test() -> None:
 def orchestrate(args) -> None:
     shapes = [(256, 256, 8000), (1024, 256, 8000)] if args.quick else \
         [(1024, 512, 151936), (256, 512, 32000), (1024, 512, 32000), (4096, 512, 32000)]
+    if args.N and args.H and args.V:  # one shape: --N --H --V
+        shapes = [(args.N, args.H, args.V)]
     self_test()
     rows = []
     machine = None

@@ -4,6 +4,8 @@ against the reference, and against each other, past several chunks."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -63,3 +65,41 @@ def test_compiled_fused_linear_writes_gradient_over_the_logits(chunk_rows, monke
     if chunk_rows:
         monkeypatch.setenv("VCRD_CHUNK_ROWS", chunk_rows)
     fl.three_way(fl.heads(N=230, V=1271), VCRDConfig(ce_weight=0.3, temperature=2.0), chunk_size=150)
+
+
+SWEEP = r'''
+import torch
+from torch._dynamo.utils import counters
+from vcrd import VCRDConfig, vcrd_loss
+torch.manual_seed(0)
+s, u = torch.randn(150, 301) * 5, torch.randn(150, 301) * 5
+y = torch.randint(0, 301, (150,))
+configs = ([VCRDConfig(temperature=t) for t in (0.5, 1.0, 1.7, 3.0)]
+           + [VCRDConfig(divergence="jsd", beta=b, temperature=t) for b in (0.1, 0.3, 0.6, 0.9) for t in (1.0, 2.0)]
+           + [VCRDConfig(divergence="rkl", temperature=t, ce_weight=c) for t in (1.0, 1.5) for c in (0.0, 0.4)]
+           + [VCRDConfig.preset(p) for p in ("kd", "discord", "vcrd")])
+for cfg in configs:
+    x = s.clone().requires_grad_()
+    vcrd_loss(x, u, y, config=cfg, impl="torch").backward()
+    r = s.double().requires_grad_()
+    vcrd_loss(r, u.double(), y, config=cfg, impl="reference").backward()
+    err = float((x.grad.double() - r.grad).abs().max() / r.grad.abs().max())
+    assert err < 1e-4, (cfg, err)
+print("CONFIGS", len(configs), "GRAPHS", counters["stats"]["unique_graphs"])
+'''
+
+
+def test_a_sweep_of_options_stays_compiled_in_one_process():
+    """issue 9's recompile cliff: 19 configurations (temperatures, betas, divergences, CE, presets) in
+    one fresh process compile a bounded number of graphs, never hit dynamo's recompile limit (which
+    would silently fall back to eager), print no warning, and each result matches the reference."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "VCRD_COMPILE": "1"}
+    done = subprocess.run([sys.executable, "-c", SWEEP], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    n_configs, n_graphs = (int(w) for w in done.stdout.split()[1::2])
+    assert n_configs == 19 and 0 < n_graphs <= 12, done.stdout
+    assert "recompile" not in done.stderr.lower() and "cache_size_limit" not in done.stderr, done.stderr[-3000:]
+    assert "warn" not in done.stderr.lower(), done.stderr[-3000:]
