@@ -104,6 +104,12 @@ def aot(args: argparse.Namespace) -> int:
     return 0
 
 
+def os_error(command: str, e: OSError) -> int:
+    """An operating-system failure the checks could not foresee: what failed and where, exit 1."""
+    print(f"vcrd {command}: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+    return 1
+
+
 def score(args: argparse.Namespace) -> int:
     from ..train.checkpoints import signals_exit
 
@@ -113,8 +119,7 @@ def score(args: argparse.Namespace) -> int:
     except FileNotFoundError:
         raise  # a missing input: exit 2 like any refused argument
     except OSError as e:  # e.g. a disk full while writing: say what and where, no traceback
-        print(f"vcrd score: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
-        return 1
+        return os_error("score", e)
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -201,8 +206,7 @@ def train_command(args: argparse.Namespace) -> int:
     except FileNotFoundError:
         raise  # a missing input: exit 2 like any refused argument
     except OSError as e:  # anything the checks could not foresee: what failed and where, no traceback
-        print(f"vcrd train: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
-        return 1
+        return os_error("train", e)
     print(f"done: checkpoints in {out}, final model in {out / 'final'}")
     return 0
 
@@ -219,9 +223,7 @@ def cache_teacher(args: argparse.Namespace) -> int:
     except FileNotFoundError:
         raise  # a missing input: exit 2 like any refused argument
     except OSError as e:  # e.g. a disk full while writing a shard: finished shards are kept
-        print(f"vcrd cache-teacher: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}",
-              file=sys.stderr)
-        return 1
+        return os_error("cache-teacher", e)
     print(f"done: teacher cache in {out} (manifest {out / 'manifest.json'})")
     return 0
 
