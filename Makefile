@@ -21,12 +21,13 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests -m triton
 
-# about 25 minutes on 2 cores; each script also runs on its own (docs/benchmarks.md)
+# each script also runs on its own (docs/benchmarks.md names the commands and their times)
 bench: $(STAMP)
 	$(BIN)/python -m pytest benches/bench_logits.py --benchmark-only --benchmark-json=benches/results/logits.json
 	$(BIN)/python benches/report.py benches/results/logits.json docs/benchmarks.md
 	$(BIN)/python benches/compare.py
 	$(BIN)/python benches/bench_naturalness.py
+	$(BIN)/python benches/bench_sparse.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check vcrd kernels tests benches
