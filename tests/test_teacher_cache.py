@@ -241,3 +241,31 @@ def test_distill_loss_trains_from_a_cached_batch_without_a_teacher(ws):
     torch.testing.assert_close(loss.detach(), want, rtol=1e-5, atol=1e-6)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters() if p.requires_grad)
     assert stats.valid.sum() == (batch["labels"][:, 1:] != -100).sum()
+
+
+def test_vcrd_trainer_trains_from_the_cache(ws, tmp_path):
+    """VCRDTrainer(teacher_cache=DIR): no teacher model; its first logged loss is distill_loss of the
+    first (sequential) batch with the cached rows, and the student's parameters move."""
+    import copy
+
+    from transformers import TrainingArguments
+
+    from vcrd.train.trainer import VCRDTrainer
+
+    root, tok, _, out = ws
+    examples = read_jsonl(root / "data.jsonl")
+    student = tiny_llama(tok, 16, 7)
+    init = copy.deepcopy(student)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=3, learning_rate=0.1,
+                             optim="sgd", logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                             remove_unused_columns=False, train_sampling_strategy="sequential", disable_tqdm=True)
+    trainer = VCRDTrainer(model=student, teacher_cache=out, vcrd_config="vcrd", args=args, train_dataset=examples,
+                          data_collator=collator(tok))
+    trainer.train()
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    batch = tc.TeacherCacheCollator(collator(tok), tc.TeacherCache(out))([(i, examples[i]) for i in range(3)])
+    want = distill_loss(init, None, batch, "vcrd")[0].detach()
+    assert len(logged) == 2 and abs(logged[0] - float(want)) <= 1e-4 * abs(float(want))
+    assert any((a - b).abs().max() > 0 for a, b in zip(student.parameters(), init.parameters()))
+    with pytest.raises(ValueError, match="exactly one of teacher_model"):
+        VCRDTrainer(model=student, args=args, train_dataset=examples, data_collator=collator(tok))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -455,15 +456,35 @@ class VCRDTrainer(Trainer):
       statistics ``(D, w_val, w_dc, g, n, lp_s, lp_u, agree)``, each ``[B, T - 1]``.
     - Each training log adds the token means of ``w_val``, ``w_dc``, ``agree``, ``naturalness``
       and ``divergence`` since the last log (this process's batches).
+    - Offline: ``teacher_cache=DIR`` (a folder written by ``vcrd cache-teacher``) instead of
+      ``teacher_model``: the train dataset's examples are paired with their index, the collator adds
+      the cached top-K rows, and the loss is the sparse-teacher loss (SPEC §10); no teacher runs.
     - On-policy data as TRL's ``GKDTrainer``: ``lmbda`` (the fraction of micro-batches whose
       responses the student writes), ``seq_kd`` (the teacher writes them), ``max_new_tokens``,
       ``generation_temperature`` (0: greedy). See :meth:`generated_batch`.
     """
 
-    def __init__(self, *args, teacher_model: nn.Module, vcrd_config: Union[VCRDConfig, str, None] = None,
-                 stop_on_nonfinite_loss: bool = True, lmbda: float = 0.0, seq_kd: bool = False,
-                 max_new_tokens: int = 128, generation_temperature: float = 0.9, **kwargs) -> None:
+    def __init__(self, *args, teacher_model: Optional[nn.Module] = None,
+                 vcrd_config: Union[VCRDConfig, str, None] = None, stop_on_nonfinite_loss: bool = True,
+                 lmbda: float = 0.0, seq_kd: bool = False, max_new_tokens: int = 128,
+                 generation_temperature: float = 0.9, teacher_cache: Optional[Union[str, Path]] = None,
+                 **kwargs) -> None:
         loss = _loss_module(vcrd_config, "vcrd_config")
+        if (teacher_model is None) == (teacher_cache is None):
+            raise ValueError("VCRDTrainer: expected exactly one of teacher_model (online) and teacher_cache (a folder "
+                             f"written by `vcrd cache-teacher`), got teacher_model={type(teacher_model).__name__}, "
+                             f"teacher_cache={teacher_cache!r}")
+        if teacher_cache is not None:
+            # offline: the cached top-K rows ride with each batch (SPEC §10); no teacher model runs
+            from .teacher_cache import IndexedExamples, TeacherCache, TeacherCacheCollator
+
+            if lmbda > 0 or seq_kd:
+                raise ValueError("VCRDTrainer: lmbda / seq_kd generate new responses, which a teacher cache cannot "
+                                 "score; use teacher_model for on-policy data")
+            cache = TeacherCache(teacher_cache)
+            if kwargs.get("train_dataset") is not None:
+                kwargs["train_dataset"] = IndexedExamples(kwargs["train_dataset"])
+            kwargs["data_collator"] = TeacherCacheCollator(kwargs["data_collator"], cache)
         if isinstance(lmbda, bool) or not isinstance(lmbda, (int, float)) or not 0.0 <= lmbda <= 1.0:
             raise ValueError(f"lmbda: expected a fraction in [0, 1], got {lmbda!r}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -473,14 +494,16 @@ class VCRDTrainer(Trainer):
                              f"got {generation_temperature!r}")
         self.lmbda, self.seq_kd = float(lmbda), bool(seq_kd)
         self.max_new_tokens, self.generation_temperature = max_new_tokens, float(generation_temperature)
-        check_causal_lm(teacher_model, "teacher_model")
+        if teacher_model is not None:
+            check_causal_lm(teacher_model, "teacher_model")
         super().__init__(*args, **kwargs)
         check_causal_lm(self.model, "model")
         if self.args.n_gpu > 1:
             raise ValueError(f"VCRDTrainer: torch.nn.DataParallel over n_gpu={self.args.n_gpu} GPUs is not supported "
                              f"(its token count is split per GPU); launch with torchrun or accelerate (DDP) instead")
         self.vcrd_loss = loss
-        self.teacher = teacher_model.to(self.args.device).eval().requires_grad_(False)
+        self.teacher = None if teacher_model is None else \
+            teacher_model.to(self.args.device).eval().requires_grad_(False)
         # the Trainer counts num_items_in_batch only for models that take loss kwargs; our loss does
         self.model_accepts_loss_kwargs = True
         if not self.label_names:
@@ -574,7 +597,7 @@ class VCRDTrainer(Trainer):
                      num_items_in_batch: Count = None):
         """:func:`distill_loss` on ``inputs`` (``input_ids``, ``labels``, optional ``attention_mask``
         and ``step_ids``, all ``[B, T]``). Returns the loss, or ``(loss, per-row stats dict)``."""
-        batch = {k: inputs[k] for k in BATCH_KEYS if k in inputs}
+        batch = {k: inputs[k] for k in BATCH_KEYS + CACHE_KEYS if k in inputs}
         loss, stats = distill_loss(model, self.teacher, batch, self.vcrd_loss, num_items_in_batch)
         if num_items_in_batch is not None and getattr(self.args, "average_tokens_across_devices", False):
             # the count is over all ranks and DDP averages the ranks' gradients (as Trainer.compute_loss)
