@@ -269,3 +269,27 @@ def test_vcrd_trainer_trains_from_the_cache(ws, tmp_path):
     assert any((a - b).abs().max() > 0 for a, b in zip(student.parameters(), init.parameters()))
     with pytest.raises(ValueError, match="exactly one of teacher_model"):
         VCRDTrainer(model=student, args=args, train_dataset=examples, data_collator=collator(tok))
+
+
+def test_vcrd_train_from_a_teacher_cache(ws, tmp_path, capsys):
+    """`vcrd train` with "teacher_cache" instead of "teacher": verified before anything is written, trains
+    without a teacher folder; a cache built over other data is refused with exit 2."""
+    root, tok, teacher, out = ws
+    student = tiny_llama(tok, 16, 9)
+    student.save_pretrained(tmp_path / "student")
+    tok.save_pretrained(tmp_path / "student")
+
+    def run(data, name):
+        cfg = {"student": str(tmp_path / "student"), "teacher_cache": str(out), "data": str(data),
+               "output_dir": str(tmp_path / name), "max_steps": 2, "batch_size": 2, "save_steps": 2,
+               "logging_steps": 1, "max_length": 64, "learning_rate": 0.01}
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(cfg))
+        return main(["train", "--config", str(path)])
+
+    assert run(root / "data.jsonl", "run") == 0
+    assert (tmp_path / "run" / "final").is_dir()
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({**r, "response": r["response"] + " Done."}) + "\n" for r in ROWS))
+    assert run(other, "bad") == 2
+    assert "other.jsonl" in capsys.readouterr().err and not (tmp_path / "bad").exists()

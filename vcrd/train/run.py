@@ -8,6 +8,10 @@ The config is a JSON object (every key below; defaults in ``TRAIN_DEFAULTS``)::
      "save_steps": 50, "logging_steps": 10, "max_length": 512, "seed": 0,
      "stop_on_nonfinite_loss": true}
 
+Offline: ``"teacher_cache": "cache/teacher"`` (a folder written by ``vcrd cache-teacher`` over the same
+data) instead of ``"teacher"``; the cache is verified against the data and the student's tokenizer
+before anything is written, and no teacher model loads.
+
 Every check that needs no model is made before a model loads or the output folder is touched
 (exit 2): types and ranges (a finite learning rate in (0, 1]), readable UTF-8 files (``FILE:LINE``),
 both model folders (config.json, complete safetensors files), every data line, the token ids
@@ -34,7 +38,8 @@ TRAIN_DEFAULTS: Dict[str, Any] = {
     "preset": "vcrd", "loss": {}, "max_steps": 200, "batch_size": 8, "grad_accum": 1, "learning_rate": 5e-4,
     "save_steps": 50, "logging_steps": 10, "max_length": 512, "seed": 0, "stop_on_nonfinite_loss": True,
 }
-REQUIRED = ("teacher", "student", "data", "output_dir")
+REQUIRED = ("student", "data", "output_dir")
+TEACHERS = ("teacher", "teacher_cache")  # exactly one: a model folder, or a `vcrd cache-teacher` folder
 INTS = {"max_steps": 1, "batch_size": 1, "grad_accum": 1, "save_steps": 1, "logging_steps": 1, "max_length": 2,
         "seed": 0}
 MAX_LEARNING_RATE = 1.0
@@ -72,11 +77,15 @@ def load_config(path: str) -> Dict[str, Any]:
         raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-    unknown = set(raw) - set(TRAIN_DEFAULTS) - set(REQUIRED)
+    unknown = set(raw) - set(TRAIN_DEFAULTS) - set(REQUIRED) - set(TEACHERS)
     if unknown:
-        known = sorted(set(TRAIN_DEFAULTS) | set(REQUIRED))
+        known = sorted(set(TRAIN_DEFAULTS) | set(REQUIRED) | set(TEACHERS))
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}; expected some of {known}")
-    for key in REQUIRED:
+    given = [key for key in TEACHERS if key in raw]
+    if len(given) != 1:
+        raise ValueError(f"{path}: expected exactly one of 'teacher' (a model folder) and 'teacher_cache' (a folder "
+                         f"written by `vcrd cache-teacher`), got {given or 'neither'}")
+    for key in REQUIRED + tuple(given):
         if not isinstance(raw.get(key), str) or not raw[key]:
             raise ValueError(f"{path}: {key!r} must be a non-empty string (a path), got {raw.get(key)!r}")
     cfg = {**TRAIN_DEFAULTS, **raw}
@@ -100,11 +109,19 @@ def load_config(path: str) -> Dict[str, Any]:
         cfg["vcrd_config"] = VCRDConfig.preset(cfg["preset"], **cfg["loss"])
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: 'loss': {e}") from None
-    for key in ("teacher", "student"):
+    if "teacher_cache" in cfg and not (Path(cfg["teacher_cache"]) / "manifest.json").is_file():
+        raise FileNotFoundError(f"{path}: 'teacher_cache' must be a folder written by `vcrd cache-teacher` (with "
+                                f"manifest.json), got {cfg['teacher_cache']!r}")
+    for key in model_roles(cfg):
         if not (Path(cfg[key]) / "config.json").is_file():
             raise FileNotFoundError(f"{path}: {key!r} must be a local Hugging Face model folder with config.json, "
                                     f"got {cfg[key]!r}")
     return cfg
+
+
+def model_roles(cfg: Dict[str, Any]) -> Tuple[str, ...]:
+    """The model folders a run loads: the student, and the teacher unless it comes from a cache."""
+    return ("teacher", "student") if "teacher" in cfg else ("student",)
 
 
 def _model_limits(folder: str, role: str) -> Tuple[int, Optional[int]]:
@@ -139,7 +156,7 @@ def check_run(cfg: Dict[str, Any], examples, say: Callable[[str], None]):
     from .data import DistillCollator, check_examples
 
     limits = {}
-    for role in ("teacher", "student"):
+    for role in model_roles(cfg):
         check_model_folder(cfg[role], role)
         limits[role] = _model_limits(cfg[role], role)
     positions = {role: p for role, (_, p) in limits.items() if p is not None}
@@ -172,6 +189,10 @@ def check_run(cfg: Dict[str, Any], examples, say: Callable[[str], None]):
     if report.truncated:
         say(f"note: {len(report.truncated)} data rows are longer than max_length={cfg['max_length']} and are cut "
             f"at the end: {_listed(report.truncated)}")
+    if "teacher_cache" in cfg:  # the cache must hold exactly these examples, tokenised this way
+        from .teacher_cache import TeacherCache
+
+        TeacherCache(cfg["teacher_cache"]).verify(examples, collator, vocab_size=limits["student"][0])
     check_writable(cfg["output_dir"])
     return tokenizer, collator
 
@@ -179,7 +200,9 @@ def check_run(cfg: Dict[str, Any], examples, say: Callable[[str], None]):
 def run_manifest(cfg: Dict[str, Any], data_sha256: str) -> Dict[str, Any]:
     """What a checkpoint records about its run (compared on ``--resume``: ``RESUME_KEYS``)."""
     return {"vcrd_version": __version__, "preset": cfg["preset"], "loss": dataclasses.asdict(cfg["vcrd_config"]),
-            "data": cfg["data"], "data_sha256": data_sha256, "teacher": str(Path(cfg["teacher"]).resolve()),
+            "data": cfg["data"], "data_sha256": data_sha256,
+            "teacher": str(Path(cfg["teacher"]).resolve()) if "teacher" in cfg else
+            f"cache:{Path(cfg['teacher_cache']).resolve()}",
             "student": str(Path(cfg["student"]).resolve()),
             **{k: cfg[k] for k in ("batch_size", "grad_accum", "learning_rate", "max_length", "seed", "max_steps")}}
 
@@ -250,7 +273,7 @@ def train(config_path: str, resume: bool = False, allow_mismatch: bool = False,
         from transformers import AutoModelForCausalLM, TrainingArguments
 
         models = {}
-        for role in ("student", "teacher"):
+        for role in model_roles(cfg):
             try:
                 models[role] = AutoModelForCausalLM.from_pretrained(cfg[role], local_files_only=True)
             except Exception as e:  # damaged in a way the pre-checks cannot see: name the folder
@@ -262,7 +285,8 @@ def train(config_path: str, resume: bool = False, allow_mismatch: bool = False,
             data_seed=cfg["seed"], report_to=[], use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
             save_strategy="steps", logging_nan_inf_filter=False,
         )
-        trainer = _trainer_class()(model=models["student"], teacher_model=models["teacher"],
+        trainer = _trainer_class()(model=models["student"], teacher_model=models.get("teacher"),
+                                   teacher_cache=cfg.get("teacher_cache"),
                                    vcrd_config=cfg["vcrd_config"], args=args, train_dataset=examples,
                                    data_collator=collator, stop_on_nonfinite_loss=stop)
         trainer.run_manifest = manifest
