@@ -145,7 +145,7 @@ def _read_json(path: Path, what: str) -> Any:
 # ------------------------------------------------------------------------------------------ writing
 def _teacher_rows(model, checked, batch: Dict[str, torch.Tensor], k: int, chunk: int = 1024) -> List[SparseTeacher]:
     """One :class:`SparseTeacher` per example of the batch: its loss rows, in order of position."""
-    from .trainer import final_hidden
+    from .models import final_hidden
 
     with torch.no_grad():
         h, w, b = final_hidden(model, batch["input_ids"], batch["attention_mask"], "teacher", checked)
@@ -221,7 +221,7 @@ def build_cache(model_dir: Union[str, Path], data: Union[str, Path], out: Union[
 
     from .checkpoints import LOCK_NAME, RunLock, RunLockedError, check_model_folder, check_writable
     from .data import read_jsonl
-    from .trainer import check_causal_lm
+    from .models import check_causal_lm
 
     for name, value, low in (("--top-k", top_k, 1), ("--batch-size", batch_size, 1), ("--shard-rows", shard_rows, 1),
                              ("--max-length", max_length, 2)):
