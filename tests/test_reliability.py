@@ -18,39 +18,23 @@ import pytest
 import torch
 
 from vcrd.app.cli import main
-from vcrd.app.synthetic import make_dataset
-from vcrd.app.tokenizer import build_char_tokenizer
 from vcrd.train.checkpoints import LOCK_NAME, RunLock, find_resume_checkpoint, signals_exit
 from vcrd.train.data import write_jsonl
 
+from .test_train_cli import config, make_workspace
 from .test_trainer import tiny_llama
 
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rel")
-    tok = build_char_tokenizer()
-    for name, hidden, seed in (("teacher", 48, 1), ("student", 32, 2)):
-        tiny_llama(tok, hidden, seed).save_pretrained(root / name)
-        tok.save_pretrained(root / name)
+    root, tok = make_workspace(tmp_path_factory.mktemp("rel"), 8)
     nan = tiny_llama(tok, 32, 3)
     with torch.no_grad():
         nan.model.norm.weight.fill_(float("nan"))
     nan.save_pretrained(root / "nan_student")
     tok.save_pretrained(root / "nan_student")
-    rows = [{"prompt": p.question, "response": p.solution("terse")} for p in make_dataset(8, seed=5)]
-    (root / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     assert main(["train", "--config", config(root, "base")]) == 0
     return root
-
-
-def config(root, out, **over):
-    cfg = {"teacher": str(root / "teacher"), "student": str(root / "student"), "data": str(root / "data.jsonl"),
-           "output_dir": str(root / out), "max_steps": 4, "batch_size": 4, "save_steps": 2, "logging_steps": 1,
-           "learning_rate": 3e-3, "max_length": 256, **over}
-    path = root / f"{out}.json"
-    path.write_text(json.dumps(cfg))
-    return str(path)
 
 
 def copy_run(ws, name):

@@ -13,16 +13,20 @@ from vcrd.app.tokenizer import build_char_tokenizer
 from .test_trainer import tiny_llama
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
+def make_workspace(root, n_rows: int):
+    """A teacher and a student model folder (with the char tokenizer) and ``n_rows`` data lines in ``root``."""
     tok = build_char_tokenizer()
     for name, hidden, seed in (("teacher", 48, 1), ("student", 32, 2)):
         tiny_llama(tok, hidden, seed).save_pretrained(root / name)
         tok.save_pretrained(root / name)
-    rows = [{"prompt": p.question, "response": p.solution("terse")} for p in make_dataset(16, seed=5)]
+    rows = [{"prompt": p.question, "response": p.solution("terse")} for p in make_dataset(n_rows, seed=5)]
     (root / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return root
+    return root, tok
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    return make_workspace(tmp_path_factory.mktemp("train"), 16)[0]
 
 
 def config(root, out, **over):

@@ -176,7 +176,7 @@ def sparse_vcrd_loss(
     impl = resolve_impl(impl, student_logits)
     s = rows_view(student_logits, V)
     s = s if s is not None else student_logits
-    batch = _SparseRowBatch(s, s, layout, teacher=teacher)
+    batch = _SparseRowBatch(s, s, layout, teacher=teacher)  # u: unused, each chunk densifies the teacher
     return loss_from_batch(student_logits, batch, cfg, impl, reduction, num_items_in_batch, return_stats)
 
 

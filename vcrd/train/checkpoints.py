@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
+from .files import fsync_dir
+
 MANIFEST = "vcrd_checkpoint.json"
 LOCK_NAME = ".vcrd-train.lock"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -170,16 +172,6 @@ def _fsync_tree(folder: Path) -> None:
             finally:
                 os.close(fd)
         fsync_dir(Path(root))
-
-
-def fsync_dir(folder: Path) -> None:
-    """fsync a folder, so a rename inside it survives a power cut (best effort)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def commit_folder(staging: Path, final: Path) -> None:

@@ -11,13 +11,13 @@ file and line before anything is written anywhere; a directory or an unreadable 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Union
 
 import torch
+
+from .files import atomic_file
 
 
 @dataclass
@@ -107,16 +107,6 @@ def _lines(f, path: Path):
         raise ValueError(f"data: cannot read {str(path)!r}: {e.strerror or e}") from None
 
 
-def new_file_mode(path: Union[str, Path]) -> int:
-    """The mode ``path`` keeps if it exists, else the one ``open(path, "w")`` would give (0666 & ~umask)."""
-    try:
-        return os.stat(path).st_mode & 0o7777
-    except OSError:
-        mask = os.umask(0)
-        os.umask(mask)
-        return 0o666 & ~mask
-
-
 def finite_or_none(value):
     """``value`` with every non-finite float (NaN, ±inf) replaced by ``None`` (JSON ``null``), recursively."""
     if isinstance(value, float):
@@ -141,22 +131,9 @@ def write_jsonl(path: Union[str, Path], rows: Iterable[Dict[str, object]]) -> No
     if path.is_dir():
         raise ValueError(f"--out: {str(path)!r} is a directory, expected a file name")
     path.parent.mkdir(parents=True, exist_ok=True)
-    mode = new_file_mode(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            os.fchmod(f.fileno(), mode)
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
 
 
 class DistillCollator:

@@ -29,8 +29,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -38,8 +36,8 @@ import numpy as np
 import torch
 
 from ..loss.sparse import TAIL_TOLERANCE, SparseTeacher
-from .checkpoints import fsync_dir
-from .data import DistillCollator, Example, new_file_mode
+from .data import DistillCollator, Example
+from .files import atomic_file
 
 FORMAT = "vcrd-teacher-cache"
 FORMAT_VERSION = 1
@@ -105,20 +103,9 @@ def plan(examples: Sequence[Example], collator: DistillCollator, shard_rows: int
 
 # ------------------------------------------------------------------------------------------ files
 def _write_json(path: Path, obj: Any) -> None:
-    """Atomically: a temporary file beside ``path``, fsync, rename, fsync the folder."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            os.fchmod(f.fileno(), new_file_mode(path))
-            json.dump(obj, f, separators=(",", ":"), allow_nan=False)  # compact: two entries per example
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
+    """Atomically (:func:`vcrd.train.files.atomic_file`); compact: two entries per example."""
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, separators=(",", ":"), allow_nan=False)
 
 
 def _sha256(path: Path) -> str:
@@ -166,23 +153,13 @@ def _teacher_rows(model, checked, batch: Dict[str, torch.Tensor], k: int, chunk:
 
 
 def _write_shard(path: Path, rows: int, k: int, fill: Callable[[np.ndarray], None]) -> Tuple[int, str]:
-    """Write one shard atomically (temporary name, fsync, rename, fsync the folder); return its
-    ``(bytes, sha256)``. ``fill(memmap)`` writes the records."""
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    try:
+    """Write one shard atomically (:func:`vcrd.train.files.atomic_file`); return its ``(bytes, sha256)``.
+    ``fill(memmap)`` writes the records."""
+    with atomic_file(path) as tmp:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=record_dtype(k), shape=(rows,))
         fill(array)
         array.flush()
         del array
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, new_file_mode(path))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
     return path.stat().st_size, _sha256(path)
 
 
