@@ -128,3 +128,38 @@ def test_bad_sparse_teachers_are_refused_with_the_row():
         sparse_vcrd_loss(torch.randn(10, 31), u, y)
     with pytest.raises(ValueError, match="k: expected"):
         SparseTeacher.from_logits(u, 0)
+
+
+@pytest.mark.parametrize("name", ["kd", "vcrd"])
+def test_sparse_losses_at_realistic_size_with_default_settings(name):
+    """N >= 1024 rows, default settings (compile on, 64-row chunks, automatic fused chunks), through the
+    entry points users call, against the float64 reference on the completed teacher (three-way rule)."""
+    g = torch.Generator().manual_seed(11)
+    B, T, H, V, k = 4, 280, 48, 1031, 64
+    h = torch.randn(B, T, H, generator=g)
+    w = torch.randn(V, H, generator=g) * 0.7
+    u = (h + 0.5 * torch.randn(B, T, H, generator=g)) @ (w + 0.3 * torch.randn(V, H, generator=g)).T
+    y = ignore_some(u.argmax(-1), seed=3)
+    steps = torch.stack([step_ids_for(T, seed=b) for b in range(B)])
+    teacher = SparseTeacher.from_logits(u, k)
+    dense = completed_dense(u, k)
+    cfg = CONFIGS[name]
+    out = {}
+    for which in ("impl", "base", "truth"):
+        dtype = torch.float64 if which == "truth" else torch.float32
+        x, wx = h.to(dtype).clone().requires_grad_(), w.to(dtype).clone().requires_grad_()
+        if which == "impl":
+            loss = fused_linear_sparse_vcrd_loss(x, wx, teacher, y, step_ids=steps, config=cfg)
+        else:
+            loss = reference.vcrd_loss(x @ wx.T, dense.to(dtype), y, step_ids=steps, config=cfg)
+        loss.backward()
+        out[which] = (loss.detach(), x.grad, wx.grad)
+    for i, what in enumerate(("loss", "grad_hidden", "grad_weight")):
+        assert_parity(what, out["impl"][i], out["base"][i], out["truth"][i], torch.float32)
+    s = (h @ w.T).requires_grad_()
+    logits_loss = sparse_vcrd_loss(s, teacher, y, step_ids=steps, config=cfg)
+    logits_loss.backward()
+    x = (h.double() @ w.double().T).requires_grad_()
+    reference.vcrd_loss(x, dense, y, step_ids=steps, config=cfg).backward()
+    torch.testing.assert_close(logits_loss.double(), out["truth"][0], rtol=1e-5, atol=0)
+    assert (s.grad.double() - x.grad).abs().max() <= 1e-5 * x.grad.abs().max()
