@@ -151,6 +151,8 @@ def _worker(rank: int, world: int, port: int) -> None:
         # bf16 logits (fp32 math inside)
         _check_case(rank, world, CONFIGS["vcrd"], "even", shape3d=False, seed=8, dtype=torch.bfloat16)
         _check_edges(rank, world)
+        for name in ("kd", "vcrd"):
+            _check_large(rank, world, CONFIGS[name])
         # the loss is the same on every rank
         gathered = [None] * world
         dist.all_gather_object(gathered, [float(x) for x in losses])
@@ -159,6 +161,27 @@ def _worker(rank: int, world: int, port: int) -> None:
     finally:
         counter.restore()
         dist.destroy_process_group()
+
+
+def _check_large(rank: int, world: int, cfg) -> None:
+    """N >= 1024 rows over several sequences, V = 1031 split unevenly, the default chunking: each shard's
+    gradient and the loss equal the float64 reference within 1e-5 of the largest gradient (so a
+    zeroed or halved shard gradient fails)."""
+    B, T, Vl = 4, 260, 1031
+    s, u, y = realistic_logits(B * T, Vl, seed=21, std=10.0)
+    s, u, y = s.view(B, T, Vl), u.view(B, T, Vl), ignore_some(y, seed=21).view(B, T)
+    steps = torch.stack([step_ids_for(T, seed=b) for b in range(B)])
+    start, width = shard_layout(world, Vl, "even")[rank]
+    s_ref = s.double().requires_grad_(True)
+    loss_ref = reference_loss(s_ref, u.double(), y, step_ids=steps, config=cfg)
+    loss_ref.backward()
+    s_mine = _shard(s, start, width).requires_grad_(True)
+    loss = vocab_parallel_vcrd_loss(s_mine, _shard(u, start, width), y, vocab_start=start, vocab_size=Vl,
+                                    step_ids=steps, config=cfg)
+    loss.backward()
+    assert abs(loss.item() - loss_ref.item()) <= 1e-5 * abs(loss_ref.item()), (loss.item(), loss_ref.item())
+    err = (s_mine.grad.double() - s_ref.grad[..., start:start + width]).abs().max() / s_ref.grad.abs().max()
+    assert err <= 1e-5, float(err)
 
 
 def _check_edges(rank: int, world: int) -> None:
