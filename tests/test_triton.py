@@ -212,3 +212,9 @@ def test_nan_in_a_valid_row_matches_reference(div):
         assert torch.all(x.grad[y == -100] == 0), impl
     assert torch.equal(nan_rows["triton"], nan_rows["torch"]), nan_rows
     assert nan_rows["triton"][2]
+
+
+def test_kernels_at_realistic_size():
+    """N >= 1024 rows in 4 sequences with step ids, V over several tiles, 20 % ignored rows, the default
+    launch settings: the vcrd preset through vcrd_loss, three-way against the reference (~30 s here)."""
+    three_way(*batch(N=1040, V=1031, B=4), CONFIGS["vcrd"], impl="triton")
