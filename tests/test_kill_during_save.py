@@ -1,0 +1,101 @@
+"""Issue #17: a real SIGKILL at any moment of a ``vcrd train`` run, saves included, loses nothing.
+
+A run is started as its own process and killed with SIGKILL (no cleanup code runs) at a moment
+chosen by watching its output folder: while a checkpoint is being staged (``.checkpoint-N.tmp-PID``
+exists), a few milliseconds later (the fsync/rename), or at a random moment between steps. Then
+``--resume`` must continue from the newest complete checkpoint and end with exactly the weights of
+an uninterrupted run, or refuse clearly when nothing complete exists yet.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from vcrd.app.cli import main
+from vcrd.train.checkpoints import STAGING_RE, find_resume_checkpoint
+
+from .test_train_cli import config, make_workspace, weights
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """The workspace and the final weights of an uninterrupted run (a checkpoint after every step)."""
+    root = make_workspace(tmp_path_factory.mktemp("kill"), 24)[0]
+    assert main(["train", "--config", config(root, "whole", max_steps=STEPS, save_steps=1)]) == 0
+    return root, weights(root / "whole" / "final")
+
+
+def _staging(out) -> list:
+    try:
+        return [e.name for e in os.scandir(out) if STAGING_RE.match(e.name)]
+    except FileNotFoundError:
+        return []
+
+
+def _kill(root, name: str, moment: str, seed: int):
+    """Start a run in a fresh process and SIGKILL it at ``moment``; return its output folder."""
+    out = root / name
+    cmd = [sys.executable, "-m", "vcrd.app.cli", "train", "--config",
+           config(root, name, max_steps=STEPS, save_steps=1)]
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rng = random.Random(seed)
+    target = rng.randint(2, STEPS - 1)  # kill while checkpoint-target is written (or around it)
+    deadline = time.monotonic() + 300
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            staged = _staging(out)
+            if moment == "random-between-saves" and (out / f"checkpoint-{target}").is_dir():
+                time.sleep(rng.uniform(0.0, 0.05))
+                break
+            if any(s.startswith(f".checkpoint-{target}.") for s in staged):
+                if moment == "later-in-the-save":
+                    time.sleep(rng.uniform(0.001, 0.01))
+                break
+            time.sleep(0.0005)
+        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before the kill at {moment}"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    return out
+
+
+def _kill_and_resume(run, capsys, moment: str, seed: int):
+    root, whole = run
+    name = f"killed-{moment}-{seed}"
+    out = _kill(root, name, moment, seed)
+    if moment == "while-staging":
+        assert _staging(out), "the kill was meant to land while a checkpoint was staged"
+    said = []
+    newest, _ = find_resume_checkpoint(out, said.append)  # what --resume is going to use
+    assert main(["train", "--config", str(root / f"{name}.json"), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert f"continuing from {newest.name}" in err or newest.name in err, err
+    assert not _staging(out), "a staging folder of the killed run was left behind after the resume"
+    resumed = weights(out / "final")
+    assert resumed.keys() == whole.keys()
+    different = [k for k in whole if not torch.equal(resumed[k], whole[k])]
+    assert not different, f"resumed from {newest.name}: {len(different)} tensors differ from the uninterrupted run"
+
+
+@pytest.mark.parametrize("moment,seed", [("while-staging", 0), ("later-in-the-save", 1),
+                                         ("random-between-saves", 2)])
+def test_resume_after_sigkill_is_bit_identical(run, capsys, moment, seed):
+    _kill_and_resume(run, capsys, moment, seed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(3, 13))
+def test_resume_after_sigkill_at_random_moments(run, capsys, seed):
+    moment = random.Random(seed).choice(["while-staging", "later-in-the-save", "random-between-saves"])
+    _kill_and_resume(run, capsys, moment, seed)
