@@ -6,14 +6,10 @@ uneven shards, ranks holding columns out of rank order, a padded last shard), an
 the float64 reference): the loss on every rank and each rank's gradient of its columns. It counts
 the collectives (``dist.all_reduce`` / ``dist.all_gather_object`` wrapped) and checks that bad
 layouts raise the same ``ValueError`` on every rank and leave the group usable (no hang: the
-group's timeout is 60 s).
+group's timeout is 120 s). Workers start through tests/distributed_helpers.py.
 """
 
 from __future__ import annotations
-
-import datetime
-import os
-import socket
 
 import pytest
 import torch
@@ -24,6 +20,7 @@ from vcrd.distributed import vocab_parallel_vcrd_loss
 from vcrd.loss.functional import vcrd_loss
 
 from .conftest import ignore_some, realistic_logits, step_ids_for
+from .distributed_helpers import spawn
 
 V = 37
 N = 24
@@ -34,12 +31,6 @@ CONFIGS = {
     "jsd": VCRDConfig.preset("vcrd", divergence="jsd", beta=0.3, temperature=2.0),
     "rkl_ce": VCRDConfig.preset("vcrd", divergence="rkl", ce_weight=0.5, temperature=1.5, validity="expected"),
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def shard_layout(world: int, V: int, mode: str):
@@ -127,13 +118,9 @@ def _check_case(rank, world, cfg, mode, shape3d, seed, counter=None, dtype=torch
     return loss.detach()
 
 
-def _worker(rank: int, world: int, port: int) -> None:
+def _worker(rank: int, world: int) -> None:
     import torch.distributed as dist
 
-    os.environ["VCRD_COMPILE"] = "0"  # the single-process CPU path, eager (no compile in 2-3 workers)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
     counter = _Counter(dist)
     try:
         losses = []
@@ -160,7 +147,6 @@ def _worker(rank: int, world: int, port: int) -> None:
         _check_errors(rank, world)
     finally:
         counter.restore()
-        dist.destroy_process_group()
 
 
 def _check_large(rank: int, world: int, cfg) -> None:
@@ -240,9 +226,7 @@ def _check_errors(rank: int, world: int) -> None:
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_vocab_parallel_equals_single_process(world):
-    import torch.multiprocessing as mp
-
-    mp.start_processes(_worker, args=(world, _free_port()), nprocs=world, join=True, start_method="spawn")
+    spawn(_worker, world)
 
 
 def test_vocab_parallel_one_process_is_the_loss(monkeypatch):
@@ -257,7 +241,8 @@ def test_vocab_parallel_one_process_is_the_loss(monkeypatch):
                                                chunk_rows=CHUNK, return_stats=True)
         loss.backward()
         torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(s2.grad, s1.grad, rtol=1e-5, atol=1e-8)
+        err = (s2.grad - s1.grad).abs().max() / s1.grad.abs().max()  # relative to the gradient's scale
+        assert err <= 1e-5, float(err)
         assert stats.D.shape == y.shape
 
 

@@ -10,9 +10,7 @@ float tolerance). The single-process run here uses ONE collated batch of all ran
 
 from __future__ import annotations
 
-import datetime
 import os
-import socket
 
 import pytest
 import torch
@@ -20,6 +18,7 @@ import torch
 from vcrd.train.data import DistillCollator
 from vcrd.train.trainer import distill_loss
 
+from .distributed_helpers import spawn
 from .test_trainer import KD, make_setup, student_like
 
 WORLD, STEPS, PER_RANK, LR, MAX_LEN = 2, 2, 2, 0.5, 160
@@ -28,12 +27,6 @@ WORLD, STEPS, PER_RANK, LR, MAX_LEN = 2, 2, 2, 0.5, 160
 # "nested" (layers, the decoder, the LM head on its own, then the root: the decoder's class becomes
 # FSDPLlamaModel, which transformers' hidden-state capturing does not recognise)
 VARIANTS = ("root", "reshard", "nested")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _step_examples(examples, step: int):
@@ -55,21 +48,12 @@ def _shard(student, variant: str) -> None:
     fully_shard(student, reshard_after_forward=True) if variant == "reshard" else fully_shard(student)
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    import torch.distributed as dist
-
-    os.environ["VCRD_COMPILE"] = "0"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
-        tok, examples, teacher, _ = make_setup()
-        collate = DistillCollator(tok, max_length=MAX_LEN)
-        for variant in VARIANTS:
-            _train(rank, world, variant, teacher, examples, collate, out)
-        _refuse_separate_head_root(teacher)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, out: str) -> None:
+    tok, examples, teacher, _ = make_setup()
+    collate = DistillCollator(tok, max_length=MAX_LEN)
+    for variant in VARIANTS:
+        _train(rank, world, variant, teacher, examples, collate, out)
+    _refuse_separate_head_root(teacher)
 
 
 def _refuse_separate_head_root(teacher) -> None:
@@ -112,12 +96,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
-@pytest.mark.slow
 def test_fsdp2_student_equals_single_process(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.start_processes(_worker, args=(WORLD, _free_port(), str(tmp_path)), nprocs=WORLD, join=True,
-                       start_method="spawn")
+    spawn(_worker, WORLD, str(tmp_path))
     tok, examples, teacher, _ = make_setup()
     collate = DistillCollator(tok, max_length=MAX_LEN)
     model = student_like(teacher, 21)

@@ -1,4 +1,5 @@
-"""VCRDTrainer under real data parallelism: two CPU processes (gloo), launched like torchrun.
+"""VCRDTrainer under real data parallelism: two CPU processes (gloo), launched like torchrun
+(tests/distributed_helpers.spawn: the environment torchrun sets, the group already initialised).
 
 SPEC §11: each rank normalises by the token count over all ranks and the Trainer's DDP averages the
 ranks' gradients, so one optimizer step equals the single-process step on the union of the ranks'
@@ -12,24 +13,17 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 
-import pytest
 import torch
 
 from vcrd.train.data import DistillCollator
 from vcrd.train.trainer import distill_loss
 
+from .distributed_helpers import spawn
 from .test_trainer import KD, WEIGHTED, assert_same_step, make_setup, student_like, trainer_for
 
 CONFIGS = {"kd": KD, "vcrd": WEIGHTED}
 LR = 0.5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _RecordingCollator(DistillCollator):
@@ -44,10 +38,7 @@ class _RecordingCollator(DistillCollator):
         return super().__call__(examples)
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
+def _worker(rank: int, world: int, out: str) -> None:
     tok, examples, teacher, _ = make_setup()
     init = student_like(teacher, 21)
     record = {}
@@ -59,19 +50,14 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         assert trainer.args.world_size == world
         trainer.train()
         record[name] = collate.seen[0]
-        if rank == 0:
-            torch.save({n: p.detach() for n, p in student.named_parameters()}, os.path.join(out, f"{name}.pt"))
+        torch.save({n: p.detach() for n, p in student.named_parameters()}, os.path.join(out, f"{name}{rank}.pt"))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(record, f)
 
 
-@pytest.mark.slow
 def test_trainer_ddp_two_processes_equals_single_process_step(tmp_path):
-    import torch.multiprocessing as mp
-
     world = 2
-    mp.start_processes(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True,
-                       start_method="spawn")
+    spawn(_worker, world, str(tmp_path))
     tok, examples, teacher, _ = make_setup()
     init = student_like(teacher, 21)
     collate = DistillCollator(tok, max_length=192)
@@ -86,6 +72,9 @@ def test_trainer_ddp_two_processes_equals_single_process_step(tmp_path):
             loss, _ = distill_loss(by_hand, teacher, batch, cfg)  # this shard's own mean
             (loss * n / sum(counts)).backward()
         expected = {n: p.detach() - LR * p.grad for n, p in by_hand.named_parameters()}
+        params = [torch.load(tmp_path / f"{name}{r}.pt") for r in range(world)]
+        for key, value in params[0].items():  # the ranks end with identical parameters
+            assert all(torch.equal(value, p[key]) for p in params[1:]), (name, key)
         trained = copy.deepcopy(init)
-        trained.load_state_dict(torch.load(tmp_path / f"{name}.pt"), strict=False)
+        trained.load_state_dict(params[0], strict=False)
         assert_same_step(trained, expected, init, f"DDP {name}")

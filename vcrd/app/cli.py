@@ -37,7 +37,7 @@ def demo(args: argparse.Namespace) -> int:
 
         run_demo(DemoSettings(n_train=args.n_train, n_trace=args.n_trace, n_eval=args.n_eval,
                               teacher_steps=args.teacher_steps, student_steps=args.student_steps,
-                              threads=args.threads, seed=args.seed, out=args.out))
+                              threads=args.threads, seed=args.seed, offline_k=args.offline_k, out=args.out))
         return 0
     s, u, y, step_ids = synthetic_batch(args.batch, args.seq_len, args.vocab, args.seed)
     impl = resolve_impl(args.impl, s)
@@ -127,7 +127,6 @@ def _score(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from ..select.naturalness import score_responses
     from ..select.selection import rank_teachers, select_responses
     from ..train.checkpoints import check_writable
     from ..train.data import finite_or_none, read_jsonl, write_jsonl
@@ -170,11 +169,20 @@ def _score(args: argparse.Namespace) -> int:
                                                                         if len(long) > 5 else "")
         raise ValueError(f"{len(long)} prompt(s) longer than the cap of {cap} tokens ({origin}): {shown}. "
                          f"Shorten or drop them, or raise --max-prompt-tokens (within the model's position limit)")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).to(args.device).eval()
+    from ..distributed.ranks import init_from_launcher, launch_info
+    from ..distributed.scoring import score_responses_sharded
+
+    rank, world, local = launch_info()  # under torchrun: each rank scores its share, rank 0 writes
+    init_from_launcher()
+    device = f"cuda:{local}" if world > 1 and args.device == "cuda" else args.device
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).to(device).eval()
     prompts = [e.prompt for e in examples]
     responses = [e.steps if e.steps is not None else e.response for e in examples]
-    scores = score_responses(model, tokenizer, prompts, responses, window=args.window, drop_first=args.drop_first,
-                             max_step_tokens=args.max_step_tokens, token_budget=args.token_budget, progress=True)
+    scores = score_responses_sharded(model, tokenizer, prompts, responses, window=args.window,
+                                     drop_first=args.drop_first, max_step_tokens=args.max_step_tokens,
+                                     token_budget=args.token_budget, progress=rank == 0)
+    if rank != 0:
+        return 0
     chosen = select_responses(prompts, scores)
     nonfinite = sum(1 for sc in scores if not (math.isfinite(sc.lalp) and math.isfinite(sc.galp)))
     write_jsonl(args.out, (finite_or_none({**examples[i].to_json(), "lalp": scores[i].lalp, "galp": scores[i].galp,
@@ -192,6 +200,7 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def train_command(args: argparse.Namespace) -> int:
+    from ..distributed.ranks import launch_info, raised_together, settle
     from ..train.callbacks import NonFiniteLossError
     from ..train.checkpoints import RunError, signals_exit
     from ..train.run import train
@@ -202,12 +211,18 @@ def train_command(args: argparse.Namespace) -> int:
                         stop_on_nonfinite_loss=False if args.no_nonfinite_stop else None)
     except (RunError, NonFiniteLossError) as e:
         print(f"vcrd train: error: {e}", file=sys.stderr)
+        settle(e)  # under torchrun: every rank reports a refusal before any rank exits
         return e.exit_code
-    except FileNotFoundError:
-        raise  # a missing input: exit 2 like any refused argument
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        if not raised_together(e):
+            raise  # a missing input or a refused argument: exit 2 (main)
+        print(f"vcrd train: error: {e}", file=sys.stderr)
+        settle(e)
+        return 2
     except OSError as e:  # anything the checks could not foresee: what failed and where, no traceback
         return os_error("train", e)
-    print(f"done: checkpoints in {out}, final model in {out / 'final'}")
+    if launch_info()[0] == 0:  # under torchrun: once, from rank 0
+        print(f"done: checkpoints in {out}, final model in {out / 'final'}")
     return 0
 
 
@@ -235,9 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the main job: distil a student on the built-in task, kd vs discord vs vcrd",
                        description="Train a small teacher on the built-in two-step arithmetic task, let it sample "
                                    "traces, keep the best-LALP trace per problem, distil one student per preset (kd, "
-                                   "discord, vcrd) and compare held-out accuracy (results.json, results.md and "
-                                   "curves.png in --out). With --quick: only the loss on one realistic batch, for "
-                                   "each preset.")
+                                   "discord, vcrd) plus an offline vcrd student trained from the teacher's top-K "
+                                   "cache, and compare held-out accuracy (results.json, results.md and curves.png in "
+                                   "--out). With --quick: only the loss on one realistic batch, for each preset.")
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     d.add_argument("--n-train", type=int, default=2000, help="teacher training problems (default 2000)")
     d.add_argument("--n-trace", type=int, default=1000, help="problems with sampled teacher traces (default 1000)")
@@ -246,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--student-steps", type=int, default=600, help="distillation steps per student (default 600)")
     d.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: these models are tiny; 0: torch's default)")
+    d.add_argument("--offline-k", type=int, default=64,
+                   help="top-K of the teacher cache for the offline vcrd student (default 64; 0: none)")
     d.add_argument("--quick", action="store_true", help="only the three presets on one batch: loss, weights, timing")
     d.add_argument("--batch", type=int, default=4, help="--quick: sequences (default 4)")
     d.add_argument("--seq-len", type=int, default=256, help="--quick: tokens per sequence (default 256)")

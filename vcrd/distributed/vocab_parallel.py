@@ -50,7 +50,7 @@ FIELDS = ("mx", "mz", "sum_s", "sum_u", "a_s", "a_u", "z_as", "x_y", "z_y", "own
 _F = {name: i for i, name in enumerate(FIELDS)}
 
 
-def _group_info(group) -> Tuple[int, int]:
+def group_info(group) -> Tuple[int, int]:
     if not (dist.is_available() and dist.is_initialized()):
         if group is not None:
             raise ValueError("group: torch.distributed is not initialized, but a process group was given")
@@ -73,7 +73,7 @@ def _exchange(local: torch.Tensor, rank: int, world: int, group) -> torch.Tensor
     return _all_reduce(buf, group)
 
 
-def _checksum(*tensors: Optional[torch.Tensor]) -> str:
+def rows_checksum(*tensors: Optional[torch.Tensor]) -> str:
     h = hashlib.sha1()
     for t in tensors:
         if t is None:
@@ -110,31 +110,44 @@ def _local_error(student, teacher, vocab_start, vocab_size) -> Optional[str]:
     return None
 
 
-def _check_layout(metas: List[dict], V: int) -> None:
+def agree_on_layout(meta: dict, world: int, group, V: int, caller: str) -> List[dict]:
+    """Every rank's ``meta`` (ONE ``all_gather_object``), checked the same way on every rank: the same
+    ``ValueError`` (prefixed ``caller``) on every rank if any rank's input is bad, the ranks disagree, or
+    the shards' ``[v0, v1)`` do not tile ``[0, V)``; no rank is left waiting in a later collective."""
+    if world > 1:
+        metas: List[dict] = [None] * world  # type: ignore[list-item]
+        dist.all_gather_object(metas, meta, group=group)
+    else:
+        metas = [meta]
+    _check_layout(metas, V, caller)
+    return metas
+
+
+def _check_layout(metas: List[dict], V: int, caller: str) -> None:
     """The same checks on every rank, from every rank's metadata: raise the same ``ValueError``."""
     errors = [f"rank {r}: {m['error']}" for r, m in enumerate(metas) if m["error"]]
     if errors:
-        raise ValueError("vocab_parallel_vcrd_loss: bad input on " + "; ".join(errors))
+        raise ValueError(f"{caller}: bad input on " + "; ".join(errors))
     for key, what in (("V", "vocab_size (the full vocabulary)"), ("config", "config"), ("rows", "the row shape"),
-                      ("chunks", "the row chunks (VCRD_CHUNK_ROWS or chunk_rows)"),
+                      ("chunks", "the row chunks (VCRD_CHUNK_ROWS, chunk_rows or chunk_size)"),
                       ("labels", "labels / step_ids / cu_seqlens"), ("options", "reduction / num_items_in_batch"),
-                      ("dtype", "the logits' dtype")):
+                      ("dtype", "the inputs' dtype")):
         values = [m[key] for m in metas]
         if any(v != values[0] for v in values):
             shown = values if key in ("V", "rows", "chunks", "options", "dtype") else [str(v)[:60] for v in values]
-            raise ValueError(f"vocab_parallel_vcrd_loss: ranks disagree on {what}: {shown} (rank 0..{len(metas) - 1})")
+            raise ValueError(f"{caller}: ranks disagree on {what}: {shown} (rank 0..{len(metas) - 1})")
     spans = sorted((m["v0"], m["v1"], r) for r, m in enumerate(metas))
     at = 0
     for v0, v1, r in spans:
         if v0 != at:
             kind = "a gap" if v0 > at else "an overlap"
             layout = [(m["v0"], m["v1"]) for m in metas]
-            raise ValueError(f"vocab_parallel_vcrd_loss: the shards' columns do not tile [0, {V}): {kind} at column "
+            raise ValueError(f"{caller}: the shards' columns do not tile [0, {V}): {kind} at column "
                              f"{min(v0, at)} (rank {r} starts at {v0}); per-rank [start, end) = {layout}")
         at = v1
     if at != V:
         layout = [(m["v0"], m["v1"]) for m in metas]
-        raise ValueError(f"vocab_parallel_vcrd_loss: the shards' columns do not tile [0, {V}): they end at {at}; "
+        raise ValueError(f"{caller}: the shards' columns do not tile [0, {V}): they end at {at}; "
                          f"per-rank [start, end) = {layout}")
 
 
@@ -215,6 +228,42 @@ def _jsd_partials(x, z, lse_s, lse_u, T: float, beta: float) -> torch.Tensor:
     return torch.stack([_weighted(q, logq - logm).sum(-1), _weighted(p, logp - logm).sum(-1)], -1)
 
 
+def shard_rows(x: torch.Tensor, z: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, v0: int,
+               window: CausalWindowMean, cfg: VCRDConfig, grad_scale: float, rank: int, world: int, group,
+               out: Optional[torch.Tensor] = None) -> Rows:
+    """One chunk of rows of a vocab-parallel loss: this shard's columns ``x, z [C, Vl]`` (fp32/fp64, global
+    columns ``[v0, v0 + Vl)``) → the global per-row outputs (:data:`vcrd.core.weights.OUTPUT_ROWS`, the same
+    on every rank) with ONE all-reduce (two for JSD); writes ``∂loss/∂x`` (times ``grad_scale``, ignored
+    rows 0) into ``out [C, Vl]`` when given (``out`` may be ``x`` itself: x is read before it is written)."""
+    divergence, T, beta = cfg.effective_divergence, cfg.temperature, cfg.beta
+    with_ce = cfg.ce_weight > 0
+    untempered = with_ce and T != 1.0
+    _, grad_fn, grad_row = CHUNK_FUNCTIONS[divergence]
+    rows = _combine(_exchange(_partials(x, z, y, v0, T, divergence, untempered), rank, world, group), T, divergence,
+                    untempered)
+    if divergence == "jsd":
+        J = _exchange(_jsd_partials(x, z, rows["lse_s"], rows["lse_u"], T, beta), rank, world, group).sum(0)
+        rows["D"], rows["kl_pm"] = beta * J[:, 0] + (1 - beta) * J[:, 1], J[:, 1]
+    lse_untempered = rows.get("lse_untempered", rows["lse_s"])
+    ce = (lse_untempered - rows["x_y"]) if with_ce else 0.0
+    weigh_rows(rows, valid, window, cfg, grad_scale)
+    rows["per_row"] = row_loss(rows, ce, valid, cfg)
+    if out is None:
+        return rows
+    soft = None
+    if with_ce:  # coef_ce·(softmax(s) - onehot(y)) on this shard's columns (read before `out` may overwrite x)
+        Vl = x.shape[1]
+        soft = rows["coef_ce"][:, None] * (x - lse_untempered[:, None]).exp()
+        yl = y - v0
+        own = valid & (yl >= 0) & (yl < Vl)
+        soft = soft.scatter_add(1, yl.clamp(0, Vl - 1)[:, None], torch.where(own, -rows["coef_ce"], 0.0)[:, None])
+    grad_fn(out, x, z, y, valid, rows[grad_row], rows["lse_s"], rows["lse_u"], lse_untempered,
+            rows["coef_kd"], rows["coef_ce"], T, beta, False)
+    if soft is not None:
+        out.add_(torch.where(valid[:, None], soft, 0.0).to(out.dtype))
+    return rows
+
+
 def vocab_parallel_vcrd_loss(
     student_logits_shard: torch.Tensor,
     teacher_logits_shard: torch.Tensor,
@@ -255,7 +304,7 @@ def vocab_parallel_vcrd_loss(
         ValueError on every rank (never a hang) when the shards do not tile ``[0, V)``, or the ranks
         disagree on ``V``, the config, the rows, the labels or the chunking, or any rank's inputs are bad.
     """
-    rank, world = _group_info(group)
+    rank, world = group_info(group)
     # every check of this rank's arguments is collected, not raised, until all ranks have exchanged
     # their metadata: a rank that raised alone would leave the others waiting in a collective
     cfg = chunk = layout = None
@@ -286,25 +335,15 @@ def vocab_parallel_vcrd_loss(
     if error is None:
         n_chunks = math.ceil(lead[0] / chunk) if len(lead) == 1 else lead[0] * math.ceil(lead[1] / chunk)
     meta = dict(error=error, v0=v0, v1=v1, V=vocab_size, config=repr(cfg), rows=lead, chunks=(chunk, n_chunks),
-                labels=_checksum(labels, step_ids, cu_seqlens) if error is None else None,
+                labels=rows_checksum(labels, step_ids, cu_seqlens) if error is None else None,
                 options=(reduction, None if error or num_items_in_batch is None else float(num_items_in_batch)),
                 dtype=str(student_logits_shard.dtype) if error is None else None)
-    if world > 1:
-        metas: List[dict] = [None] * world  # type: ignore[list-item]
-        dist.all_gather_object(metas, meta, group=group)
-    else:
-        metas = [meta]
-    _check_layout(metas, vocab_size)
+    agree_on_layout(meta, world, group, vocab_size, "vocab_parallel_vcrd_loss")
 
     s_full = student_logits_shard
     Vl = v1 - v0
     batch = RowBatch(s_full[..., :Vl], teacher_logits_shard[..., :Vl], layout)
-
     want_grad = torch.is_grad_enabled() and s_full.requires_grad
-    divergence, T, beta = cfg.effective_divergence, cfg.temperature, cfg.beta
-    with_ce = cfg.ce_weight > 0
-    untempered = with_ce and T != 1.0
-    _, grad_fn, grad_row = CHUNK_FUNCTIONS[divergence]
     Z = row_normalizer(reduction, cfg, num_items_in_batch, layout)
     grad = grad_rows = None
     if want_grad:
@@ -315,30 +354,10 @@ def vocab_parallel_vcrd_loss(
     parts = []
     with torch.no_grad():
         for r0, r1, sc, uc in batch.chunks(chunk):
-            sc, uc = sc.detach(), uc.detach()
-            x, z = sc.to(dtype), uc.to(dtype)
-            y, valid = layout.labels[r0:r1], layout.valid[r0:r1]
-            P = _exchange(_partials(x, z, y, v0, T, divergence, untempered), rank, world, group)
-            rows = _combine(P, T, divergence, untempered)
-            if divergence == "jsd":
-                J = _exchange(_jsd_partials(x, z, rows["lse_s"], rows["lse_u"], T, beta), rank, world, group).sum(0)
-                rows["D"], rows["kl_pm"] = beta * J[:, 0] + (1 - beta) * J[:, 1], J[:, 1]
-            lse_untempered = rows.get("lse_untempered", rows["lse_s"])
-            ce = (lse_untempered - rows["x_y"]) if with_ce else 0.0
-            weigh_rows(rows, valid, window, cfg, 1.0 / Z)
-            rows["per_row"] = row_loss(rows, ce, valid, cfg)
-            if grad_rows is not None:
-                out = grad_rows[r0:r1]
-                grad_fn(out, x, z, y, valid, rows[grad_row], rows["lse_s"], rows["lse_u"], lse_untempered,
-                        rows["coef_kd"], rows["coef_ce"], T, beta, False)
-                if with_ce:  # coef_ce·(softmax(s) - onehot(y)) on this shard's columns
-                    soft = rows["coef_ce"][:, None] * (x - lse_untempered[:, None]).exp()
-                    yl = y - v0
-                    own = valid & (yl >= 0) & (yl < Vl)
-                    soft = soft.scatter_add(1, yl.clamp(0, Vl - 1)[:, None],
-                                            torch.where(own, -rows["coef_ce"], 0.0)[:, None])
-                    out.add_(torch.where(valid[:, None], soft, 0.0).to(out.dtype))
-            parts.append(rows)
+            x, z = sc.detach().to(dtype), uc.detach().to(dtype)
+            out = grad_rows[r0:r1] if grad_rows is not None else None
+            parts.append(shard_rows(x, z, layout.labels[r0:r1], layout.valid[r0:r1], v0, window, cfg, 1.0 / Z,
+                                    rank, world, group, out))
         rows = concat_rows(parts, dtype, s_full.device)
         value, post_scale = reduce_rows(rows["per_row"], rows["w"], reduction, cfg, Z, layout.shape, layout.n_valid,
                                         num_items_in_batch)
@@ -348,4 +367,4 @@ def vocab_parallel_vcrd_loss(
     return loss
 
 
-__all__ = ["vocab_parallel_vcrd_loss", "FIELDS"]
+__all__ = ["vocab_parallel_vcrd_loss", "agree_on_layout", "group_info", "rows_checksum", "shard_rows", "FIELDS"]

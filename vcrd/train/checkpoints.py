@@ -15,6 +15,10 @@
 - :func:`check_safetensors`: a truncated or damaged ``*.safetensors`` file, named, before any load.
 - :func:`signals_exit`: SIGTERM/SIGHUP raise ``SystemExit`` so that ``finally`` blocks remove
   temporary files and locks.
+
+Under ``torchrun`` (several ranks, one shared folder) rank 0 holds the lock and writes the shared
+files; each stage of a save ends on every rank with :func:`vcrd.distributed.ranks.agreed`, a barrier
+that fails all ranks when one fails (see :class:`AtomicCheckpointMixin`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
+from ..distributed.ranks import agreed
 from .files import fsync_dir
 
 MANIFEST = "vcrd_checkpoint.json"
@@ -358,11 +363,19 @@ def find_resume_checkpoint(folder: os.PathLike, say: Callable[[str], None]) -> T
 class AtomicCheckpointMixin:
     """Mixed into a ``transformers.Trainer`` (before it in the bases): atomic, verified checkpoints.
 
-    ``run_manifest`` (a JSON-able dict: config, data hash, preset) is stored in every checkpoint's
-    ``vcrd_checkpoint.json``.
+    ``run_manifest`` (a JSON-able dict: config, data hash, preset, world size) is stored in every
+    checkpoint's ``vcrd_checkpoint.json``.
+
+    Under a launcher (``torchrun``: several ranks, one shared folder) the Trainer's save runs on every
+    rank: rank 0 (``args.should_save``) creates the staging folder, writes the weights, optimizer,
+    scheduler and trainer state, every rank its ``rng_state_<rank>.pth``; then rank 0 alone writes the
+    manifest and renames the folder into place. Each stage ends with :func:`vcrd.distributed.ranks.agreed`
+    (a barrier carrying failures), so a failed write raises :class:`CheckpointWriteError` on every rank.
+    ``staging_id`` (rank 0's pid on every rank) names the shared staging folder.
     """
 
     run_manifest: Dict[str, Any] = {}
+    staging_id: Optional[int] = None
     _vcrd_staging: Optional[str] = None
 
     def _get_output_dir(self, trial):  # the Trainer writes checkpoint-N under this folder
@@ -373,12 +386,21 @@ class AtomicCheckpointMixin:
     def _save_checkpoint(self, model, trial) -> None:
         run_dir = Path(super()._get_output_dir(trial))
         name = f"checkpoint-{self.state.global_step}"
-        staging = run_dir / f".{name}.tmp-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        try:
+        staging = run_dir / f".{name}.tmp-{self.staging_id or os.getpid()}"
+        writer = self.args.should_save
+        save = super()._save_checkpoint
+
+        def stage(action: Callable[[], None]) -> None:  # on every rank, then fail together
+            try:
+                agreed(action, catch=(OSError,))
+            except OSError as e:
+                raise CheckpointWriteError(self._write_failure(e, name, staging, run_dir)) from e
+
+        def fresh() -> None:
+            shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
-            self._vcrd_staging = str(staging)
-            super()._save_checkpoint(model, trial)  # -> staging/checkpoint-N
+
+        def commit() -> None:
             written = staging / name
             files = {str(p.relative_to(written)): p.stat().st_size for p in sorted(written.rglob("*")) if p.is_file()}
             with open(written / MANIFEST, "w", encoding="utf-8") as f:
@@ -386,11 +408,16 @@ class AtomicCheckpointMixin:
                           f, indent=1)
             _fsync_tree(written)
             commit_folder(written, run_dir / name)
-        except OSError as e:
-            raise CheckpointWriteError(self._write_failure(e, name, staging, run_dir)) from e
+
+        try:
+            stage(fresh if writer else lambda: None)
+            self._vcrd_staging = str(staging)
+            stage(lambda: save(model, trial))  # -> staging/checkpoint-N
+            stage(commit if writer else lambda: None)
         finally:
             self._vcrd_staging = None
-            shutil.rmtree(staging, ignore_errors=True)
+            if writer:
+                shutil.rmtree(staging, ignore_errors=True)
 
     @staticmethod
     def _write_failure(e: OSError, name: str, staging: Path, run_dir: Path) -> str:
@@ -408,20 +435,30 @@ class AtomicCheckpointMixin:
                 f"folder was removed and {kept}. Free space / fix permissions, then rerun with --resume")
 
 
-def save_final(trainer, tokenizer, out: Path) -> Path:
-    """``trainer.save_model`` + the tokenizer into ``out/final``, atomically (staged, then renamed)."""
+def save_final(trainer, tokenizer, out: Path, staging_id: Optional[int] = None) -> Path:
+    """``trainer.save_model`` + the tokenizer into ``out/final``, atomically (staged, then renamed). Under a
+    launcher every rank calls it (the Trainer decides who writes; rank 0 renames), ``staging_id`` naming
+    the shared staging folder; a failure raises on every rank."""
     final = out / "final"
-    staging = out / f".final.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    staging = out / f".final.tmp-{staging_id or os.getpid()}"
+    writer = trainer.args.should_save
+
+    def write() -> None:
+        if writer:
+            shutil.rmtree(staging, ignore_errors=True)
         trainer.save_model(str(staging))
-        tokenizer.save_pretrained(str(staging))
-        _fsync_tree(staging)
-        commit_folder(staging, final)
+        if writer:
+            tokenizer.save_pretrained(str(staging))
+            _fsync_tree(staging)
+            commit_folder(staging, final)
+
+    try:
+        agreed(write, catch=(OSError,))
     except OSError as e:
         where = e.filename or staging
         raise CheckpointWriteError(f"saving the final model failed: {e.strerror or e} while writing {where}; "
                                    f"the checkpoints in {out} are intact") from e
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if writer:
+            shutil.rmtree(staging, ignore_errors=True)
     return final

@@ -20,6 +20,10 @@ writability, and with ``--resume`` the checkpoint to continue from and its store
 run takes ``output_dir``'s lock (one run per folder), trains with atomic checkpoints
 (:mod:`vcrd.train.checkpoints`) and stops at the first non-finite loss
 (:mod:`vcrd.train.callbacks`).
+
+Under ``torchrun --nproc_per_node N -m vcrd.app.cli train --config FILE`` the run is data parallel
+(DDP through the Hugging Face Trainer; ``batch_size`` is per process): see :func:`train` and
+docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -45,7 +50,7 @@ INTS = {"max_steps": 1, "batch_size": 1, "grad_accum": 1, "save_steps": 1, "logg
 MAX_LEARNING_RATE = 1.0
 # stored with each checkpoint; a difference on --resume is an error unless --allow-mismatch
 RESUME_KEYS = ("preset", "loss", "data_sha256", "teacher", "student", "batch_size", "grad_accum", "learning_rate",
-               "max_length", "seed")
+               "max_length", "seed", "world_size")
 SHOW = 5  # data lines named per warning
 
 
@@ -197,14 +202,16 @@ def check_run(cfg: Dict[str, Any], examples, say: Callable[[str], None]):
     return tokenizer, collator
 
 
-def run_manifest(cfg: Dict[str, Any], data_sha256: str) -> Dict[str, Any]:
-    """What a checkpoint records about its run (compared on ``--resume``: ``RESUME_KEYS``)."""
+def run_manifest(cfg: Dict[str, Any], data_sha256: str, world_size: int = 1) -> Dict[str, Any]:
+    """What a checkpoint records about its run (compared on ``--resume``: ``RESUME_KEYS``), with the number
+    of processes that trained it (``world_size``: the global batch is ``batch_size · grad_accum · world_size``)."""
     return {"vcrd_version": __version__, "preset": cfg["preset"], "loss": dataclasses.asdict(cfg["vcrd_config"]),
             "data": cfg["data"], "data_sha256": data_sha256,
             "teacher": str(Path(cfg["teacher"]).resolve()) if "teacher" in cfg else
             f"cache:{Path(cfg['teacher_cache']).resolve()}",
             "student": str(Path(cfg["student"]).resolve()),
-            **{k: cfg[k] for k in ("batch_size", "grad_accum", "learning_rate", "max_length", "seed", "max_steps")}}
+            **{k: cfg[k] for k in ("batch_size", "grad_accum", "learning_rate", "max_length", "seed", "max_steps")},
+            "world_size": world_size}
 
 
 def compare_manifests(stored: Dict[str, Any], current: Dict[str, Any]) -> list:
@@ -225,23 +232,10 @@ def _trainer_class():
     return RunTrainer
 
 
-def train(config_path: str, resume: bool = False, allow_mismatch: bool = False,
-          stop_on_nonfinite_loss: Optional[bool] = None, say: Callable[[str], None] = _stderr) -> Path:
-    """Run the training a config describes; return the output folder. See the module docstring.
-
-    Raises ``ValueError`` / ``FileNotFoundError`` (bad input, nothing touched),
-    :class:`vcrd.train.checkpoints.RunError` (a busy folder, nothing to resume from, a checkpoint that
-    could not be written) and :class:`vcrd.train.callbacks.NonFiniteLossError`.
-    """
-    from .checkpoints import (
-        ResumeError,
-        RunLock,
-        checkpoints,
-        file_sha256,
-        find_resume_checkpoint,
-        remove_staging,
-        save_final,
-    )
+def _prepare(config_path: str, resume: bool, allow_mismatch: bool, world: int, say: Callable[[str], None]):
+    """Every check that needs no model, on this rank: ``(cfg, examples, tokenizer, collator, manifest,
+    checkpoint or None)``."""
+    from .checkpoints import ResumeError, checkpoints, file_sha256, find_resume_checkpoint
     from .data import read_jsonl
 
     cfg = load_config(config_path)
@@ -249,35 +243,77 @@ def train(config_path: str, resume: bool = False, allow_mismatch: bool = False,
     if not examples:
         raise ValueError(f"data: {cfg['data']} holds no examples")
     tokenizer, collator = check_run(cfg, examples, say)
-    manifest = run_manifest(cfg, file_sha256(cfg["data"]))
+    manifest = run_manifest(cfg, file_sha256(cfg["data"]), world)
     out = Path(cfg["output_dir"])
     checkpoint = None
     if resume:
         checkpoint, stored = find_resume_checkpoint(out, say)
-        differences = compare_manifests(stored.get("run", {}), manifest)
+        stored_run = stored.get("run", {})
+        if stored_run:  # written before world sizes were stored: by one process
+            stored_run = {"world_size": 1, **stored_run}
+        differences = compare_manifests(stored_run, manifest)
         if differences and not allow_mismatch:
             raise ResumeError(f"--resume: {checkpoint.name} was written by a different run configuration "
-                              f"({'; '.join(differences)}); restore the config, or pass --allow-mismatch to "
-                              f"continue anyway")
+                              f"({'; '.join(differences)}); restore the config (or launch as many processes as "
+                              f"before), or pass --allow-mismatch to continue anyway")
         if differences:
             say(f"warning: --allow-mismatch: resuming {checkpoint.name} despite {'; '.join(differences)}")
     elif checkpoints(out):
         say(f"warning: {out} already holds checkpoints from an earlier run; this run starts from step 0 and "
             f"replaces them as it reaches their steps (use --resume to continue instead)")
-    stop = cfg["stop_on_nonfinite_loss"] if stop_on_nonfinite_loss is None else stop_on_nonfinite_loss
+    return cfg, examples, tokenizer, collator, manifest, checkpoint
 
-    out.mkdir(parents=True, exist_ok=True)
-    with RunLock(out, say):
-        remove_staging(out, say)
+
+def train(config_path: str, resume: bool = False, allow_mismatch: bool = False,
+          stop_on_nonfinite_loss: Optional[bool] = None, say: Callable[[str], None] = _stderr) -> Path:
+    """Run the training a config describes; return the output folder. See the module docstring.
+
+    Under a launcher (``torchrun --nproc_per_node N``: DDP through the Hugging Face Trainer) every rank
+    makes the same checks, and a failure on any rank raises on every rank (no rank waits in a
+    collective); rank 0 alone takes the output folder's lock and writes checkpoints, manifests and the
+    final model (the others wait for it); the world size is stored in each checkpoint and compared on
+    ``--resume`` like the rest of the run configuration; every rank reports its final parameters'
+    SHA-256 (:func:`vcrd.distributed.ranks.parameter_checksum`), and a difference between ranks is
+    an error.
+
+    Raises ``ValueError`` / ``FileNotFoundError`` (bad input, nothing touched),
+    :class:`vcrd.train.checkpoints.RunError` (a busy folder, nothing to resume from, a checkpoint that
+    could not be written, ranks that disagree) and :class:`vcrd.train.callbacks.NonFiniteLossError`.
+    """
+    import contextlib
+
+    from ..distributed.ranks import agreed, from_rank0, gather, init_from_launcher, launch_info, parameter_checksum
+    from .checkpoints import RunError, RunLock, remove_staging, save_final
+
+    rank, world, _ = launch_info()
+    quiet = say if rank == 0 else (lambda message: None)  # checks' warnings once, from rank 0
+    init_from_launcher()
+    cfg, examples, tokenizer, collator, manifest, checkpoint = agreed(
+        lambda: _prepare(config_path, resume, allow_mismatch, world, quiet))
+    stop = cfg["stop_on_nonfinite_loss"] if stop_on_nonfinite_loss is None else stop_on_nonfinite_loss
+    out = Path(cfg["output_dir"])
+
+    with contextlib.ExitStack() as held:
+        def take_folder() -> None:  # one run per folder: rank 0 holds the lock for all ranks
+            if rank == 0:
+                out.mkdir(parents=True, exist_ok=True)
+                held.enter_context(RunLock(out, say))
+                remove_staging(out, say)
+
+        agreed(take_folder)
         import torch
         from transformers import AutoModelForCausalLM, TrainingArguments
 
-        models = {}
-        for role in model_roles(cfg):
-            try:
-                models[role] = AutoModelForCausalLM.from_pretrained(cfg[role], local_files_only=True)
-            except Exception as e:  # damaged in a way the pre-checks cannot see: name the folder
-                raise ValueError(f"{role}: cannot load the model in {cfg[role]}: {e}") from None
+        def load_models():
+            models = {}
+            for role in model_roles(cfg):
+                try:
+                    models[role] = AutoModelForCausalLM.from_pretrained(cfg[role], local_files_only=True)
+                except Exception as e:  # damaged in a way the pre-checks cannot see: name the folder
+                    raise ValueError(f"{role}: cannot load the model in {cfg[role]}: {e}") from None
+            return models
+
+        models = agreed(load_models)
         args = TrainingArguments(
             output_dir=str(out), max_steps=cfg["max_steps"], per_device_train_batch_size=cfg["batch_size"],
             gradient_accumulation_steps=cfg["grad_accum"], learning_rate=cfg["learning_rate"],
@@ -290,6 +326,14 @@ def train(config_path: str, resume: bool = False, allow_mismatch: bool = False,
                                    vcrd_config=cfg["vcrd_config"], args=args, train_dataset=examples,
                                    data_collator=collator, stop_on_nonfinite_loss=stop)
         trainer.run_manifest = manifest
+        trainer.staging_id = from_rank0(os.getpid())  # the staging folders all ranks write into
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
-        save_final(trainer, tokenizer, out)
+        save_final(trainer, tokenizer, out, trainer.staging_id)
+        digest = parameter_checksum(models["student"])
+        say(f"final parameters sha256 {digest}" if world == 1 else
+            f"rank {rank}/{world}: final parameters sha256 {digest}")
+        digests = gather(digest)
+        if len(set(digests)) > 1:
+            raise RunError(f"the ranks ended with different parameters (sha256 per rank: {digests}); the model in "
+                           f"{out / 'final'} is rank 0's")
     return out

@@ -1,0 +1,217 @@
+"""Vocab-parallel fused-linear VCRD loss (SPEC §11): hidden states replicated, both LM heads sharded by rows.
+
+Rank ``r`` holds rows ``[v0, v0 + W)`` of both LM heads (``vocab_start=v0``; rows at or beyond the full
+vocabulary ``V`` are padding and ignored) and the full hidden states of both models. Per chunk of
+``C`` kept rows (rows with ``ignore_index`` never reach a GEMM), in row order:
+
+1. this shard's logits ``x = h_s W_s,r^T (+ b_s,r)``, ``z = h_t W_t,r^T (+ b_t,r)``: ``[C, W]``, fp32;
+2. :func:`vcrd.distributed.vocab_parallel.shard_rows`: the partial statistics, ONE all-reduce (two for
+   JSD), the global weights, and ``g = ∂loss/∂x`` written over ``x``;
+3. ``grad_W_s,r += g^T h_s``, ``grad_b_s,r += Σ g`` (this rank's rows only, no communication) and
+   ``grad_h_s[chunk] = g W_s,r`` (this shard's share of the hidden gradient).
+
+After the sweep, ONE all-reduce sums the ranks' shares of ``grad_h_s``. Collectives per call: one
+``all_gather_object`` of metadata (bad layouts and configs are refused on every rank with the same
+``ValueError``), one ``all_reduce`` per chunk (two for JSD), one for the hidden gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+
+from ..backends.autograd import attach_grads
+from ..core import settings
+from ..core.checks import FLOAT_DTYPES, RowLayout, check_labels, check_options, check_rows
+from ..core.config import VCRDConfig, resolve_config
+from ..core.reduction import reduce_rows, row_normalizer
+from ..core.stats import VCRDStats
+from ..core.weights import OUTPUT_ROWS, concat_rows
+from ..core.windows import CausalWindowMean
+from ..loss.fused_linear import auto_chunk_size
+from .vocab_parallel import _all_reduce, agree_on_layout, group_info, rows_checksum, shard_rows
+
+CALLER = "fused_linear_vocab_parallel_vcrd_loss"
+
+
+def _local_error(h_s, w_s, h_t, w_t, b_s, b_t, vocab_start, vocab_size) -> Optional[str]:
+    """What is wrong with this rank's own tensors (reported on every rank after the metadata exchange)."""
+    named = (("student_hidden", h_s, (2, 3)), ("student_weight_shard", w_s, (2,)), ("teacher_hidden", h_t, (2, 3)),
+             ("teacher_weight_shard", w_t, (2,)), ("student_bias_shard", b_s, (1,)),
+             ("teacher_bias_shard", b_t, (1,)))
+    for name, t, dims in named:
+        if t is None and "bias" in name:
+            continue
+        if not isinstance(t, torch.Tensor):
+            return f"{name}: expected a torch.Tensor, got {type(t).__name__}"
+        if t.dtype not in FLOAT_DTYPES:
+            return f"{name}: expected a float32, bfloat16, float16 or float64 tensor, got {t.dtype}"
+        if t.dim() not in dims:
+            return f"{name}: expected {dims[0] if len(dims) == 1 else ' or '.join(map(str, dims))} dimensions, " \
+                   f"got shape {tuple(t.shape)}"
+    if h_t.shape[:-1] != h_s.shape[:-1]:
+        return f"teacher_hidden: expected leading shape {tuple(h_s.shape[:-1])} like student_hidden, got " \
+               f"{tuple(h_t.shape)}"
+    for who, h, w, b in (("student", h_s, w_s, b_s), ("teacher", h_t, w_t, b_t)):
+        if w.shape[1] != h.shape[-1]:
+            return f"{who}_weight_shard: expected shape [W, {h.shape[-1]}] to match {who}_hidden, got {tuple(w.shape)}"
+        if b is not None and b.shape[0] != w.shape[0]:
+            return f"{who}_bias_shard: expected shape [{w.shape[0]}] like {who}_weight_shard's rows, got " \
+                   f"{tuple(b.shape)}"
+    if w_t.shape[0] != w_s.shape[0]:
+        return f"teacher_weight_shard: expected {w_s.shape[0]} rows like student_weight_shard (both heads' rows " \
+               f"[vocab_start, vocab_start + W)), got {w_t.shape[0]}"
+    if w_s.shape[0] < 1:
+        return "student_weight_shard: the shard holds no row"
+    for name, t in (("teacher_hidden", h_t), ("teacher_weight_shard", w_t), ("teacher_bias_shard", b_t)):
+        if t is not None and t.requires_grad:
+            return f"{name}: the teacher must not require grad (detach it or compute it under torch.no_grad())"
+    devices = {str(t.device) for t in (h_s, w_s, h_t, w_t, b_s, b_t) if t is not None}
+    if len(devices) > 1:
+        return f"all tensors must be on one device, got {sorted(devices)}"
+    for name, v in (("vocab_start", vocab_start), ("vocab_size", vocab_size)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            return f"{name}: expected an int, got {type(v).__name__}"
+    if vocab_size < 1 or vocab_start < 0 or vocab_start >= vocab_size:
+        return f"vocab_start: expected 0 <= vocab_start < vocab_size={vocab_size}, got {vocab_start}"
+    return None
+
+
+def fused_linear_vocab_parallel_vcrd_loss(
+    student_hidden: torch.Tensor,
+    student_weight_shard: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight_shard: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    *,
+    vocab_start: int,
+    vocab_size: int,
+    group=None,
+    student_bias_shard: Optional[torch.Tensor] = None,
+    teacher_bias_shard: Optional[torch.Tensor] = None,
+    step_ids: Optional[torch.Tensor] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    config: Union[VCRDConfig, str, None] = None,
+    num_items_in_batch: Optional[Union[int, torch.Tensor]] = None,
+    reduction: str = "mean",
+    chunk_size: Union[int, str] = "auto",
+    impl: str = "auto",
+    return_stats: bool = False,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, VCRDStats]]:
+    """:func:`vcrd.fused_linear_vcrd_loss` with both LM heads sharded by vocabulary rows over ``group``.
+
+    Args:
+        student_hidden, teacher_hidden: ``[N, H_s]`` / ``[B, T, H_s]`` and ``[.., H_t]`` final hidden states,
+            the same on every rank (replicated).
+        student_weight_shard, teacher_weight_shard: ``[W, H_s]`` and ``[W, H_t]``: rows
+            ``[vocab_start, vocab_start + W)`` of both LM heads (``*_bias_shard`` ``[W]`` optional). The ranks'
+            ``[vocab_start, min(vocab_start + W, vocab_size))`` must tile ``[0, vocab_size)``.
+        vocab_size: the full vocabulary V (rows ``>= V`` of a shard are padding: ignored, gradient 0).
+        group: the vocab-parallel process group (default: the world; without ``torch.distributed``, one
+            process holding every row).
+        labels, step_ids, cu_seqlens, config, num_items_in_batch, reduction, chunk_size, return_stats: as
+            :func:`vcrd.fused_linear_vcrd_loss` (``chunk_size="auto"`` sizes the chunks from the widest
+            shard); ``impl``: ``"auto"`` or ``"torch"`` (the per-shard statistics run in torch).
+
+    Returns:
+        The loss (fp32), identical on every rank; its ``backward()`` gives each rank ``grad_hidden`` (the
+        full gradient, summed over ranks), and the gradient of its own weight/bias rows. Every rank must
+        run the backward with the same upstream gradient (``loss.backward()`` on every rank).
+
+    Raises:
+        ValueError on every rank (never a hang) for a layout that does not tile ``[0, V)``, ranks that
+        disagree on V, the config, the rows, the labels or the chunking, or bad input on any rank.
+    """
+    rank, world = group_info(group)
+    cfg = layout = None
+    try:  # collected, then raised on every rank alike after the metadata exchange
+        cfg = resolve_config(config)
+        if reduction not in ("mean", "sum", "batchmean"):
+            raise ValueError(f"reduction: expected 'mean', 'sum' or 'batchmean' for the fused-linear loss, "
+                             f"got {reduction!r}")
+        if impl not in ("auto", "torch"):
+            raise ValueError(f"impl: expected 'auto' or 'torch' for the vocab-parallel loss, got {impl!r}")
+        check_options(reduction, "torch", num_items_in_batch, cfg, ("torch",))
+        if chunk_size != "auto" and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                     or chunk_size < 1):
+            raise ValueError(f"chunk_size: expected 'auto' or an int >= 1, got {chunk_size!r}")
+        error = _local_error(student_hidden, student_weight_shard, teacher_hidden, teacher_weight_shard,
+                             student_bias_shard, teacher_bias_shard, vocab_start, vocab_size)
+        if error is None:
+            lead, device = student_hidden.shape[:-1], student_hidden.device
+            layout = check_rows(check_labels(labels, lead, device, cfg), lead, device, step_ids, cu_seqlens, cfg,
+                                vocab_size)
+    except (TypeError, ValueError) as e:
+        error = str(e)
+    ok = error is None
+    v0 = vocab_start if ok else 0
+    v1 = min(vocab_start + student_weight_shard.shape[0], vocab_size) if ok else 0
+    meta = dict(error=error, v0=v0, v1=v1, V=vocab_size, config=repr(cfg),
+                rows=(tuple(student_hidden.shape), tuple(teacher_hidden.shape)) if ok else None,
+                chunks=chunk_size if ok else None,
+                labels=rows_checksum(labels, step_ids, cu_seqlens) if ok else None,
+                options=(reduction, None if not ok or num_items_in_batch is None else float(num_items_in_batch)),
+                dtype=str((student_weight_shard.dtype, student_hidden.dtype)) if ok else None)
+    metas = agree_on_layout(meta, world, group, vocab_size, CALLER)
+
+    h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
+    h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    student = (student_hidden, student_weight_shard, student_bias_shard)
+    needs_grad = tuple(x is not None and x.requires_grad and torch.is_grad_enabled() for x in student)
+    Z = row_normalizer(reduction, cfg, num_items_in_batch, layout)
+    kept_idx = layout.valid.nonzero().squeeze(1)  # ignored rows never reach a GEMM
+    widest = max(m["v1"] - m["v0"] for m in metas)  # the same chunks on every rank
+    C = auto_chunk_size(kept_idx.numel(), widest, settings.fused_budget_bytes()) if chunk_size == "auto" \
+        else chunk_size
+    with torch.no_grad(), torch.autocast(h_s.device.type, enabled=False):
+        kept, grads = _chunked(h_s, h_t, student_weight_shard, student_bias_shard, teacher_weight_shard,
+                               teacher_bias_shard, v0, v1 - v0, layout, kept_idx, cfg, C, 1.0 / Z, needs_grad, rank,
+                               world, group)
+        value, post_scale = reduce_rows(kept["per_row"], kept["w"], reduction, cfg, Z, torch.Size([]), layout.n_valid,
+                                        num_items_in_batch)
+    pairs = [(x, g.reshape(x.shape).to(x.dtype)) for x, g in zip(student, grads) if g is not None]
+    loss = attach_grads(value, pairs, post_scale) if pairs else value
+    if not return_stats:
+        return loss
+    full = {name: torch.zeros(h_s.shape[0], dtype=kept[name].dtype, device=h_s.device).index_copy(0, kept_idx,
+                                                                                                   kept[name])
+            for name in OUTPUT_ROWS[2:]}
+    return loss, VCRDStats.from_rows(full, layout)
+
+
+def _chunked(h_s, h_t, w_s, b_s, w_t, b_t, v0: int, Vl: int, layout: RowLayout, kept_idx, cfg, C: int,
+             grad_scale: float, needs_grad, rank: int, world: int, group):
+    """The sweep of the module docstring over the kept rows. Returns the kept rows' outputs and
+    ``[grad_hidden (summed over ranks), grad_weight_shard, grad_bias_shard]`` (None where not needed)."""
+    dtype, dev = torch.promote_types(w_s.dtype, torch.float32), h_s.device
+    ws, wt = w_s[:Vl].to(dtype), w_t[:Vl].to(dtype)  # once per call; padding rows never enter a GEMM
+    bs = None if b_s is None else b_s[:Vl].to(dtype)
+    bt = None if b_t is None else b_t[:Vl].to(dtype)
+    shapes = (h_s.shape, w_s.shape, w_s.shape[:1])
+    grad_h, grad_w, grad_b = (torch.zeros(shape, dtype=dtype, device=dev) if need else None
+                              for shape, need in zip(shapes, needs_grad))
+    window = CausalWindowMean(torch.searchsorted(kept_idx, layout.starts[kept_idx]), 2)
+    want = any(needs_grad)
+    parts = []
+    for c0 in range(0, kept_idx.numel(), C):
+        idx = kept_idx[c0:c0 + C]
+        hs, ht = h_s[idx].to(dtype), h_t[idx].to(dtype)
+        x = hs @ ws.T if bs is None else torch.addmm(bs, hs, ws.T)
+        z = ht @ wt.T if bt is None else torch.addmm(bt, ht, wt.T)
+        valid = torch.ones(idx.numel(), dtype=torch.bool, device=dev)
+        # the gradient of the chunk's logits overwrites x once the statistics are in (x is read first)
+        parts.append(shard_rows(x, z, layout.labels[idx], valid, v0, window, cfg, grad_scale, rank, world, group,
+                                out=x if want else None))
+        if grad_h is not None:
+            grad_h[idx] = x @ ws
+        if grad_w is not None:
+            grad_w[:Vl].addmm_(x.T, hs)
+        if grad_b is not None:
+            grad_b[:Vl] += x.sum(0)
+    if grad_h is not None:
+        _all_reduce(grad_h, group)  # Σ over ranks of each shard's share: the full hidden gradient
+    return concat_rows(parts, dtype, dev), [grad_h, grad_w, grad_b]
+
+
+__all__ = ["fused_linear_vocab_parallel_vcrd_loss"]
