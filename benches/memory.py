@@ -1,10 +1,11 @@
-"""Peak resident memory of a call, sampled from /proc while it runs (CPU benchmarks)."""
+"""Memory of a call on CPU: peak resident memory sampled from /proc while it runs, and the size of
+every tensor allocation it makes (torch's profiler)."""
 
 from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, Tuple
+from typing import Callable, List, Tuple
 
 import psutil
 
@@ -30,3 +31,14 @@ def peak_rss_delta(fn: Callable[[], object], interval: float = 0.0005) -> Tuple[
         thread.join()
     peak[0] = max(peak[0], proc.memory_info().rss)
     return peak[0] - before, peak[0]
+
+
+def allocations(fn: Callable[[], object]) -> List[int]:
+    """Run ``fn`` once; return the size in bytes of every CPU tensor allocation it made (torch's
+    profiler with ``profile_memory=True``: each allocation is charged to the op that made it, or to a
+    ``[memory]`` event when no op is recorded, e.g. inside compiled code)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return [e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0]

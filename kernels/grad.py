@@ -1,6 +1,8 @@
 """Gradient kernel: the second sweep, writing ``∂L/∂s`` for one row per program.
 
-With the row's LSEs from the statistics kernel, ``log p = s/T - lse_s``, ``log q = u/T - lse_u``:
+With the row's LSEs from the statistics kernel, ``log p = s/T - lse_s``, ``log q = u/T - lse_u``, each
+taken as ``(x/T - max/T) - log Σe`` (the parts are kept apart: their sum rounds ``log Σe`` away when
+``max/T`` is huge, which breaks ties at the maximum):
 
     grad = coef_kd / T · ∂D/∂(s/T) + coef_ce · (softmax(s) - onehot(y))
     fkl: p - q      rkl: p ⊙ (log p - log q - D)      jsd: (1-β) p ⊙ (log p - log m - KL(p‖m))
@@ -17,14 +19,32 @@ import torch
 import triton
 import triton.language as tl
 
-from .stats import COL_D, COL_LSE_S, COL_LSE_U, COL_LSE_UNTEMPERED, DIVERGENCE_CODES, FKL, JSD, RKL, launch_config
+from .stats import (
+    COL_D,
+    COL_LOG_SUM_S,
+    COL_LOG_SUM_U,
+    COL_LOG_SUM_UNTEMPERED,
+    COL_MAX_S,
+    COL_MAX_U,
+    DIVERGENCE_CODES,
+    FKL,
+    JSD,
+    RKL,
+    launch_config,
+)
 
 
 @triton.jit
-def _jsd_terms(s, u, lse_s, lse_u, inv_T, beta):
+def _log_prob(x, shift, log_sum, inv_T):
+    """``x/T - lse`` with ``lse = shift/T + log_sum`` kept apart (``shift`` the raw row maximum)."""
+    return (x * inv_T - shift * inv_T) - log_sum
+
+
+@triton.jit
+def _jsd_terms(s, u, max_s, max_u, log_sum_s, log_sum_u, inv_T, beta):
     """log p, log q, log m and the KL(q‖m), KL(p‖m) summands of one tile (0·log 0 = 0)."""
-    logp = s * inv_T - lse_s
-    logq = u * inv_T - lse_u
+    logp = _log_prob(s, max_s, log_sum_s, inv_T)
+    logq = _log_prob(u, max_u, log_sum_u, inv_T)
     p = tl.exp(logp)
     q = tl.exp(logq)
     logm = tl.log(beta * q + (1.0 - beta) * p)
@@ -51,9 +71,11 @@ def grad_kernel(
         s_row = s_ptr + row * stride_s
         u_row = u_ptr + row * stride_u
         stats = stats_ptr + row * stride_stats
-        lse_s = tl.load(stats + COL_LSE_S)
-        lse_u = tl.load(stats + COL_LSE_U)
-        lse_untempered = tl.load(stats + COL_LSE_UNTEMPERED)
+        max_s = tl.load(stats + COL_MAX_S)
+        max_u = tl.load(stats + COL_MAX_U)
+        log_sum_s = tl.load(stats + COL_LOG_SUM_S)
+        log_sum_u = tl.load(stats + COL_LOG_SUM_U)
+        log_sum_1 = tl.load(stats + COL_LOG_SUM_UNTEMPERED)
         coef_kd = tl.load(coef_ptr + 2 * row) * inv_T
         coef_ce = tl.load(coef_ptr + 2 * row + 1)
         D = tl.load(stats + COL_D)
@@ -67,7 +89,7 @@ def grad_kernel(
                 mask = offs < V
                 s = tl.load(s_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
                 u = tl.load(u_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-                logp, logm, p, kl_q, kl_p = _jsd_terms(s, u, lse_s, lse_u, inv_T, beta)
+                logp, logm, p, kl_q, kl_p = _jsd_terms(s, u, max_s, max_u, log_sum_s, log_sum_u, inv_T, beta)
                 kl_qm_acc += kl_q
                 kl_pm_acc += kl_p
             kl_pm = tl.sum(kl_pm_acc, 0)
@@ -80,17 +102,19 @@ def grad_kernel(
                 s = tl.load(s_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
                 u = tl.load(u_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
                 if DIVERGENCE == FKL:
-                    dD = tl.exp(s * inv_T - lse_s) - tl.exp(u * inv_T - lse_u)
+                    dD = tl.exp(_log_prob(s, max_s, log_sum_s, inv_T)) - tl.exp(_log_prob(u, max_u, log_sum_u, inv_T))
                 if DIVERGENCE == RKL:
-                    logp = s * inv_T - lse_s
+                    logp = _log_prob(s, max_s, log_sum_s, inv_T)
                     p = tl.exp(logp)
-                    dD = tl.where(p > 0, p * (logp - (u * inv_T - lse_u) - D), 0.0)
+                    # on halves, doubled once: log p - log q can exceed fp32's range where p·(...) does not
+                    half_logq = _log_prob(u * 0.5, max_u * 0.5, log_sum_u * 0.5, inv_T)
+                    dD = tl.where(p > 0, p * ((logp * 0.5 - half_logq) - D * 0.5) * 2.0, 0.0)
                 if DIVERGENCE == JSD:
-                    logp, logm, p, kl_q, kl_p = _jsd_terms(s, u, lse_s, lse_u, inv_T, beta)
+                    logp, logm, p, kl_q, kl_p = _jsd_terms(s, u, max_s, max_u, log_sum_s, log_sum_u, inv_T, beta)
                     dD = (1.0 - beta) * tl.where(p > 0, p * (logp - logm - kl_pm), 0.0)
                 g = coef_kd * dD
                 if HAS_CE:
-                    g += coef_ce * (tl.exp(s - lse_untempered) - (offs == y).to(tl.float32))
+                    g += coef_ce * (tl.exp(_log_prob(s, max_s, log_sum_1, 1.0)) - (offs == y).to(tl.float32))
                 tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
     else:
         if WRITE_GRAD:

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .stats import launch_config, lowest_logit, online_lane_update
+from .stats import LOWEST_LOGIT, launch_config, online_lane_update
 
 
 @triton.jit
@@ -30,12 +30,12 @@ def label_logprob_kernel(
     x_row = x_ptr + row * stride_x
     x_y = tl.load(x_row + y, mask=(y >= 0) & (y < V), other=0.0).to(tl.float32) * inv_T
     lanes = tl.arange(0, BLOCK_V)
-    lane_max = tl.full([BLOCK_V], 0.0, tl.float32) + lowest_logit(inv_T)  # raw units
+    lane_max = tl.full([BLOCK_V], 0.0, tl.float32) + LOWEST_LOGIT  # raw units
     lane_sum = tl.zeros([BLOCK_V], tl.float32)  # Σ exp((x - lane_max) / T)
     for start in range(0, V, BLOCK_V):
         offs = start + lanes
         x = tl.load(x_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-        lane_max, _, _, _, rescale, weight = online_lane_update(x, lane_max, inv_T)
+        lane_max, _, _, _, rescale, weight = online_lane_update(x, lane_max, inv_T, 1.0, 1.0)  # no sums of differences
         lane_sum = rescale * lane_sum + weight
     row_max = tl.max(lane_max, 0)
     lse = row_max * inv_T + tl.log(tl.sum(tl.exp((lane_max - row_max) * inv_T) * lane_sum, 0))

@@ -22,7 +22,8 @@ def test_ptx_counts_barriers_per_loop():
         "$L__BB0_5:", "\tcp.async.cg.shared.global [%r3], [%rd2], 16;", "\t@%p3 bra \t$L__BB0_5;",
         "\tcp.async.bulk.tensor.2d.shared::cluster.global [%r4], [%rd3, {%r5, %r6}];",
     ])
-    assert ptx_counts(ptx) == {"bar_sync_per_loop": (2, 0), "bar_sync_total": 3, "cp_async": 1, "tma": 1}
+    assert ptx_counts(ptx) == {"bar_sync_per_loop": (2, 0), "instructions_per_loop": (4, 2), "bar_sync_total": 3,
+                               "cp_async": 1, "tma": 1}
 
 
 def test_occupancy_rules():

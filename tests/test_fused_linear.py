@@ -187,3 +187,26 @@ def test_bad_input(case):
     d = make(heads(N=12, V=50))
     with pytest.raises(error, match=name):
         fused_linear_vcrd_loss(d["hs"], d["Ws"], d["ht"], d["Wt"], d["y"], student_bias=d["bs"], impl="torch", **kw)
+
+
+def test_gemm_plan():
+    """Which GEMMs the fused-linear loss runs: on CUDA with bf16/fp16 heads, mixed GEMMs (operands in the
+    head's dtype, fp32 output) with chunks sized for the device; everywhere else the exact path of the
+    CPU (heads converted once per call). Only the plan is tested here: the CUDA branch needs a GPU."""
+    from vcrd.core import settings
+    from vcrd.loss.fused_linear import auto_chunk_size, gemm_plan, plan_for
+
+    cpu_budget = 256 * 2**20
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        plan = gemm_plan("cpu", dtype, cpu_budget)
+        assert not plan.mixed and plan.operand_dtype == torch.float32 and plan.budget_bytes == cpu_budget
+        assert auto_chunk_size(16384, 151936, plan.budget_bytes, plan.min_rows, plan.max_rows) == 256
+    assert gemm_plan("cpu", torch.float64, cpu_budget).operand_dtype == torch.float64
+    for dtype in (torch.bfloat16, torch.float16):
+        plan = gemm_plan("cuda", dtype, cpu_budget, device_memory_bytes=80 * 2**30)
+        assert plan.mixed and plan.operand_dtype == dtype and plan.budget_bytes == 5 * 2**30
+        assert auto_chunk_size(16384, 151936, plan.budget_bytes, plan.min_rows, plan.max_rows) == 4096
+        assert auto_chunk_size(300, 151936, plan.budget_bytes, plan.min_rows, plan.max_rows) == 300
+    assert not gemm_plan("cuda", torch.float32, cpu_budget, 80 * 2**30).mixed  # fp32 heads: fp32 GEMMs
+    head = torch.zeros(7, 3, dtype=torch.bfloat16)
+    assert plan_for(head) == gemm_plan("cpu", torch.bfloat16, settings.fused_budget_bytes())

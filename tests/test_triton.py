@@ -140,7 +140,11 @@ def _stats_float64(s, u, y, T):
     return {"lse_s": torch.logsumexp(s / T, -1), "lse_u": torch.logsumexp(u / T, -1),
             "lp_s": pick(lps, yy), "lp_u": pick(lpu, yy), "lq_as": pick(lpu, a_s), "lq_au": pick(lpu, a_u),
             "H_u": -xlogy(q, lpu), "CE_su": -xlogy(p, lpu), "agree": (a_s == a_u).double(),
-            "lse_untempered": torch.logsumexp(s, -1), "fkl": xlogy(q, lpu - lps), "rkl": xlogy(p, lps - lpu)}
+            "lse_untempered": torch.logsumexp(s, -1), "fkl": xlogy(q, lpu - lps), "rkl": xlogy(p, lps - lpu),
+            "max_s": s.amax(-1), "max_u": u.amax(-1),
+            "log_sum_s": torch.logsumexp((s - s.amax(-1, keepdim=True)) / T, -1),
+            "log_sum_u": torch.logsumexp((u - u.amax(-1, keepdim=True)) / T, -1),
+            "log_sum_untempered": torch.logsumexp(s - s.amax(-1, keepdim=True), -1)}
 
 
 @pytest.mark.parametrize("div", ["fkl", "rkl", "jsd"])
@@ -176,8 +180,8 @@ def test_stats_columns_ties_masked_vocab_nan(div):
         torch.testing.assert_close(col[name][finite], want[name][finite], rtol=1e-5, atol=1e-4, msg=name)
     assert col["agree"][1] == 0 and want["agree"][1] == 0
     assert torch.all(stats[3] == 0)
-    reads_s = {"lse_s", "lp_s", "CE_su", "D", "lse_untempered"}
-    reads_u = {"lse_u", "lp_u", "lq_as", "lq_au", "H_u", "CE_su", "D"}
+    reads_s = {"lse_s", "lp_s", "CE_su", "D", "lse_untempered", "log_sum_s", "log_sum_untempered"}
+    reads_u = {"lse_u", "lp_u", "lq_as", "lq_au", "H_u", "CE_su", "D", "log_sum_u"}
     for row, nan_cols in ((4, reads_s), (5, reads_u)):
         for name in STAT_NAMES:
             if name in nan_cols:

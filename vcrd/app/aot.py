@@ -48,6 +48,7 @@ class KernelReport:
     num_warps: int = 0
     block_v: int = 0
     bar_sync_per_loop: tuple = ()  # barriers inside each loop of the kernel, in PTX order
+    instructions_per_loop: tuple = ()  # PTX instructions inside each loop, in PTX order
     bar_sync_total: int = 0
     cp_async: int = 0
     tma: int = 0
@@ -69,8 +70,9 @@ def _variants():
         for div, code in DIVERGENCE_CODES.items():
             yield ("stats", div, dtype, stats_kernel,
                    {"s_ptr": t, "u_ptr": t, "labels_ptr": "*i64", "out_ptr": "*fp32", "stride_s": "i64",
-                    "stride_u": "i64", "stride_out": "i64", "V": "i32", "inv_T": "fp32",
-                    "DIVERGENCE": "constexpr", "NEED_LSE_UNTEMPERED": "constexpr", "BLOCK_V": "constexpr"},
+                    "stride_u": "i64", "stride_out": "i64", "V": "i32", "inv_T": "fp32", "scale": "fp32",
+                    "inv_scale": "fp32", "DIVERGENCE": "constexpr", "NEED_LSE_UNTEMPERED": "constexpr",
+                    "BLOCK_V": "constexpr"},
                    {"DIVERGENCE": code, "NEED_LSE_UNTEMPERED": True, "BLOCK_V": BLOCK_V}, config)
             yield ("grad", div, dtype, grad_kernel,
                    {"s_ptr": t, "u_ptr": t, "labels_ptr": "*i64", "stats_ptr": "*fp32", "coef_ptr": "*fp32",
@@ -117,13 +119,14 @@ _TMA = re.compile(r"\bcp\.async\.bulk\b")
 
 
 def ptx_counts(ptx: str) -> Dict[str, object]:
-    """Barriers per loop, barriers in all, ``cp.async`` and TMA (``cp.async.bulk``) instructions.
+    """Barriers and instructions per loop, barriers in all, ``cp.async`` and TMA (``cp.async.bulk``).
 
     A loop is a branch back to a label above it; its body is every line from the label to the
-    branch (LLVM lays a loop's blocks out contiguously). Loops are listed in PTX order."""
+    branch (LLVM lays a loop's blocks out contiguously); its instructions are the body's lines that
+    are not labels, directives (``.loc``), comments or braces. Loops are listed in PTX order."""
     lines = ptx.splitlines()
     labels = {}
-    loops = []
+    loops, sizes = [], []
     for i, line in enumerate(lines):
         found = _LABEL.match(line.strip())
         if found:
@@ -132,8 +135,10 @@ def ptx_counts(ptx: str) -> Dict[str, object]:
         if branch and branch[1] in labels:  # target already seen: a backward branch
             body = lines[labels[branch[1]]:i + 1]
             loops.append(sum(bool(_BARRIER.search(x)) for x in body))
+            sizes.append(sum(bool(x.strip()) and not x.strip().startswith(("$", ".", "//", "{", "}")) for x in body))
     return {
         "bar_sync_per_loop": tuple(loops),
+        "instructions_per_loop": tuple(sizes),
         "bar_sync_total": sum(bool(_BARRIER.search(x)) for x in lines),
         "cp_async": sum(bool(_CP_ASYNC.search(x)) for x in lines),
         "tma": sum(bool(_TMA.search(x)) for x in lines),
@@ -180,11 +185,14 @@ def compile_all(archs: Iterable[int] = ARCHS) -> List[KernelReport]:
 
 def format_table(reports: List[KernelReport]) -> str:
     lines = ["| kernel | variant | arch | dtype | BLOCK_V × warps | registers | spill bytes | shared bytes | "
-             "bar.sync per loop | bar.sync total | cp.async / TMA | CTAs/SM (limit) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "bar.sync per loop | bar.sync total | PTX instr. per element pair (per loop) | cp.async / TMA | "
+             "CTAs/SM (limit) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in reports:
         per_loop = ", ".join(map(str, r.bar_sync_per_loop)) or "-"
+        per_thread = max(r.block_v // (32 * r.num_warps), 1)  # elements per thread per tensor
+        per_pair = ", ".join(f"{n / per_thread:.1f}" for n in r.instructions_per_loop) or "-"
         lines.append(f"| {r.kernel} | {r.variant} | sm_{r.arch} | {r.dtype} | {r.block_v} × {r.num_warps} | "
                      f"{r.registers} | {r.spill_bytes} | {r.shared_bytes} | {per_loop} | {r.bar_sync_total} | "
-                     f"{r.cp_async} / {r.tma} | {r.ctas_per_sm} ({r.ctas_limited_by}) |")
+                     f"{per_pair} | {r.cp_async} / {r.tma} | {r.ctas_per_sm} ({r.ctas_limited_by}) |")
     return "\n".join(lines)

@@ -24,7 +24,8 @@ import torch
 
 from ..core.checks import RowBatch
 from ..core.config import VCRDConfig
-from ..core.weights import Rows, concat_rows, row_loss, weigh_rows
+from ..core.overflow import overflow_scale
+from ..core.weights import Rows, concat_rows, label_log_ratio, poison_gradient, row_loss, weigh_rows
 from ..core.windows import CausalWindowMean
 
 
@@ -34,11 +35,13 @@ def _weighted(w: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
 
 
 def _common_stats(s: torch.Tensor, u: torch.Tensor, y: torch.Tensor, temperature: float,
-                  untempered_lse: bool) -> Tuple[Rows, Dict[str, torch.Tensor]]:
+                  untempered_lse: bool, scale: float) -> Tuple[Rows, Dict[str, torch.Tensor]]:
     """The statistics every divergence shares, and the tempered, shifted rows the divergence needs.
 
     ``s, u [C, V]``, ``y [C]`` (ignored rows: any in-range label). Sums are taken against the row
-    maxima (``e = exp((x - max)/T)``), so one read after the max gives every statistic.
+    maxima (``e = exp((x - max)/T)``), so one read after the max gives every statistic. Differences
+    that are weighted or summed are taken on logits times ``scale`` (:func:`vcrd.core.overflow.overflow_scale`:
+    finite for any fp32 logits at T >= 1) and multiplied by ``1/scale`` after the division by ``Σe``.
     """
     dtype = torch.promote_types(s.dtype, torch.float32)
     x, z = s.to(dtype), u.to(dtype)
@@ -49,21 +52,32 @@ def _common_stats(s: torch.Tensor, u: torch.Tensor, y: torch.Tensor, temperature
     index = torch.arange(V, device=x.device, dtype=torch.float32)
     a_s = torch.where(x == mx, index, V).amin(-1, keepdim=True).clamp_max(V - 1).long()
     a_u = torch.where(z == mz, index, V).amin(-1, keepdim=True).clamp_max(V - 1).long()
-    xs, zs = (x - mx) / temperature, (z - mz) / temperature  # tempered, shifted: <= 0
+    # tempered, shifted, scaled: <= 0 and finite; unscaled: -inf only below fp32's range, where e = 0
+    xc, zc = (x * scale - mx * scale) / temperature, (z * scale - mz * scale) / temperature
+    xs, zs = xc * (1.0 / scale), zc * (1.0 / scale)
     es, eu = xs.exp(), zs.exp()
     sum_s, sum_u = es.sum(-1), eu.sum(-1)
     log_sum_s, log_sum_u = sum_s.log(), sum_u.log()
     teacher_logprob = lambda idx: zs.gather(1, idx).squeeze(-1) - log_sum_u  # noqa: E731
+    lse_s, lse_u = mx.squeeze(-1) / temperature + log_sum_s, mz.squeeze(-1) / temperature + log_sum_u
+    lp_s, lp_u = xs.gather(1, y[:, None]).squeeze(-1) - log_sum_s, teacher_logprob(y[:, None])
     rows = dict(
-        lse_s=mx.squeeze(-1) / temperature + log_sum_s, lse_u=mz.squeeze(-1) / temperature + log_sum_u,
-        lp_s=xs.gather(1, y[:, None]).squeeze(-1) - log_sum_s, lp_u=teacher_logprob(y[:, None]),
+        lse_s=lse_s, lse_u=lse_u, lp_s=lp_s, lp_u=lp_u,
+        # the LSEs as (max/T, log Σe) for the gradient: their sum rounds log Σe away when max/T is huge
+        lse_s_parts=torch.cat([mx / temperature, log_sum_s[:, None]], 1),
+        lse_u_parts=torch.cat([mz / temperature, log_sum_u[:, None]], 1),
         lq_as=teacher_logprob(a_s), lq_au=teacher_logprob(a_u), agree=(a_s == a_u).squeeze(-1),
         H_u=log_sum_u - _weighted(eu, zs).sum(-1) / sum_u,
-        CE_su=log_sum_u - _weighted(es, zs).sum(-1) / sum_s,
+        CE_su=log_sum_u - _weighted(es, zc).sum(-1) / sum_s * (1.0 / scale),
+        log_ratio=label_log_ratio(lp_s, lp_u, x.gather(1, y[:, None]).squeeze(-1), z.gather(1, y[:, None]).squeeze(-1),
+                                  lse_s, lse_u, temperature),
     )
     if untempered_lse:  # the CE term at T != 1 needs logsumexp(s) itself
-        rows["lse_untempered"] = mx.squeeze(-1) + torch.logsumexp(x - mx, -1)
-    shifted = dict(xs=xs, zs=zs, es=es, eu=eu, sum_s=sum_s, sum_u=sum_u, log_sum_s=log_sum_s, log_sum_u=log_sum_u)
+        log_sum_1 = torch.logsumexp(x - mx, -1)
+        rows["lse_untempered"] = mx.squeeze(-1) + log_sum_1
+        rows["lse_untempered_parts"] = torch.cat([mx, log_sum_1[:, None]], 1)
+    shifted = dict(xs=xs, zs=zs, xc=xc, zc=zc, es=es, eu=eu, sum_s=sum_s, sum_u=sum_u, log_sum_s=log_sum_s,
+                   log_sum_u=log_sum_u)
     return rows, shifted
 
 
@@ -74,32 +88,42 @@ def _log_mixture(p: torch.Tensor, q: torch.Tensor, beta: float) -> torch.Tensor:
 
 
 def stats_fkl(s, u, y, temperature: float, beta: float,
-              untempered_lse: bool) -> Rows:
+              untempered_lse: bool, scale: float) -> Rows:
     """Statistics with ``D = KL(q‖p) = Σ q (z' - x')/Σ e_u + log Σ e_s - log Σ e_u``."""
-    rows, t = _common_stats(s, u, y, temperature, untempered_lse)
-    rows["D"] = _weighted(t["eu"], t["zs"] - t["xs"]).sum(-1) / t["sum_u"] + t["log_sum_s"] - t["log_sum_u"]
+    rows, t = _common_stats(s, u, y, temperature, untempered_lse, scale)
+    kl = _weighted(t["eu"], t["zc"] - t["xc"]).sum(-1) / t["sum_u"] * (1.0 / scale)
+    rows["D"] = kl + t["log_sum_s"] - t["log_sum_u"]
     return rows
 
 
 def stats_rkl(s, u, y, temperature: float, beta: float,
-              untempered_lse: bool) -> Rows:
+              untempered_lse: bool, scale: float) -> Rows:
     """Statistics with ``D = KL(p‖q)``."""
-    rows, t = _common_stats(s, u, y, temperature, untempered_lse)
-    rows["D"] = _weighted(t["es"], t["xs"] - t["zs"]).sum(-1) / t["sum_s"] + t["log_sum_u"] - t["log_sum_s"]
+    rows, t = _common_stats(s, u, y, temperature, untempered_lse, scale)
+    kl = _weighted(t["es"], t["xc"] - t["zc"]).sum(-1) / t["sum_s"] * (1.0 / scale)
+    rows["D"] = kl + t["log_sum_u"] - t["log_sum_s"]
     return rows
 
 
 def stats_jsd(s, u, y, temperature: float, beta: float,
-              untempered_lse: bool) -> Rows:
+              untempered_lse: bool, scale: float) -> Rows:
     """Statistics with ``D = β KL(q‖m) + (1-β) KL(p‖m)``; also ``kl_pm = KL(p‖m)``, which the
     gradient needs."""
-    rows, t = _common_stats(s, u, y, temperature, untempered_lse)
+    rows, t = _common_stats(s, u, y, temperature, untempered_lse, scale)
     logp, logq = t["xs"] - t["log_sum_s"][:, None], t["zs"] - t["log_sum_u"][:, None]
     p, q = t["es"] / t["sum_s"][:, None], t["eu"] / t["sum_u"][:, None]
     logm = _log_mixture(p, q, beta)
     kl_qm, kl_pm = _weighted(q, logq - logm).sum(-1), _weighted(p, logp - logm).sum(-1)
     rows["D"], rows["kl_pm"] = beta * kl_qm + (1 - beta) * kl_pm, kl_pm
     return rows
+
+
+def minus_lse(x: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """``x - lse`` for ``x [C, V]`` and ``lse [C]``, or ``lse [C, 2]`` holding ``(max, log Σe)``: then
+    ``(x - max) - log Σe``, exact for ties at a maximum so large that ``max + log Σe`` rounds to ``max``."""
+    if lse.dim() == 2:
+        return (x - lse[:, :1]) - lse[:, 1:]
+    return x - lse[:, None]
 
 
 def _write_grad(out, s, y, valid, grad_D, lse_untempered, coef_kd, coef_ce, temperature: float, with_ce: bool) -> None:
@@ -110,15 +134,17 @@ def _write_grad(out, s, y, valid, grad_D, lse_untempered, coef_kd, coef_ce, temp
     """
     grad = (coef_kd / temperature)[:, None] * grad_D
     if with_ce:
-        grad = grad + coef_ce[:, None] * (s.to(grad.dtype) - lse_untempered[:, None]).exp()
+        grad = grad + coef_ce[:, None] * minus_lse(s.to(grad.dtype), lse_untempered).exp()
         grad = grad.scatter_add(1, y[:, None], -coef_ce[:, None])
     flush = grad.abs() < torch.finfo(grad.dtype).tiny
     out.copy_(torch.where(valid[:, None] & ~flush, grad, 0.0))
 
 
 def _log_probs(s, u, lse_s, lse_u, temperature):
+    """``log p = s/T - lse_s``, ``log q = u/T - lse_u`` (``lse`` ``[C]`` or ``(max/T, log Σe)``: :func:`minus_lse`);
+    ``-inf`` only where the true value is below fp32's range."""
     dtype = torch.promote_types(s.dtype, torch.float32)
-    return s.to(dtype) / temperature - lse_s[:, None], u.to(dtype) / temperature - lse_u[:, None]
+    return minus_lse(s.to(dtype) / temperature, lse_s), minus_lse(u.to(dtype) / temperature, lse_u)
 
 
 def grad_fkl(out, s, u, y, valid, rows_D, lse_s, lse_u, lse_untempered, coef_kd, coef_ce,
@@ -130,9 +156,14 @@ def grad_fkl(out, s, u, y, valid, rows_D, lse_s, lse_u, lse_untempered, coef_kd,
 
 def grad_rkl(out, s, u, y, valid, rows_D, lse_s, lse_u, lse_untempered, coef_kd, coef_ce,
              temperature: float, beta: float, with_ce: bool) -> None:
-    """``∂D/∂(s/T) = p ⊙ (log p - log q - D)`` (``rows_D`` is D)."""
-    logp, logq = _log_probs(s, u, lse_s, lse_u, temperature)
-    grad_D = _weighted(logp.exp(), logp - logq - rows_D[:, None])
+    """``∂D/∂(s/T) = p ⊙ (log p - log q - D)`` (``rows_D`` is D), taken on halves and doubled once
+    (bit-identical where nothing overflows): ``log p - log q`` can exceed fp32's range where the
+    product with ``p`` does not."""
+    dtype = torch.promote_types(s.dtype, torch.float32)
+    logp = minus_lse(s.to(dtype) / temperature, lse_s)
+    half_logq = minus_lse(u.to(dtype) / temperature * 0.5, lse_u * 0.5)
+    p = logp.exp()
+    grad_D = torch.where(p > 0, p * ((logp * 0.5 - half_logq) - rows_D[:, None] * 0.5) * 2, 0.0)
     _write_grad(out, s, y, valid, grad_D, lse_untempered, coef_kd, coef_ce, temperature, with_ce)
 
 
@@ -178,20 +209,24 @@ def loss_and_grad(batch: RowBatch, cfg: VCRDConfig, grad_out: Optional[torch.Ten
     with_ce = cfg.ce_weight > 0
     in_place = grad_out is batch.s
     window = window if window is not None else CausalWindowMean(batch.starts, 2)
+    scale = overflow_scale(batch.vocab)
     parts = []
     for r0, r1, s, u in batch.chunks(chunk_rows):
         # detached views: the student logits may require grad, and that must not be a graph variant
         s, u, y, valid = s.detach(), u.detach(), batch.labels[r0:r1], batch.valid[r0:r1]
-        rows = stats_fn(s, u, y, T, beta, with_ce and T != 1.0)
-        lse_untempered = rows.get("lse_untempered", rows["lse_s"])
-        ce = (lse_untempered - s.gather(1, y[:, None]).squeeze(-1).to(lse_untempered.dtype)) if with_ce else 0.0
+        rows = stats_fn(s, u, y, T, beta, with_ce and T != 1.0, scale)
+        lse_untempered = rows.get("lse_untempered_parts", rows["lse_s_parts"])
+        # CE = (max s - s[y]) + log Σ exp(s - max s): inf only where the true value is beyond fp32's range
+        ce = (lse_untempered[:, 0] - s.gather(1, y[:, None]).squeeze(-1).to(lse_untempered.dtype)) + \
+            lse_untempered[:, 1] if with_ce else 0.0
         weigh_rows(rows, valid, window, cfg, grad_scale)
         rows["per_row"] = row_loss(rows, ce, valid, cfg)
+        poison_gradient(rows, valid)
         if grad_out is not None:
             # written over the logits: pass the one chunk view as both, never two views of one buffer
             # (aliased inputs of a compiled function that writes one of them come out wrong)
             target = s if in_place else grad_out[r0:r1]
-            grad_fn(target, s, u, y, valid, rows[grad_row], rows["lse_s"], rows["lse_u"], lse_untempered,
+            grad_fn(target, s, u, y, valid, rows[grad_row], rows["lse_s_parts"], rows["lse_u_parts"], lse_untempered,
                     rows["coef_kd"], rows["coef_ce"], T, beta, with_ce)
         parts.append(rows)
     return concat_rows(parts, torch.promote_types(batch.s.dtype, torch.float32), batch.s.device)

@@ -15,7 +15,7 @@ import torch
 
 from ..core.checks import RowBatch
 from ..core.config import VCRDConfig
-from ..core.weights import concat_rows, row_loss, weigh_rows
+from ..core.weights import concat_rows, label_log_ratio, poison_gradient, row_loss, weigh_rows
 from ..core.windows import CausalWindowMean
 
 
@@ -41,13 +41,21 @@ def loss_and_grad(batch: RowBatch, cfg: VCRDConfig, grad_out: Optional[torch.Ten
         stats = launch_stats(s, u, labels, T, divergence, need_lse_untempered=need_ce and T != 1.0)
         rows = {name: stats[:, i] for i, name in enumerate(STAT_NAMES)}  # views: JSD's D appears once grad runs
         rows["agree"] = rows["agree"] > 0.5
-        # CE reads s[y] before the gradient kernel, which may write over s (the fused-linear loss does)
-        ce = rows["lse_untempered"] - s.gather(1, batch.labels[r0:r1, None]).squeeze(1).float() if need_ce else 0.0
+        # s[y], u[y] are read before the gradient kernel, which may write over s (the fused-linear loss does)
+        y = batch.labels[r0:r1, None]
+        s_y, u_y = s.gather(1, y).squeeze(1).float(), u.gather(1, y).squeeze(1).float()
+        rows["log_ratio"] = label_log_ratio(rows["lp_s"], rows["lp_u"], s_y, u_y, rows["lse_s"], rows["lse_u"], T)
+        # CE = (max s - s[y]) + log Σ exp(s - max s): inf only where the true value is beyond fp32's range
+        ce = (rows["max_s"] - s_y) + rows["log_sum_untempered"] if need_ce else 0.0
         weigh_rows(rows, valid, window, cfg, grad_scale)
+        # JSD's D is 0 until the gradient kernel writes it (finite whenever the row's logits are)
+        rows["per_row"] = row_loss(rows, ce, valid, cfg)
+        poison_gradient(rows, valid)
         coef = torch.stack([rows["coef_kd"], rows["coef_ce"]], 1).float().contiguous()
         # without a gradient this only fills JSD's D column (it needs both LSEs first)
         launch_grad(s, u, labels, stats, coef, None if grad_out is None else s if in_place else grad_out[r0:r1],
                     T, divergence, cfg.beta, need_ce)
-        rows["per_row"] = row_loss(rows, ce, valid, cfg)
+        if divergence == "jsd":
+            rows["per_row"] = row_loss(rows, ce, valid, cfg)
         parts.append(rows)
     return concat_rows(parts, torch.float32, batch.s.device)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Optional, Tuple, Union
 
 import torch
 
 from .config import VCRDConfig
-from .windows import sequence_ids, window_starts
+from .windows import STEP_SPAN, relative_steps, sequence_ids, window_starts
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 REDUCTIONS = ("mean", "sum", "none", "batchmean")
@@ -24,14 +24,15 @@ REDUCTIONS = ("mean", "sum", "none", "batchmean")
 @dataclass
 class RowLayout:
     """Where each row stands: ``labels [N]`` (ignored rows set to 0), ``valid [N]``, ``starts [N]``
-    (first row of each row's causal window), ``shape`` (the labels' shape), ``n_valid`` (a Python int),
+    (first row of each row's causal window), ``shape`` (the labels' shape), ``n_valid`` (a Python int;
+    a 0-dim tensor when the values were not checked, so nothing waits for the device),
     ``has_labels`` (False when the caller passed none: every row counts)."""
 
     labels: torch.Tensor
     valid: torch.Tensor
     starts: torch.Tensor
     shape: torch.Size
-    n_valid: int
+    n_valid: Union[int, torch.Tensor]
     has_labels: bool = True
 
 
@@ -117,8 +118,10 @@ def check_vocab(v_student: int, v_teacher: int, vocab_size: Optional[int]) -> in
     return vocab_size
 
 
-def check_options(reduction: str, impl: str, num_items_in_batch, cfg: VCRDConfig, impls) -> None:
-    """Check the call options that are not tensors."""
+def check_options(reduction: str, impl: str, num_items_in_batch, cfg: VCRDConfig, impls,
+                  check_values: bool = True) -> None:
+    """Check the call options that are not tensors (a tensor ``num_items_in_batch``'s value only with
+    ``check_values``: reading it waits for the device)."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
     if impl not in impls:
@@ -128,6 +131,8 @@ def check_options(reduction: str, impl: str, num_items_in_batch, cfg: VCRDConfig
     if reduction not in ("mean", "batchmean"):
         raise ValueError(f"num_items_in_batch: only applies to reduction='mean' or 'batchmean', "
                          f"got reduction={reduction!r}")
+    if isinstance(num_items_in_batch, torch.Tensor) and not check_values:
+        return
     value = num_items_in_batch.item() if isinstance(num_items_in_batch, torch.Tensor) else num_items_in_batch
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
         raise ValueError(f"num_items_in_batch: expected a number >= 0, got {num_items_in_batch!r}")
@@ -162,9 +167,14 @@ def check_frozen(name: str, t: Optional[torch.Tensor]) -> None:
 
 def check_rows(labels: Optional[torch.Tensor], lead_shape: torch.Size, device: torch.device,
                step_ids: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], cfg: VCRDConfig,
-               V: int) -> RowLayout:
+               V: int, check_values: bool = True) -> RowLayout:
     """Check label values, step ids and cu_seqlens for rows shaped ``lead_shape``; return their layout.
-    Without labels every row is valid (and the label-dependent statistics are undefined)."""
+    Without labels every row is valid (and the label-dependent statistics are undefined).
+
+    ``check_values=False`` skips every check that reads tensor values (label range, cu_seqlens bounds and
+    order, step ids non-decreasing and spanning < 2^32 per sequence) and leaves ``n_valid`` a 0-dim
+    tensor: no host-device synchronisation (CUDA graphs, a larger compiled graph). The caller vouches
+    for the values; wrong ones give wrong results or an indexing error, not a clear message."""
     labels_shape = lead_shape
     N = math.prod(lead_shape)
     if labels is None:
@@ -172,7 +182,7 @@ def check_rows(labels: Optional[torch.Tensor], lead_shape: torch.Size, device: t
     else:
         y = labels.reshape(-1)
         valid = y != cfg.ignore_index
-    if N:
+    if N and check_values:
         bad = valid & ((y < 0) | (y >= V))
         if bool(bad.any()):
             r = int(bad.nonzero()[0, 0])
@@ -184,7 +194,8 @@ def check_rows(labels: Optional[torch.Tensor], lead_shape: torch.Size, device: t
         if batch is not None:
             raise ValueError("cu_seqlens: only for packed [N, V] inputs; [B, T, V] inputs have one sequence per b")
         cu = cu_seqlens.to(device=device, dtype=torch.int64)
-        if cu.dim() != 1 or cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != N or bool((cu[1:] < cu[:-1]).any()):
+        if cu.dim() != 1 or cu.numel() < 2 or (
+                check_values and (int(cu[0]) != 0 or int(cu[-1]) != N or bool((cu[1:] < cu[:-1]).any()))):
             raise ValueError(f"cu_seqlens: expected a 1-D non-decreasing tensor from 0 to N={N}, "
                              f"got {cu_seqlens.tolist() if cu_seqlens.numel() <= 16 else tuple(cu_seqlens.shape)}")
         cu_seqlens = cu
@@ -195,22 +206,28 @@ def check_rows(labels: Optional[torch.Tensor], lead_shape: torch.Size, device: t
             raise ValueError(f"step_ids: expected shape {tuple(labels_shape)} like labels, got {tuple(step_ids.shape)}")
         steps = step_ids.reshape(-1).to(device=device, dtype=torch.int64)
         drops = (steps[1:] < steps[:-1]) & (seq[1:] == seq[:-1])
-        if bool(drops.any()):
+        if check_values and bool(drops.any()):
             r = int(drops.nonzero()[0, 0]) + 1
             raise ValueError(f"step_ids: expected non-decreasing values within each sequence, "
                              f"got {int(steps[r - 1])} then {int(steps[r])} at flat row {r}")
+        span = int(relative_steps(seq, steps).max()) + 1 if check_values and N else 0
+        if span > STEP_SPAN:
+            raise ValueError(f"step_ids: expected fewer than {STEP_SPAN} steps within one sequence, got {span}")
         step_ids = steps
     starts = window_starts(seq, step_ids, cfg.window_steps)
-    return RowLayout(torch.where(valid, y, 0), valid, starts, labels_shape, int(valid.sum()), labels is not None)
+    n_valid = int(valid.sum()) if check_values else valid.sum()
+    return RowLayout(torch.where(valid, y, 0), valid, starts, labels_shape, n_valid, labels is not None)
 
 
 def prepare(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
             step_ids: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], cfg: VCRDConfig,
-            vocab_size: Optional[int]) -> RowBatch:
-    """All checks of SPEC §1 on logits-level inputs, then the row view."""
+            vocab_size: Optional[int], check_values: bool = True) -> RowBatch:
+    """All checks of SPEC §1 on logits-level inputs (those reading tensor values only with
+    ``check_values``: :func:`check_rows`), then the row view."""
     V = check_logits(student_logits, teacher_logits, vocab_size)
     lead, device = student_logits.shape[:-1], student_logits.device
-    layout = check_rows(check_labels(labels, lead, device, cfg), lead, device, step_ids, cu_seqlens, cfg, V)
+    layout = check_rows(check_labels(labels, lead, device, cfg), lead, device, step_ids, cu_seqlens, cfg, V,
+                        check_values)
     s, u = rows_view(student_logits, V), rows_view(teacher_logits, V)
     if s is None or u is None:  # keep [B, T, V] views: flattening them would copy N·V elements
         s, u = student_logits[..., :V], teacher_logits[..., :V]

@@ -27,10 +27,21 @@ def support_log_ratio(lp_s: torch.Tensor, lp_u: torch.Tensor) -> torch.Tensor:
     return torch.where(both_masked, 0.0, (lp_s - lp_u).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
 
 
+def label_log_ratio(lp_s: torch.Tensor, lp_u: torch.Tensor, s_y: torch.Tensor, u_y: torch.Tensor,
+                    lse_s: torch.Tensor, lse_u: torch.Tensor, temperature: float) -> torch.Tensor:
+    """:func:`support_log_ratio`, also where both label log-probs overflowed fp32 to ``-inf`` (true
+    values below -3.4·10³⁸) although a label logit ``s_y``/``u_y`` is finite: there ``lp_s - lp_u =
+    (s_y - u_y)/T - (lse_s - lse_u)`` is taken on halves (finite whenever |l| could be below the clamp)."""
+    lost = (lp_s == -torch.inf) & (lp_u == -torch.inf) & ((s_y > -torch.inf) | (u_y > -torch.inf))
+    halves = ((s_y.to(lse_s.dtype) * 0.5 - u_y.to(lse_s.dtype) * 0.5) / temperature - (lse_s * 0.5 - lse_u * 0.5)) * 2
+    return torch.where(lost, halves.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP), support_log_ratio(lp_s, lp_u))
+
+
 def row_weights(rows: Rows, valid: torch.Tensor, window: CausalWindowMean, cfg: VCRDConfig) -> Rows:
     """``g, w_val, n, w_dc`` for the next rows of ``window`` (which they are pushed into).
 
-    ``rows`` holds ``[C]`` tensors ``lq_as, lq_au, CE_su, H_u, lp_s, lp_u``.
+    ``rows`` holds ``[C]`` tensors ``lq_as, lq_au, CE_su, H_u, lp_s, lp_u``, and ``log_ratio`` (``l``,
+    :func:`label_log_ratio`) when the backend computed it (else ``l`` comes from ``lp_s, lp_u``).
     ``g = lq_au - lq_as`` (argmax) or ``CE_su - H_u`` (expected); ``w_val = floor + (1-floor)·σ((g-margin)/tau)``;
     ``n``, ``lbar`` = window means of ``lp_s`` and ``l``; ``w_dc = σ((lbar - bias)/tau_c)``.
     """
@@ -45,7 +56,8 @@ def row_weights(rows: Rows, valid: torch.Tensor, window: CausalWindowMean, cfg: 
     else:
         sig = torch.sigmoid((g - cfg.validity_margin) / cfg.validity_tau)
         w_val = cfg.validity_floor + (1 - cfg.validity_floor) * sig
-    means = window.push(torch.stack([rows["lp_s"], support_log_ratio(rows["lp_s"], rows["lp_u"])], 1), valid)
+    log_ratio = rows["log_ratio"] if "log_ratio" in rows else support_log_ratio(rows["lp_s"], rows["lp_u"])
+    means = window.push(torch.stack([rows["lp_s"], log_ratio], 1), valid)
     naturalness, lbar = means[:, 0], means[:, 1]
     w_dc = torch.sigmoid((lbar - cfg.correction_bias) / cfg.correction_tau) if cfg.correction else torch.ones_like(g)
     return dict(g=g, w_val=w_val, n=naturalness, w_dc=w_dc)
@@ -72,6 +84,16 @@ def row_loss(rows: Rows, ce: Union[torch.Tensor, float], valid: torch.Tensor, cf
     """The unnormalised per-row loss ``m·[kd·w·D + ce_w·CE]`` of SPEC §6 (``[C]``), from weighed rows;
     ``ce`` is ``CE_r = -log softmax(s)[y]`` (``[C]``, or 0.0 when ``ce_weight`` is 0)."""
     return torch.where(valid, cfg.kd_weight * rows["w_val"] * rows["w_dc"] * rows["D"] + cfg.ce_weight * ce, 0.0)
+
+
+def poison_gradient(rows: Rows, valid: torch.Tensor) -> Rows:
+    """SPEC §6, never a finite gradient beside a non-finite loss: valid rows whose ``per_row`` loss is
+    ``inf`` or NaN get NaN gradient coefficients ``coef_kd``, ``coef_ce`` (their whole gradient row
+    becomes NaN). In place; returned."""
+    bad = valid & ~rows["per_row"].isfinite()
+    for name in ("coef_kd", "coef_ce"):
+        rows[name] = torch.where(bad, torch.nan, rows[name])
+    return rows
 
 
 def concat_rows(parts: List[Rows], dtype: torch.dtype, device: torch.device) -> Rows:

@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+STEP_SPAN = 2**32  # step ids within one sequence span fewer values than this (checked by vcrd.core.checks)
+
 
 def sequence_ids(n_rows: int, batch: Optional[int], cu_seqlens: Optional[torch.Tensor],
                  device: torch.device) -> torch.Tensor:
@@ -22,9 +24,9 @@ def sequence_ids(n_rows: int, batch: Optional[int], cu_seqlens: Optional[torch.T
     ``batch`` is B for ``[B, T]`` inputs (row r belongs to sequence ``r // T``); ``cu_seqlens``
     ``[S+1]`` gives packed boundaries; with neither, all rows form one sequence.
     """
-    if cu_seqlens is not None:
+    if cu_seqlens is not None:  # output_size given: no host sync for the output's length
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device=device, dtype=torch.int64)
-        return torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
+        return torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths, output_size=n_rows)
     if batch is not None:
         return torch.arange(n_rows, device=device) // (n_rows // batch)
     return torch.zeros(n_rows, dtype=torch.int64, device=device)
@@ -55,13 +57,17 @@ def window_starts(seq: torch.Tensor, step_ids: Optional[torch.Tensor],
     if n == 0:
         return idx
     # Order rows by (sequence, step) with one integer key: steps relative to the sequence's first
-    # step are >= 0 and < span, so key = seq * span + rel is sorted along the rows.
-    first_step = steps[torch.searchsorted(seq, seq, right=False)]
-    rel = steps - first_step
-    span = int(rel.max()) + 1
-    key = seq * span + rel
-    target = seq * span + (rel - window_steps).clamp_min(0)
+    # step are >= 0 and < STEP_SPAN, so key = seq * STEP_SPAN + rel is sorted along the rows (a
+    # constant span: no host sync on the data)
+    rel = relative_steps(seq, steps)
+    key = seq * STEP_SPAN + rel
+    target = seq * STEP_SPAN + (rel - window_steps).clamp_min(0)
     return torch.searchsorted(key, target, right=False)
+
+
+def relative_steps(seq: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """Each row's step minus its sequence's first step (``[N]``; rows grouped by sequence)."""
+    return steps - steps[torch.searchsorted(seq, seq, right=False)]
 
 
 class CausalWindowMean:

@@ -1,9 +1,10 @@
 """Fused-linear VCRD loss: hidden states and LM heads in, loss and gradients out, full logits never stored.
 
 Token chunks are walked in order. Per chunk: both models' logits with fp32 accumulation
-(``h @ W^T + b``), the per-row statistics, the weights (the causal window's prefix sums carry
-across chunks, so a chunk's weights are final once its rows are in: SPEC §5), the gradient
-w.r.t. the chunk's student logits (written over them: two ``[C, V]`` buffers per chunk), then
+(``h @ W^T + b``; on CUDA with bf16/fp16 heads as bf16/fp16 GEMMs with fp32 output, on CPU in fp32
+from heads converted once per call: :func:`gemm_plan`), the per-row statistics, the weights (the
+causal window's prefix sums carry across chunks, so a chunk's weights are final once its rows are
+in: SPEC §5), the gradient w.r.t. the chunk's student logits (written over them: two ``[C, V]`` buffers per chunk), then
 ``grad_hidden[chunk] = g @ W_s`` and ``grad_W_s += g^T @ h_s`` (and ``grad_b_s += Σ g``) in fp32.
 Rows with ``ignore_index`` are dropped before the GEMMs. The backward only scales the stored
 gradients by the upstream gradient.
@@ -11,6 +12,7 @@ gradients by the upstream gradient.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional, Tuple, Union
 
 import torch
@@ -27,18 +29,50 @@ from ..core.weights import OUTPUT_ROWS, concat_rows
 from ..core.windows import CausalWindowMean
 
 
-def auto_chunk_size(n_rows: int, vocab: int, budget_bytes: int) -> int:
+def auto_chunk_size(n_rows: int, vocab: int, budget_bytes: int, min_rows: int = 256, max_rows: int = 1024) -> int:
     """Rows per chunk: the two ``[C, V]`` fp32 buffers of a chunk (both logits; the gradient
-    overwrites the student's) fit ``budget_bytes``, but at least 256 rows (GEMMs with fewer rows run
-    markedly slower on CPU) and at most 1024; the rows are then split into equal chunks (a small
+    overwrites the student's) fit ``budget_bytes``, but at least ``min_rows`` (GEMMs with fewer rows run
+    markedly slower on CPU) and at most ``max_rows``; the rows are then split into equal chunks (a small
     last chunk would waste its GEMMs). Depends on N, never a fixed number of chunks."""
-    largest = min(1024, max(256, budget_bytes // (8 * vocab)))
+    largest = min(max_rows, max(min_rows, budget_bytes // (8 * vocab)))
     n_chunks = max(1, -(-n_rows // largest))
     return max(1, -(-n_rows // n_chunks))
 
 
-def _logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
-    out = h @ w.T
+@dataclass(frozen=True)
+class GemmPlan:
+    """How the chunk GEMMs run. ``operand_dtype``: the dtype of their operands. ``mixed``: bf16/fp16
+    operands with fp32 accumulation and fp32 output (``torch.mm(a, b, out_dtype)``: tensor cores, the
+    LM heads never copied); otherwise each head is converted to ``operand_dtype`` (fp32 or fp64) once
+    per call and every GEMM is exact in it. ``budget_bytes``, ``min_rows``, ``max_rows``: chunk sizing
+    (:func:`auto_chunk_size`). Logits, gradients and ``grad_weight``'s accumulation are fp32 (fp64) either way."""
+
+    operand_dtype: torch.dtype
+    mixed: bool
+    budget_bytes: int
+    min_rows: int = 256
+    max_rows: int = 1024
+
+
+def gemm_plan(device_type: str, weight_dtype: torch.dtype, cpu_budget_bytes: int,
+              device_memory_bytes: Optional[int] = None) -> GemmPlan:
+    """The plan for LM heads of ``weight_dtype`` on ``device_type``: on CUDA with bf16/fp16 heads, mixed
+    GEMMs and chunks sized for the device (1/16 of its memory, 256–4096 rows); elsewhere the exact fp32
+    path of the CPU (``cpu_budget_bytes``, 256–1024 rows). NOT RUN ON A GPU HERE: only the plan is tested."""
+    if device_type == "cuda" and weight_dtype in (torch.bfloat16, torch.float16):
+        return GemmPlan(weight_dtype, True, (device_memory_bytes or 16 * 2**30) // 16, 256, 4096)
+    return GemmPlan(torch.promote_types(weight_dtype, torch.float32), False, cpu_budget_bytes)
+
+
+def plan_for(weight: torch.Tensor) -> GemmPlan:
+    """:func:`gemm_plan` for this head's device and dtype (``VCRD_FUSED_BUDGET_MB`` on CPU)."""
+    memory = torch.cuda.get_device_properties(weight.device).total_memory if weight.is_cuda else None
+    return gemm_plan(weight.device.type, weight.dtype, settings.fused_budget_bytes(), memory)
+
+
+def _logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], mixed: bool = False) -> torch.Tensor:
+    """``h @ w^T + b``; ``mixed``: bf16/fp16 operands, fp32 output (CUDA only)."""
+    out = torch.mm(h, w.T, out_dtype=torch.float32) if mixed else h @ w.T
     return out if b is None else out + b
 
 
@@ -97,12 +131,14 @@ def fused_linear_vcrd_loss(
                           return_stats=return_stats)
 
     dtype = torch.promote_types(student_weight.dtype, torch.float32)
-    w_t = teacher_weight[:V].to(dtype)  # once per call: the GEMMs accumulate and output fp32
+    plan = plan_for(teacher_weight)
+    # once per call (exact plan: the GEMMs accumulate and output fp32); mixed: the head as it is
+    w_t = teacher_weight[:V].to(plan.operand_dtype)
     b_t = None if teacher_bias is None else teacher_bias[:V].to(dtype)
     h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
     return loss_from_hidden(student_hidden, student_weight, student_bias,
-                            lambda idx: _logits(h_t[idx].to(dtype), w_t, b_t), V, layout, cfg, impl, reduction,
-                            num_items_in_batch, chunk_size, return_stats)
+                            lambda idx: _logits(h_t[idx].to(plan.operand_dtype), w_t, b_t, plan.mixed), V, layout,
+                            cfg, impl, reduction, num_items_in_batch, chunk_size, return_stats)
 
 
 def loss_from_hidden(student_hidden: torch.Tensor, student_weight: torch.Tensor, student_bias: Optional[torch.Tensor],
@@ -117,11 +153,13 @@ def loss_from_hidden(student_hidden: torch.Tensor, student_weight: torch.Tensor,
     needs_grad = tuple(x is not None and x.requires_grad and torch.is_grad_enabled() for x in student)
     Z = row_normalizer(reduction, cfg, num_items_in_batch, layout)
     kept_idx = layout.valid.nonzero().squeeze(1)  # ignored rows never reach a GEMM
-    C = auto_chunk_size(kept_idx.numel(), V, settings.fused_budget_bytes()) if chunk_size == "auto" else chunk_size
+    plan = plan_for(student_weight)
+    C = auto_chunk_size(kept_idx.numel(), V, plan.budget_bytes, plan.min_rows, plan.max_rows) \
+        if chunk_size == "auto" else chunk_size
     # the loss's own precision, whatever autocast the caller runs under (its GEMMs accumulate in fp32)
     with torch.no_grad(), torch.autocast(h_s.device.type, enabled=False):
         kept, grads = _chunked(h_s, student_weight, student_bias, teacher_rows, V, layout, kept_idx, cfg, impl, C,
-                               1.0 / Z, needs_grad)
+                               1.0 / Z, needs_grad, plan)
         value, post_scale = reduce_rows(kept["per_row"], kept["w"], reduction, cfg, Z, torch.Size([]), layout.n_valid,
                                         num_items_in_batch)
     pairs = [(x, g.reshape(x.shape).to(x.dtype)) for x, g in zip(student, grads) if g is not None]
@@ -134,13 +172,14 @@ def loss_from_hidden(student_hidden: torch.Tensor, student_weight: torch.Tensor,
     return loss, VCRDStats.from_rows(full, layout)
 
 
-def _chunked(h_s, weight, bias, teacher_rows, V, layout, kept_idx, cfg, impl, C, grad_scale, needs_grad):
+def _chunked(h_s, weight, bias, teacher_rows, V, layout, kept_idx, cfg, impl, C, grad_scale, needs_grad, plan):
     """Walk the kept rows in chunks of ``C``: both logits, the backend's rows and the logit gradient
     (written over the student logits), then ``grad_hidden[chunk] = g @ W_s``, ``grad_W_s += g^T h_s``,
-    ``grad_b_s += Σ g`` (fp32). Returns the kept rows (``[n_kept]``) and ``[grad_hidden, grad_weight,
-    grad_bias]`` (None where ``needs_grad`` says no)."""
+    ``grad_b_s += Σ g`` (fp32 outputs and accumulation; operands as :class:`GemmPlan` says). Returns the
+    kept rows (``[n_kept]``) and ``[grad_hidden, grad_weight, grad_bias]`` (None where ``needs_grad`` says no)."""
     dtype, dev = torch.promote_types(weight.dtype, torch.float32), h_s.device
-    w_s = weight[:V].to(dtype)  # once per call (a bf16 head: fp32 GEMMs, never rounded)
+    op = plan.operand_dtype
+    w_s = weight[:V].to(op)  # exact plan: once per call (a bf16 head: fp32 GEMMs, never rounded); mixed: no copy
     b_s = None if bias is None else bias[:V].to(dtype)
     shapes = (h_s.shape, weight.shape, weight.shape[:1])
     grad_h, grad_w, grad_b = (torch.zeros(shape, dtype=dtype, device=dev) if need else None
@@ -150,16 +189,23 @@ def _chunked(h_s, weight, bias, teacher_rows, V, layout, kept_idx, cfg, impl, C,
     parts = []
     for c0 in range(0, kept_idx.numel(), C):
         idx = kept_idx[c0:c0 + C]
-        hs = h_s[idx].to(dtype)
+        hs = h_s[idx].to(op)
         rows = RowLayout(layout.labels[idx], torch.ones(idx.numel(), dtype=torch.bool, device=dev),
                          layout.starts[idx], idx.shape, idx.numel())
-        chunk = RowBatch(_logits(hs, w_s, b_s), teacher_rows(idx), rows)
+        chunk = RowBatch(_logits(hs, w_s, b_s, plan.mixed), teacher_rows(idx), rows)
         g = chunk.s if any(needs_grad) else None  # the gradient overwrites the student logits, row by row
         parts.append(run_backend(impl, chunk, cfg, g, grad_scale, window=window))
-        if grad_h is not None:
-            grad_h[idx] = g @ w_s
-        if grad_w is not None:
-            grad_w[:V].addmm_(g.T, hs)
+        if plan.mixed and g is not None:  # CUDA: tensor-core GEMMs on the gradient rounded once, fp32 out
+            g_op = g.to(op)
+            if grad_h is not None:
+                grad_h[idx] = torch.mm(g_op, w_s, out_dtype=torch.float32)
+            if grad_w is not None:
+                torch.addmm(grad_w[:V], g_op.T, hs, out_dtype=torch.float32, out=grad_w[:V])
+        else:
+            if grad_h is not None:
+                grad_h[idx] = g @ w_s
+            if grad_w is not None:
+                grad_w[:V].addmm_(g.T, hs)
         if grad_b is not None:
             grad_b[:V] += g.sum(0)
     return concat_rows(parts, dtype, dev), [grad_h, grad_w, grad_b]
