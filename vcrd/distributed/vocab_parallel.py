@@ -42,7 +42,7 @@ from ..core.checks import FLOAT_DTYPES, RowBatch, check_labels, check_options, c
 from ..core.config import VCRDConfig, resolve_config
 from ..core.reduction import reduce_rows, row_normalizer
 from ..core.stats import VCRDStats
-from ..core.weights import Rows, concat_rows, row_loss, weigh_rows
+from ..core.weights import Rows, concat_rows, poison_gradient, row_loss, weigh_rows
 from ..core.windows import CausalWindowMean
 
 # per-row partials each shard contributes (one slot per rank in the exchanged buffer)
@@ -248,6 +248,7 @@ def shard_rows(x: torch.Tensor, z: torch.Tensor, y: torch.Tensor, valid: torch.T
     ce = (lse_untempered - rows["x_y"]) if with_ce else 0.0
     weigh_rows(rows, valid, window, cfg, grad_scale)
     rows["per_row"] = row_loss(rows, ce, valid, cfg)
+    poison_gradient(rows, valid)  # SPEC §6: never a finite gradient beside a non-finite loss
     if out is None:
         return rows
     soft = None
