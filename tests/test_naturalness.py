@@ -79,43 +79,92 @@ def test_prompt_lengths_windows_and_drop_first_equal_naive(lm, prompt_tokens):
 
 
 def test_mixed_and_repeated_prompts_share_caches(lm):
-    """Prompts of different lengths in one padded batch, the same prompt for several responses (one
-    cache), and every prompt token run through the decoder once."""
+    """Prompts of different lengths in one batch, the same prompt for several responses (one cache),
+    every prompt token run through the decoder once, and the last layer run in full only at the rows
+    that predict a scored id (elsewhere only its keys and values)."""
     model, tok = lm
     prompts = [prompt_of(1), prompt_of(16), prompt_of(128), prompt_of(16), prompt_of(128), prompt_of(40, 3)]
     responses = [RESPONSES[j % 3] for j in range(len(prompts))]
-    counted = []
+    rows = {"k_proj": 0, "q_proj": 0}
+    last = model.get_decoder().layers[-1].self_attn
 
-    def count(module, args, kwargs):
-        ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
-        counted.append(int(mask[:, -ids.shape[1]:].sum()))
+    def counter(name):
+        def count(module, args, output):
+            rows[name] += args[0].shape[0]
+        return count
 
-    handle = model.get_decoder().register_forward_pre_hook(count, with_kwargs=True)
+    handles = [getattr(last, name).register_forward_hook(counter(name)) for name in rows]
     try:
         got = score_responses(model, tok, prompts, responses, window=99, token_budget=4096)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     assert_equal_to_naive(model, tok, prompts, responses, got, 99, 0)
     distinct = {p: len(tok(p)["input_ids"]) + 1 for p in prompts}
     response_ids = sum(len(tok(s, add_special_tokens=False)["input_ids"]) for r in responses for s in steps_of(r, tok))
-    # window >= P: one forward per response (the last prompt id + the response) after its prompt's cache
-    assert sum(counted) == sum(n - 1 for n in distinct.values()) + len(prompts) + response_ids
+    # window >= P: one sequence per response (the last prompt id + the response) after its prompt's cache
+    assert rows["k_proj"] == sum(n - 1 for n in distinct.values()) + len(prompts) + response_ids
+    assert rows["q_proj"] == response_ids  # one row per scored id, none for the prompt caches
     for window, drop_first in ((0, 0), (2, 1)):
         got = score_responses(model, tok, prompts, responses, window=window, drop_first=drop_first, token_budget=300)
         assert_equal_to_naive(model, tok, prompts, responses, got, window, drop_first)
 
 
-def test_without_prompt_sharing_equals_naive(lm, monkeypatch):
-    """Models whose caches cannot be reused (sliding-window or hybrid layers) run each window with its
-    whole prompt; the scores are the same."""
+def tiny(kind: str, tok):
+    """A tiny random model of another architecture: ``qwen3`` (q/k norms: the unpadded path), ``gpt2``
+    (learned positions: Hugging Face's padded forward with shared prompt caches), ``mistral-sliding``
+    (a sliding window: each window run with its whole prompt)."""
+    import transformers as hf
+
+    torch.manual_seed(1)
+    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
+    if kind == "qwen3":
+        return hf.Qwen3ForCausalLM(hf.Qwen3Config(head_dim=16, **common)).eval()
+    if kind == "mistral-sliding":
+        return hf.MistralForCausalLM(hf.MistralConfig(sliding_window=4096, **common)).eval()
+    return hf.GPT2LMHeadModel(hf.GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4,
+                                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).eval()
+
+
+@pytest.mark.parametrize("kind,unpadded,shared", [("qwen3", True, True), ("gpt2", False, True),
+                                                  ("mistral-sliding", False, False)])
+def test_other_architectures_equal_naive(lm, kind, unpadded, shared):
+    """The unpadded path on another supported architecture, and the fallbacks (Hugging Face's padded
+    forward, with and without shared prompt caches) on architectures it does not support."""
     import vcrd.select.naturalness as nat
 
-    model, tok = lm
-    monkeypatch.setattr(nat, "_prompt_sharing_supported", lambda model: False)
+    _, tok = lm
+    model = tiny(kind, tok)
+    assert nat.packed_forward_supported(model) == unpadded and nat._prompt_sharing_supported(model) == shared
     prompts = [prompt_of(1), prompt_of(16), prompt_of(128)]
     for window, drop_first in ((0, 0), (2, 2)):
         got = score_responses(model, tok, prompts, RESPONSES, window=window, drop_first=drop_first, token_budget=500)
         assert_equal_to_naive(model, tok, prompts, RESPONSES, got, window, drop_first)
+
+
+def test_parity_check_can_fail(lm, monkeypatch):
+    """The parity check rejects results off by 2e-4 in one step, a NaN step, LALP and GALP swapped, and
+    the scores of a scorer whose RoPE is left out."""
+    import dataclasses
+
+    import vcrd.select.packed_forward as packed
+
+    model, tok = lm
+    prompts = [prompt_of(16), prompt_of(128), prompt_of(16, 2)]
+    got = score_responses(model, tok, prompts, RESPONSES, window=1)
+    assert_equal_to_naive(model, tok, prompts, RESPONSES, got, 1, 0)
+    steps = got[1].step_scores
+    wrong = [dataclasses.replace(got[1], step_scores=steps[:2] + [steps[2] + 2e-4] + steps[3:]),
+             dataclasses.replace(got[1], step_scores=steps[:1] + [math.nan] + steps[2:]),
+             dataclasses.replace(got[1], lalp=got[1].galp, galp=got[1].lalp)]
+    for result in wrong:
+        with pytest.raises(AssertionError):
+            assert_equal_to_naive(model, tok, prompts[1:2], RESPONSES[1:2], [result], 1, 0)
+    monkeypatch.setattr(packed, "_rope", lambda x, cos, sin: x)
+    broken = score_responses(model, tok, prompts, RESPONSES, window=1)
+    with pytest.raises(AssertionError):
+        assert_equal_to_naive(model, tok, prompts, RESPONSES, broken, 1, 0)
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and importlib.util.find_spec("flash_attn")),

@@ -10,28 +10,34 @@ Exact sharing, then batching (the scores equal one plain forward per window, see
 
 - the prompt is the same prefix of every window of a response: its KV cache (all ids but the last)
   is computed once per distinct prompt and reused, gathered into each batch, by every window and the
-  GALP sequence of the responses that have it (``DynamicCache``; right-padded prefixes are masked
-  out and each row's positions continue after its own prompt). Models with sliding-window or
+  GALP sequence of the responses that have it (right-padded prefixes are masked out and each row's
+  positions continue after its own prompt). Models with sliding-window or
   hybrid layers run each window with its whole prompt instead;
 - the windows of steps ``1..k+1`` are prefixes of the GALP sequence (prompt ++ every earlier step),
   so their step scores are read from the GALP forward; only steps ``k+2..P`` get a forward of
   their own (prompt cache ++ last prompt id ++ ``k`` steps ++ the step); with ``k >= P`` one
   forward per response gives every score;
-- the remaining sequences are sorted by length and grouped into padded batches of at most
-  ``token_budget`` (prefix + suffix) tokens, one ``torch.inference_mode`` decoder forward per batch
-  without a new KV cache (``use_cache=False`` when there is no prefix). On CUDA with ``flash_attn``
-  and a model loaded with ``attn_implementation="flash_attention_2"`` the sequences are packed back
-  to back without padding instead (Hugging Face's position-id packing, flash-attn varlen; no prompt
-  cache on that path).
+- the remaining sequences are sorted by length and grouped into batches of at most ``token_budget``
+  padded (prefix + suffix) tokens. Llama-family decoders (``packed_forward_supported``: Llama,
+  Mistral, Qwen2, Qwen3 with full attention) run each batch through :func:`packed_forward`: tokens
+  end to end without padding in the GEMMs, the first layer's norm and projections once per distinct
+  id, and the last layer in full only at the rows that predict a scored id (elsewhere only its keys
+  and values); on CPU a batch then holds at most ``CPU_BATCH_TOKENS`` tokens. Other decoders run one
+  padded ``torch.inference_mode`` Hugging Face forward per batch, without a new KV cache. On CUDA
+  with ``flash_attn`` and a model loaded with ``attn_implementation="flash_attention_2"`` the
+  sequences are packed back to back through Hugging Face's position-id packing instead (flash-attn
+  varlen; no prompt cache on that path).
 
 Log-probs of the scored ids come from the final hidden states and the LM head (cast to fp32 once
-per call), ``chunk_rows`` rows at a time (the Triton label log-prob kernel on CUDA), never a
+per call), once per scored position (the GALP sequence's rows also give the step scores read from
+it), ``chunk_rows`` rows at a time (the Triton label log-prob kernel on CUDA), never a
 ``[tokens, V]`` log-softmax. Prompt caches live only while their group of responses runs (groups of
 at most ``4 * token_budget`` distinct prompt tokens).
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 from dataclasses import dataclass, field
@@ -39,7 +45,20 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .packed_forward import packed_forward, packed_forward_supported
+
 Response = Union[str, Sequence[str]]
+
+# On CPU the unpadded path runs at most this many tokens per forward: GEMMs of a few hundred rows
+# already run at full speed, the elementwise work between them (norms, RoPE, SiLU) stays in cache, and
+# the tensors stay small enough for the C allocator to reuse their memory instead of mapping (and
+# page-faulting in) fresh memory on every call (the benchmark's vocabulary-300 case, 1 thread, under
+# load: 512 tokens per batch took ~0.85x the CPU time of 2048, 1 thousand page faults per call instead
+# of 200 thousand).
+CPU_BATCH_TOKENS = 512
+# ... and computes the LM head's logits this many rows at a time (8664 rows, V = 32000, 1 thread,
+# under load: 2.5 s with 256-row chunks, 3.7 s with 1024, whose 131 MB logits are mapped afresh each time).
+CPU_HEAD_ROWS = 256
 
 
 @dataclass
@@ -154,17 +173,19 @@ def _items(prompt_ids: List[int], step_ids: List[List[int]], window: int, drop_f
     return out
 
 
-def _batches(items: List[_Item], token_budget: int) -> List[List[_Item]]:
+def _batches(items: List[_Item], token_budget: int, flat_budget: Optional[int] = None) -> List[List[_Item]]:
     """Padded batches sorted by suffix length (then prefix length); a batch's padded size
-    ``rows * (longest prefix + longest suffix)`` stays within ``token_budget`` (a longer item runs alone)."""
-    batches, current, lp, ls = [], [], 0, 0
+    ``rows * (longest prefix + longest suffix)`` stays within ``token_budget`` and, with ``flat_budget``,
+    its suffix tokens within ``flat_budget`` (a longer item runs alone)."""
+    batches, current, lp, ls, n = [], [], 0, 0, 0
     for it in sorted(items, key=lambda it: (len(it.ids), len(it.prefix_key))):
         p, s = max(lp, len(it.prefix_key)), max(ls, len(it.ids))
-        if current and (len(current) + 1) * (p + s) > token_budget:
+        if current and ((len(current) + 1) * (p + s) > token_budget
+                        or (flat_budget is not None and n + len(it.ids) > flat_budget)):
             batches.append(current)
-            current, p, s = [], len(it.prefix_key), len(it.ids)
+            current, p, s, n = [], len(it.prefix_key), len(it.ids), 0
         current.append(it)
-        lp, ls = p, s
+        lp, ls, n = p, s, n + len(it.ids)
     if current:
         batches.append(current)
     return batches
@@ -206,9 +227,11 @@ def _prompt_sharing_supported(model) -> bool:
 
 
 class _PrefixCaches:
-    """KV caches of the distinct prompt prefixes of a group of responses (one padded forward per batch)."""
+    """Per-layer keys and values of the distinct prompt prefixes of a group of responses, computed
+    in batches of at most ``token_budget`` tokens (padded for Hugging Face's forward, end to end for
+    :func:`packed_forward`, which stops at the last layer's keys and values)."""
 
-    def __init__(self, decoder, keys: List[Tuple[int, ...]], token_budget: int, device, pad: int):
+    def __init__(self, decoder, keys: List[Tuple[int, ...]], token_budget: int, device, pad: int, packed: bool):
         self.kv = {}  # key -> [(k, v) per layer], each [kv heads, length, head dim]
         todo = sorted({k for k in keys if k}, key=len)
         i = 0
@@ -217,6 +240,15 @@ class _PrefixCaches:
             while n > 1 and n * len(todo[i + n - 1]) > token_budget:
                 n -= 1
             group, L = todo[i:i + n], len(todo[i + n - 1])
+            if packed:
+                _, layers = packed_forward(decoder, group, [[] for _ in group], keep_kv=True)
+                start = 0
+                for k in group:
+                    self.kv[k] = [(kk[start:start + len(k)].transpose(0, 1), vv[start:start + len(k)].transpose(0, 1))
+                                  for kk, vv in layers]
+                    start += len(k)
+                i += n
+                continue
             ids = torch.full((n, L), pad, dtype=torch.long)
             mask = torch.zeros((n, L), dtype=torch.long)
             for b, k in enumerate(group):
@@ -229,22 +261,29 @@ class _PrefixCaches:
                 self.kv[k] = [(kk[b, :, :len(k)], vv[b, :, :len(k)]) for kk, vv in layers]
             i += n
 
-    def batch(self, keys: List[Tuple[int, ...]]):
-        """A ``DynamicCache`` holding each row's prefix, right-padded to the longest."""
-        from transformers import DynamicCache
-
+    def padded(self, keys: List[Tuple[int, ...]]) -> Tuple[List[Tuple[torch.Tensor, torch.Tensor]], int]:
+        """Per layer ``(K, V)`` ``[rows, kv heads, P, d]``: row ``b`` holds ``keys[b]``'s prefix, right-padded
+        with zeros to the longest, ``P``."""
         P = max(len(k) for k in keys)
         if P == 0:
-            return None, 0
-        some = self.kv[next(k for k in keys if k)]
+            return [], 0
         layers = []
-        for li, (k0, v0) in enumerate(some):
+        for li, (k0, v0) in enumerate(self.kv[next(k for k in keys if k)]):
             K = k0.new_zeros((len(keys), k0.shape[0], P, k0.shape[-1]))
             V = v0.new_zeros((len(keys), v0.shape[0], P, v0.shape[-1]))
             for b, k in enumerate(keys):
                 if k:
                     K[b, :, :len(k)], V[b, :, :len(k)] = self.kv[k][li]
             layers.append((K, V))
+        return layers, P
+
+    def batch(self, keys: List[Tuple[int, ...]]):
+        """A ``DynamicCache`` holding each row's prefix, right-padded to the longest."""
+        from transformers import DynamicCache
+
+        layers, P = self.padded(keys)
+        if P == 0:
+            return None, 0
         cache = DynamicCache()
         for li, (K, V) in enumerate(layers):
             cache.update(K, V, li)
@@ -270,7 +309,21 @@ def _run_batch(decoder, batch: List[_Item], caches: Optional[_PrefixCaches], dev
     return decoder(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).last_hidden_state
 
 
-def _run_packed(decoder, batch: List[_Item], device):
+def _wanted_positions(item: _Item) -> List[int]:
+    """The positions whose final hidden states score ``item``'s spans (each span's ids, one position
+    earlier), sorted, each once (the GALP span covers the step spans read from the same sequence)."""
+    return sorted({p for start, stop, _ in item.spans for p in range(start - 1, stop - 1)})
+
+
+def _run_unpadded(decoder, batch: List[_Item], wanted: List[List[int]], caches: Optional[_PrefixCaches]):
+    """Final hidden states ``[rows, H]`` at the ``wanted`` positions of each item (in order), through
+    :func:`packed_forward` (no padding in the GEMMs, the last layer in full only at those rows)."""
+    prefix, P = caches.padded([it.prefix_key for it in batch]) if caches is not None else ([], 0)
+    return packed_forward(decoder, [it.ids for it in batch], wanted, prefix=prefix if P else None,
+                          prefix_len=[len(it.prefix_key) for it in batch])[0]
+
+
+def _run_varlen(decoder, batch: List[_Item], device):
     """Varlen path: the items back to back in one row, positions restarting at 0 for each, no padding
     and no attention mask (flash-attn's varlen kernel keeps them apart). Returns ``[rows, longest, H]``."""
     ids = torch.tensor([t for it in batch for t in it.ids])[None]
@@ -329,6 +382,8 @@ def score_responses(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     varlen = _varlen_available(model, device)
     share = not varlen and _prompt_sharing_supported(model)
+    unpadded = not varlen and packed_forward_supported(model)
+    flat_budget = min(token_budget, CPU_BATCH_TOKENS) if unpadded and device.type == "cpu" else None
 
     all_steps, items, n_tokens = [], [], []
     for r, (prompt, response) in enumerate(zip(prompts, responses)):
@@ -375,28 +430,30 @@ def score_responses(
             continue
         caches = None
         if share and any(it.prefix_key for it in group_items):
-            caches = _PrefixCaches(decoder, [it.prefix_key for it in group_items], token_budget, device, pad)
-        batches = _packed_batches(group_items, token_budget) if varlen else _batches(group_items, token_budget)
+            caches = _PrefixCaches(decoder, [it.prefix_key for it in group_items], flat_budget or token_budget, device,
+                                   pad, unpadded)
+        batches = (_packed_batches(group_items, token_budget) if varlen else
+                   _batches(group_items, token_budget, flat_budget))
         for batch in batches:
-            if varlen:
-                hidden = _run_packed(decoder, batch, device)
+            wanted = [_wanted_positions(it) for it in batch]
+            if unpadded:
+                hidden = _run_unpadded(decoder, batch, wanted, caches)
             else:
-                hidden = _run_batch(decoder, batch, caches, device, pad)
-            L = hidden.shape[1]
-            rows, labels = [], []
-            for b, it in enumerate(batch):
-                for start, stop, _ in it.spans:
-                    rows.append(torch.arange(b * L + start - 1, b * L + stop - 1))
-                    labels.append(torch.tensor(it.ids[start:stop]))
-            lp = label_logprobs(hidden.reshape(-1, hidden.shape[-1])[torch.cat(rows).to(device)], head,
-                                torch.cat(labels).to(device), weight=weight, bias=bias).double().cpu()
-            k = 0
-            for it in batch:
+                hidden = (_run_varlen(decoder, batch, device) if varlen
+                          else _run_batch(decoder, batch, caches, device, pad))
+                L = hidden.shape[1]
+                rows = torch.tensor([b * L + p for b, ps in enumerate(wanted) for p in ps], dtype=torch.long)
+                hidden = hidden.reshape(-1, hidden.shape[-1])[rows.to(device)]
+            labels = torch.tensor([it.ids[p + 1] for it, ps in zip(batch, wanted) for p in ps], dtype=torch.long)
+            lp = label_logprobs(hidden, head, labels.to(device), CPU_HEAD_ROWS if device.type == "cpu" else 1024,
+                                weight=weight, bias=bias).double().cpu()
+            offset = 0
+            for it, ps in zip(batch, wanted):
                 for start, stop, owner in it.spans:
-                    n = stop - start
+                    i = offset + bisect.bisect_left(ps, start - 1)
                     total, count = sums.get(owner, (0.0, 0))
-                    sums[owner] = (total + float(lp[k:k + n].sum()), count + n)
-                    k += n
+                    sums[owner] = (total + float(lp[i:i + stop - start].sum()), count + stop - start)
+                offset += len(ps)
             if bar is not None:
                 bar.update(sum(len(it.ids) for it in batch))
         del caches
