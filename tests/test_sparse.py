@@ -24,6 +24,7 @@ CONFIGS = {
     "vcrd": VCRDConfig.preset("vcrd"),
     "discord-T2": VCRDConfig.preset("discord", temperature=2.0),
     "jsd0.3-expected": VCRDConfig(divergence="jsd", beta=0.3, validity="expected"),
+    "rkl-T2": VCRDConfig.preset("vcrd", divergence="rkl", temperature=2.0),
 }
 
 
@@ -130,12 +131,14 @@ def test_bad_sparse_teachers_are_refused_with_the_row():
         SparseTeacher.from_logits(u, 0)
 
 
-@pytest.mark.parametrize("name", ["kd", "vcrd"])
-def test_sparse_losses_at_realistic_size_with_default_settings(name):
+@pytest.mark.parametrize("name,k", [("kd", 64), ("vcrd", 1031), ("discord-T2", 64), ("jsd0.3-expected", 256)],
+                         ids=["kd-K64", "vcrd-K=V", "discord-T2-K64", "jsd-K256"])
+def test_sparse_losses_at_realistic_size_with_default_settings(name, k):
     """N >= 1024 rows, default settings (compile on, 64-row chunks, automatic fused chunks), through the
-    entry points users call, against the float64 reference on the completed teacher (three-way rule)."""
+    entry points users call (the O(K) CPU path), against the float64 reference on the completed teacher
+    (three-way rule)."""
     g = torch.Generator().manual_seed(11)
-    B, T, H, V, k = 4, 280, 48, 1031, 64
+    B, T, H, V = 4, 280, 48, 1031
     h = torch.randn(B, T, H, generator=g)
     w = torch.randn(V, H, generator=g) * 0.7
     u = (h + 0.5 * torch.randn(B, T, H, generator=g)) @ (w + 0.3 * torch.randn(V, H, generator=g)).T
@@ -163,3 +166,44 @@ def test_sparse_losses_at_realistic_size_with_default_settings(name):
     reference.vcrd_loss(x, dense, y, step_ids=steps, config=cfg).backward()
     torch.testing.assert_close(logits_loss.double(), out["truth"][0], rtol=1e-5, atol=0)
     assert (s.grad.double() - x.grad).abs().max() <= 1e-5 * x.grad.abs().max()
+
+
+def test_the_cpu_path_never_densifies_the_teacher(monkeypatch):
+    """O(K) teacher work (SPEC §10): neither entry point builds a [C, V] completed teacher on CPU."""
+    s, u, y, steps = problem(N=40, V=97)
+    t = SparseTeacher.from_logits(u, 8)
+    want = sparse_vcrd_loss(s, t, y, step_ids=steps, impl="reference")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the completed teacher was densified")
+
+    monkeypatch.setattr(SparseTeacher, "completed_logprobs", refuse)
+    torch.testing.assert_close(sparse_vcrd_loss(s, t, y, step_ids=steps, impl="torch"), want.float(), rtol=1e-5,
+                               atol=0)
+    w = torch.eye(97)[:, :97]  # hidden states = logits
+    torch.testing.assert_close(fused_linear_sparse_vcrd_loss(s, w, t, y, step_ids=steps), want.float(), rtol=1e-5,
+                               atol=0)
+    with pytest.raises(AssertionError, match="densified"):  # the guard itself works
+        sparse_vcrd_loss(s, t, y, step_ids=steps, impl="reference")
+
+
+@pytest.mark.parametrize("name", ["vcrd", "jsd0.3-expected"])
+def test_a_teacher_with_no_tail_mass_left(name):
+    """A teacher that masks all but 8 tokens of most rows (tail = -inf with K < V): the completed teacher
+    gives the other tokens probability 0, as the dense formulas do (CE_su = inf, so w_val = 1 under
+    validity="expected")."""
+    s, u, y, steps = problem(N=60, V=101, seed=4)
+    keep = u.topk(8, -1).indices
+    masked = torch.full_like(u, -math.inf).scatter(1, keep, u.gather(1, keep))
+    t = SparseTeacher.from_logits(torch.where(torch.arange(60)[:, None] % 4 == 0, u, masked), 8)
+    assert torch.isinf(t.tail_logprob).sum() == 45
+    dense = t.completed_logprobs(slice(None), 101, torch.float64)
+    cfg = CONFIGS[name]
+    x, xd = s.clone().requires_grad_(), s.double().requires_grad_()
+    loss, stats = sparse_vcrd_loss(x, t, y, step_ids=steps, config=cfg, impl="torch", return_stats=True)
+    want, want_stats = reference.vcrd_loss(xd, dense, y, step_ids=steps, config=cfg, return_stats=True)
+    (loss + 0 * x.sum()).backward()
+    want.backward()
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=0)
+    torch.testing.assert_close(stats.w_val.double(), want_stats.w_val, rtol=1e-5, atol=1e-6)
+    assert (x.grad.double() - xd.grad).abs().max() <= 1e-5 * xd.grad.abs().max()

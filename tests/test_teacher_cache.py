@@ -293,3 +293,22 @@ def test_vcrd_train_from_a_teacher_cache(ws, tmp_path, capsys):
     other.write_text("".join(json.dumps({**r, "response": r["response"] + " Done."}) + "\n" for r in ROWS))
     assert run(other, "bad") == 2
     assert "other.jsonl" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_a_full_cache_trains_like_the_online_teacher(ws):
+    """End to end, K = V: distill_loss from the cached batch equals distill_loss with the teacher model run
+    online on the same batch (cache rows aligned with the label rows; the log-probs rounded to fp16)."""
+    root, tok, teacher, _ = ws
+    full = tc.build_cache(root / "teacher", root / "data.jsonl", root / "k_eq_v", len(tok), batch_size=4,
+                          max_length=64, progress=False, say=lambda _: None)
+    data = tc.IndexedExamples(read_jsonl(root / "data.jsonl"))
+    batch = tc.TeacherCacheCollator(collator(tok), tc.TeacherCache(full))([data[4], data[1], data[5]])
+    student = tiny_llama(tok, 16, 5)
+    online, online_stats = distill_loss(student, teacher, batch, "vcrd")
+    cached, cached_stats = distill_loss(student, None, batch, "vcrd")
+    torch.testing.assert_close(cached.detach(), online.detach(), rtol=2e-3, atol=0)
+    valid = online_stats.valid
+    torch.testing.assert_close(cached_stats.D[valid], online_stats.D[valid], rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(cached_stats.lp_u[valid], online_stats.lp_u[valid], rtol=0, atol=1e-2)
+    shifted = dict(batch, teacher_topk_ids=batch["teacher_topk_ids"].roll(1, dims=1))  # one position off
+    assert not torch.allclose(distill_loss(student, None, shifted, "vcrd")[0], online, rtol=2e-3)

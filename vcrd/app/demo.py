@@ -10,7 +10,11 @@
    same seeds, steps, data and batches) through :func:`vcrd.train.trainer.distill_loss`;
 5. evaluate exact-match accuracy by batched greedy decoding (KV cache, left padding) on 500
    held-out problems;
-6. print a table and write ``results.json``, ``results.md`` and ``curves.png`` to the output folder.
+6. offline (SPEC §10): cache the teacher's top-K (``offline_k``, default 64) on the kept traces with
+   :func:`vcrd.train.teacher_cache.build_cache` (what ``vcrd cache-teacher`` runs) and distil one more
+   student with preset ``vcrd`` from the cache alone (same initial weights, batches and steps as the
+   online ``vcrd`` student), evaluated on the same held-out problems;
+7. print a table and write ``results.json``, ``results.md`` and ``curves.png`` to the output folder.
 
 Everything is seeded: the same seed and thread count give the same table. The pieces (teacher,
 traces, selection, distillation, evaluation) are reused by :mod:`vcrd.app.quality`.
@@ -24,6 +28,7 @@ import math
 import os
 import random
 import re
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +39,8 @@ import torch
 from ..core.config import VCRDConfig
 from ..select.naturalness import ResponseScore, score_responses
 from ..select.selection import rank_teachers, select_responses
-from ..train.data import DistillCollator, Example
+from ..train.data import DistillCollator, Example, write_jsonl
+from ..train.teacher_cache import TeacherCache, TeacherCacheCollator, build_cache
 from ..train.trainer import distill_loss
 from .synthetic import STYLES, Problem, check_answer, make_dataset
 from .tokenizer import build_char_tokenizer
@@ -60,6 +66,7 @@ class DemoSettings:
     threads: int = 1               # torch threads (0: torch's default); 1: see docs/quality.md
     seed: int = 0
     presets: Tuple[str, ...] = PRESET_NAMES
+    offline_k: int = 64            # top-K of the teacher cache for the offline vcrd student (0: no offline student)
     out: str = "runs/demo"
 
 
@@ -160,11 +167,18 @@ def evaluate(model, tok, problems: Sequence[Problem], s: DemoSettings) -> Dict[s
             "verbose_share": sum(style_of(a) == "verbose" for a in answers) / len(problems)}
 
 
+MAX_LENGTH = 256  # tokens per example, for the students and the teacher cache
+
+
 def distil(student, teacher, tok, examples: Sequence[Example], config: Union[str, VCRDConfig], s: DemoSettings,
-           steps: int, seed: int, bar=None) -> Dict[str, List[float]]:
+           steps: int, seed: int, bar=None, cache: Optional[TeacherCache] = None) -> Dict[str, List[float]]:
     """Distil ``student`` from ``teacher`` on ``examples`` with one loss config; per-step curves:
-    the loss, mean w_val / w_dc, and mean w_dc on digit tokens and on the other trace tokens."""
-    collate = DistillCollator(tok, max_length=256)
+    the loss, mean w_val / w_dc, and mean w_dc on digit tokens and on the other trace tokens.
+    With ``cache`` (built over ``examples``, in order) the teacher is its cached top-K rows: no teacher runs."""
+    collate = DistillCollator(tok, max_length=MAX_LENGTH)
+    if cache is not None:
+        cached, index = TeacherCacheCollator(collate, cache), {id(e): i for i, e in enumerate(examples)}
+        collate = lambda chosen: cached([(index[id(e)], e) for e in chosen])  # noqa: E731
     digits = torch.tensor([tok.convert_tokens_to_ids(c) for c in "0123456789"])
     opt = torch.optim.AdamW(student.parameters(), lr=s.lr, weight_decay=0.0, betas=(0.9, 0.98))
     sched = schedule(opt, steps)
@@ -188,6 +202,27 @@ def distil(student, teacher, tok, examples: Sequence[Example], config: Union[str
         if bar is not None:
             bar.update(1)
     return curves
+
+
+def build_teacher_cache(teacher, tok, examples: Sequence[Example], k: int, folder: Union[str, Path],
+                        batch_size: int = 64) -> TeacherCache:
+    """The teacher's top-``k`` cache of ``examples`` in ``folder/cache``, built as ``vcrd cache-teacher
+    --model folder/teacher --data folder/traces.jsonl --top-k k`` does (the teacher and the traces are
+    saved there first), then opened and verified against ``examples``."""
+    folder = Path(folder)
+    teacher.save_pretrained(folder / "teacher")
+    tok.save_pretrained(folder / "teacher")
+    write_jsonl(folder / "traces.jsonl", [e.to_json() for e in examples])
+    out = build_cache(folder / "teacher", folder / "traces.jsonl", folder / "cache", k, batch_size=batch_size,
+                      max_length=MAX_LENGTH, progress=False, say=lambda _: None)
+    cache = TeacherCache(out)
+    cache.verify(examples, DistillCollator(tok, max_length=MAX_LENGTH), vocab_size=len(tok))
+    return cache
+
+
+def folder_bytes(folder: Union[str, Path]) -> int:
+    """Bytes of the files under ``folder``."""
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
 
 
 def head_tail(values: Sequence[float], n: int = 10) -> Tuple[float, float]:
@@ -310,6 +345,29 @@ def style_ranking(prep: Prepared, scores: Sequence[ResponseScore], rows: Optiona
 
 
 # --------------------------------------------------------------------------------------------- run
+OFFLINE = "vcrd_offline"  # results key of the student distilled from the teacher cache
+
+
+def _offline_student(prep: Prepared, data: Sequence[Example], s: DemoSettings, clock: Clock, bar,
+                     curves: Dict[str, Dict[str, List[float]]], evals: Dict[str, Dict[str, float]]
+                     ) -> Dict[str, object]:
+    """Step 6: the teacher's top-K cache of ``data``, and a ``vcrd`` student distilled from it (its curves
+    and evaluation go to ``curves``/``evals`` under :data:`OFFLINE`); returns the cache's figures. Runs
+    under its own RNG state, so it changes nothing that runs after it."""
+    with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory(prefix="vcrd-demo-cache-") as tmp:
+        with clock("teacher_cache"):
+            cache = build_teacher_cache(prep.teacher, prep.tok, data, s.offline_k, tmp, batch_size=s.eval_batch)
+        student = fresh_student(prep, s)
+        with clock(f"student_{OFFLINE}"):
+            curves[OFFLINE] = distil(student, None, prep.tok, data, "vcrd", s, s.student_steps, s.seed + 3, bar, cache)
+        with clock(f"eval_{OFFLINE}"):
+            evals[OFFLINE] = evaluate(student, prep.tok, prep.held_out, s)
+        shard_bytes = sum(sh["bytes"] for sh in cache.shards)
+        return {"k": cache.k, "vocab": cache.vocab, "rows": cache.n_rows, "cache_bytes": folder_bytes(cache.folder),
+                "shard_bytes": shard_bytes, "bytes_per_row": cache.manifest["record_bytes"],
+                "dense_bf16_bytes_per_row": 2 * cache.vocab, "cache_seconds": clock.phases["teacher_cache"]["wall"]}
+
+
 def _plot(curves: Dict[str, Dict[str, List[float]]], teacher_losses: List[float], path: Path) -> bool:
     try:
         import matplotlib
@@ -363,6 +421,8 @@ def _run_demo(s: DemoSettings) -> Dict[str, object]:
     for p in s.presets:
         if p not in PRESET_NAMES:
             raise ValueError(f"presets: expected names from {PRESET_NAMES}, got {p!r}")
+    if isinstance(s.offline_k, bool) or not isinstance(s.offline_k, int) or s.offline_k < 0:
+        raise ValueError(f"offline_k: expected an int >= 0 (0: no offline student), got {s.offline_k!r}")
     threads = torch.get_num_threads()
     load_start = os.getloadavg()
     wall0, cpu0 = time.perf_counter(), time.process_time()
@@ -370,7 +430,8 @@ def _run_demo(s: DemoSettings) -> Dict[str, object]:
     out.mkdir(parents=True, exist_ok=True)
     clock = Clock()
     print(f"vcrd demo: seed {s.seed}, {threads} torch thread(s), load average {load_start[0]:.2f}", flush=True)
-    with eager_loss(), tqdm(total=s.teacher_steps + len(s.presets) * s.student_steps, desc="training",
+    students_to_train = len(s.presets) + (1 if s.offline_k else 0)
+    with eager_loss(), tqdm(total=s.teacher_steps + students_to_train * s.student_steps, desc="training",
                             unit="step") as bar:
         prep = prepare(s, clock, bar, log=print)
         data, kept_right = select(prep, "lalp")
@@ -387,6 +448,7 @@ def _run_demo(s: DemoSettings) -> Dict[str, object]:
             with clock(f"eval_{preset}"):
                 evals[preset] = evaluate(student, prep.tok, prep.held_out, s)
             students[preset] = student
+        offline = _offline_student(prep, data, s, clock, bar, curves, evals) if s.offline_k else None
     ranking = {"initial student": style_ranking(prep, prep.scores)}
     ref = "kd" if "kd" in students else s.presets[0]
     with clock("ranking"), eager_loss():  # the same ranking under a trained student (the first 300 problems)
@@ -397,8 +459,9 @@ def _run_demo(s: DemoSettings) -> Dict[str, object]:
     seconds, cpu_seconds = time.perf_counter() - wall0, time.process_time() - cpu0
     load_end = os.getloadavg()
 
-    accuracy = {"teacher": teacher_eval["accuracy"], **{p: evals[p]["accuracy"] for p in s.presets}}
-    loss = {p: list(head_tail(curves[p]["loss"])) for p in s.presets}
+    students_run = [*s.presets, *([OFFLINE] if offline else [])]
+    accuracy = {"teacher": teacher_eval["accuracy"], **{p: evals[p]["accuracy"] for p in students_run}}
+    loss = {p: list(head_tail(curves[p]["loss"])) for p in students_run}
     trace_right = sum(prep.right) / len(prep.right)
     results = {
         "accuracy": accuracy, "n_eval": len(prep.held_out), "seconds": seconds, "cpu_seconds": cpu_seconds,
@@ -406,10 +469,10 @@ def _run_demo(s: DemoSettings) -> Dict[str, object]:
         "loss": loss, "teacher_loss": list(head_tail(prep.teacher_losses)),
         "teacher_trace_accuracy": trace_right, "kept_trace_accuracy": kept_right, "n_traces": len(prep.traces),
         "n_kept": len(data), "verbose_share": {"teacher": teacher_eval["verbose_share"],
-                                               **{p: evals[p]["verbose_share"] for p in s.presets}},
+                                               **{p: evals[p]["verbose_share"] for p in students_run}},
         "weights_last20": {p: {k: _nanmean(curves[p][k][-20:]) for k in ("w_val", "w_dc", "w_dc_digits", "w_dc_other")}
-                           for p in s.presets},
-        "style_ranking": ranking, "phases": clock.phases,
+                           for p in students_run},
+        "offline": offline, "style_ranking": ranking, "phases": clock.phases,
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(s).items()},
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -418,10 +481,11 @@ def _run_demo(s: DemoSettings) -> Dict[str, object]:
              "mean w_val (last 20) | mean w_dc (last 20): all / digits / other tokens |",
              "|---|---|---|---|---|",
              f"| teacher (128-d, 4 layers) | {accuracy['teacher']:.1%} | - | - | - |"]
-    for p in s.presets:
+    for p in students_run:
         f, l_ = loss[p]
         w = results["weights_last20"][p]
-        table.append(f"| student (64-d, 2 layers), preset {p} | {accuracy[p]:.1%} | {f:.3f} → {l_:.3f} "
+        name = f"vcrd, offline top-{s.offline_k} cache" if p == OFFLINE else p
+        table.append(f"| student (64-d, 2 layers), preset {name} | {accuracy[p]:.1%} | {f:.3f} → {l_:.3f} "
                      f"({1 - l_ / f:.0%} lower) | {_fmt(w['w_val'])} | {_fmt(w['w_dc'])} / {_fmt(w['w_dc_digits'])} "
                      f"/ {_fmt(w['w_dc_other'])} |")
     rank_table = ["| scored under | style (as a teacher) | traces | right | mean LALP | mean GALP | LALP win rate |",
@@ -450,6 +514,15 @@ def _run_demo(s: DemoSettings) -> Dict[str, object]:
                "already predicts and can fall while the digits stay unlearned; vcrd averages the weight over a "
                "4-step window, so hard tokens keep the weight of their neighbourhood." if starved else
                " (no starvation of the digits in this run)."))
+    if offline:
+        notes.append(
+            f"Offline: the teacher's top-{offline['k']} cache of the {len(data)} kept traces ({offline['rows']} token "
+            f"rows; `build_cache`, what `vcrd cache-teacher` runs) takes {offline['cache_bytes'] / 1e6:.2f} MB on disk "
+            f"({offline['bytes_per_row']} bytes per row in the shards, against {offline['dense_bf16_bytes_per_row']} "
+            f"for the full bf16 row of this {offline['vocab']}-token vocabulary: top-K storage pays off for large "
+            f"vocabularies only), built in {offline['cache_seconds']:.1f} s; the offline vcrd student trains from it "
+            f"alone (same initial weights, batches and steps as the online vcrd student), the tail completed "
+            f"uniformly (SPEC §10).")
     notes.append(f"LALP selection scores the traces under the untrained initial student (the method scores under "
                  f"the student), where every trace scores close to log(1/V): it keeps {kept_right:.0%} right traces "
                  f"against {trace_right:.0%} of all traces. Greedy answers are terse "

@@ -2,14 +2,18 @@
 
 The teacher is stored as its top-K: ``topk_ids [N, K]`` (decreasing probability at T=1),
 ``topk_logprobs [N, K]`` (``log q``, normalised over the full vocabulary) and ``tail_logprob [N]``
-(``log(1 - Σ_k q_k)``). The tail is completed uniformly: ``log q_v = tail_logprob - log(V - K)``
+(``log Σ_{v∉top-K} q_v = log(1 - Σ_k q_k)``). The tail is completed uniformly: ``log q_v = tail_logprob - log(V - K)``
 for every ``v`` outside the top-K (exact at K = V, the maximum-entropy completion otherwise).
 Every quantity of SPEC §2–6 is then the dense formula applied to the completed teacher, whose
 log-probabilities play the teacher logits (temperature applies as to logits: ``q_T ∝ q^{1/T}``).
 
-This version densifies the completed teacher one row chunk at a time (``[C, V]``, never ``[N, V]``)
-and runs the dense backends on it: the teacher costs a fill and a scatter per chunk instead of the
-teacher's forward and LM-head GEMM; the O(K)-per-row kernel of SPEC §10 is future work.
+On CPU (``impl="torch"``) the teacher costs O(K) per row (:mod:`vcrd.loss.sparse_chunks`: one sweep
+of the student row, the completed teacher's terms from the K stored entries and the tail in closed
+form; every divergence). The Triton path densifies the completed teacher one row chunk at a time
+(``[C, V]``, never ``[N, V]``) and runs the dense kernels on it; ``impl="reference"`` densifies it all.
+The two loops below mirror :func:`vcrd.loss.functional.loss_from_batch` and
+:func:`vcrd.loss.fused_linear.loss_from_hidden` with the O(K) chunk function in place of the dense
+backend (those take no backend argument).
 """
 
 from __future__ import annotations
@@ -21,11 +25,18 @@ from typing import Callable, Iterator, List, Optional, Tuple, Union
 import torch
 
 from ..backends import IMPLS, resolve_impl
-from ..core import reference
-from ..core.checks import RowBatch, check_labels, check_options, check_rows, check_tensor, rows_view
+from ..backends.autograd import attach_grads
+from ..backends.memory import advise_huge_pages
+from ..core import reference, settings
+from ..core.checks import RowBatch, RowLayout, check_labels, check_options, check_rows, check_tensor, rows_view
 from ..core.config import VCRDConfig, resolve_config
+from ..core.reduction import reduce_rows, row_normalizer
+from ..core.stats import VCRDStats
+from ..core.weights import OUTPUT_ROWS, concat_rows
+from ..core.windows import CausalWindowMean
 from .functional import loss_from_batch
-from .fused_linear import loss_from_hidden
+from .fused_linear import _logits, auto_chunk_size, loss_from_hidden
+from .sparse_chunks import chunk_loss_and_grad
 
 TAIL_TOLERANCE = 1e-3  # |log(Σ_k q_k + tail) | allowed: the cache stores log-probs in 16-bit floats
 
@@ -78,9 +89,9 @@ class SparseTeacher:
         with torch.no_grad():
             logq = torch.log_softmax(teacher_logits.detach().float(), -1)
             top, ids = logq.topk(k, -1)  # sorted: decreasing probability, ids[..., 0] = argmax
-            top_mass = torch.logsumexp(top, -1)
-            # log(1 - Σ_k q_k), accurate when the top-K holds almost all the mass; -inf at K = V
-            tail = torch.log(-torch.expm1(top_mass.clamp_max(0))) if k < V else torch.full_like(top_mass, -math.inf)
+            # log Σ_{v∉I} q_v summed directly, not log(1 - Σ_k q_k): exact to float precision however small
+            # (a tail of 1e-9 matters at T=2, where each tail token weighs its square root); -inf at K = V
+            tail = torch.logsumexp(logq.scatter(-1, ids, -math.inf), -1)
         return cls(ids, top, tail)
 
     def completed_logprobs(self, rows: Union[torch.Tensor, slice], V: int, dtype: torch.dtype,
@@ -105,6 +116,11 @@ class SparseTeacher:
             return self.completed_logprobs(idx, V, dtype, out=buffer[0][:idx.numel()])
 
         return read
+
+    def flat(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(ids [N, K], top [N, K], tail [N])``: the rows flattened (views where possible)."""
+        return (self.topk_ids.reshape(-1, self.k), self.topk_logprobs.reshape(-1, self.k),
+                self.tail_logprob.reshape(-1))
 
     def check_against(self, V: int, lead_shape: torch.Size, device: torch.device) -> None:
         """The ids are in ``[0, V)``, ``K <= V``, and the rows match the student's."""
@@ -177,7 +193,41 @@ def sparse_vcrd_loss(
     s = rows_view(student_logits, V)
     s = s if s is not None else student_logits
     batch = _SparseRowBatch(s, s, layout, teacher=teacher)  # u: unused, each chunk densifies the teacher
-    return loss_from_batch(student_logits, batch, cfg, impl, reduction, num_items_in_batch, return_stats)
+    if impl == "triton":
+        return loss_from_batch(student_logits, batch, cfg, impl, reduction, num_items_in_batch, return_stats)
+    return _sparse_loss_from_batch(student_logits, batch, cfg, reduction, num_items_in_batch, return_stats)
+
+
+def _sparse_loss_from_batch(student_logits: torch.Tensor, batch: _SparseRowBatch, cfg: VCRDConfig, reduction: str,
+                            num_items_in_batch, return_stats: bool):
+    """:func:`vcrd.loss.functional.loss_from_batch` with the O(K) CPU path instead of a dense backend: the
+    gradient buffer, the chunks in row order (:func:`vcrd.loss.sparse_chunks.chunk_loss_and_grad`), the
+    reduction and the autograd glue."""
+    want_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    Z = row_normalizer(reduction, cfg, num_items_in_batch, batch.rows)
+    grad = grad_rows = None
+    if want_grad:
+        grad = torch.empty_like(student_logits, memory_format=torch.contiguous_format)
+        advise_huge_pages(grad)
+        grad_rows = grad.view(-1, grad.shape[-1])
+        if grad_rows.shape[1] > batch.vocab:
+            grad_rows[:, batch.vocab:] = 0
+        grad_rows = grad_rows[:, :batch.vocab]
+    ids, top, tail = batch.teacher.flat()
+    window, compile = CausalWindowMean(batch.starts, 2), settings.compile_enabled()
+    parts = []
+    with torch.no_grad():
+        for r0, r1, s, _ in RowBatch.chunks(batch, settings.chunk_rows()):
+            parts.append(chunk_loss_and_grad(s, ids[r0:r1], top[r0:r1], tail[r0:r1], batch.labels[r0:r1],
+                                             batch.valid[r0:r1], cfg, window,
+                                             None if grad_rows is None else grad_rows[r0:r1], 1.0 / Z, compile))
+        rows = concat_rows(parts, torch.promote_types(batch.s.dtype, torch.float32), batch.s.device)
+        value, post_scale = reduce_rows(rows["per_row"], rows["w"], reduction, cfg, Z, batch.shape, batch.n_valid,
+                                        num_items_in_batch)
+    loss = attach_grads(value, [(student_logits, grad)], post_scale) if want_grad else value
+    if return_stats:
+        return loss, VCRDStats.from_rows(rows, batch.rows)
+    return loss
 
 
 def fused_linear_sparse_vcrd_loss(
@@ -226,5 +276,56 @@ def fused_linear_sparse_vcrd_loss(
         return sparse_vcrd_loss(s, teacher, labels, step_ids=step_ids, cu_seqlens=cu_seqlens, config=cfg,
                                 num_items_in_batch=num_items_in_batch, reduction=reduction, impl="reference",
                                 return_stats=return_stats)
-    return loss_from_hidden(student_hidden, student_weight, student_bias, teacher.chunk_reader(V, dtype), V, layout,
-                            cfg, impl, reduction, num_items_in_batch, chunk_size, return_stats)
+    if resolve_impl(impl, student_hidden) == "triton":
+        return loss_from_hidden(student_hidden, student_weight, student_bias, teacher.chunk_reader(V, dtype), V,
+                                layout, cfg, impl, reduction, num_items_in_batch, chunk_size, return_stats)
+    return _sparse_loss_from_hidden(student_hidden, student_weight, student_bias, teacher, V, layout, cfg, reduction,
+                                    num_items_in_batch, chunk_size, return_stats)
+
+
+def _sparse_loss_from_hidden(student_hidden, student_weight, student_bias, teacher: SparseTeacher, V: int,
+                             layout: RowLayout, cfg: VCRDConfig, reduction: str, num_items_in_batch, chunk_size,
+                             return_stats: bool):
+    """:func:`vcrd.loss.fused_linear.loss_from_hidden` with the O(K) CPU path: per chunk of kept rows the
+    student's logits (one GEMM), the chunk's rows and logit gradient (written over the logits), then
+    ``grad_hidden = g @ W_s``, ``grad_W_s += g^T h_s``, ``grad_b_s += Σ g`` (fp32)."""
+    h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
+    student = (student_hidden, student_weight, student_bias)
+    needs_grad = tuple(x is not None and x.requires_grad and torch.is_grad_enabled() for x in student)
+    Z = row_normalizer(reduction, cfg, num_items_in_batch, layout)
+    kept_idx = layout.valid.nonzero().squeeze(1)  # ignored rows never reach a GEMM
+    C = auto_chunk_size(kept_idx.numel(), V, settings.fused_budget_bytes()) if chunk_size == "auto" else chunk_size
+    dtype, dev = torch.promote_types(student_weight.dtype, torch.float32), h_s.device
+    ids, top, tail = teacher.flat()
+    with torch.no_grad(), torch.autocast(h_s.device.type, enabled=False):
+        w_s = student_weight[:V].to(dtype)
+        b_s = None if student_bias is None else student_bias[:V].to(dtype)
+        shapes = (h_s.shape, student_weight.shape, student_weight.shape[:1])
+        grad_h, grad_w, grad_b = (torch.zeros(shape, dtype=dtype, device=dev) if need else None
+                                  for shape, need in zip(shapes, needs_grad))
+        window = CausalWindowMean(torch.searchsorted(kept_idx, layout.starts[kept_idx]), 2)
+        compile, parts = settings.compile_enabled(), []
+        for c0 in range(0, kept_idx.numel(), C):
+            idx = kept_idx[c0:c0 + C]
+            hs = h_s[idx].to(dtype)
+            s = _logits(hs, w_s, b_s)
+            g = s if any(needs_grad) else None  # the gradient overwrites the student logits
+            parts.append(chunk_loss_and_grad(s, ids[idx], top[idx], tail[idx], layout.labels[idx],
+                                             torch.ones(idx.numel(), dtype=torch.bool, device=dev), cfg, window, g,
+                                             1.0 / Z, compile))
+            if grad_h is not None:
+                grad_h[idx] = g @ w_s
+            if grad_w is not None:
+                grad_w[:V].addmm_(g.T, hs)
+            if grad_b is not None:
+                grad_b[:V] += g.sum(0)
+        kept = concat_rows(parts, dtype, dev)
+        value, post_scale = reduce_rows(kept["per_row"], kept["w"], reduction, cfg, Z, torch.Size([]), layout.n_valid,
+                                        num_items_in_batch)
+    pairs = [(x, g.reshape(x.shape).to(x.dtype)) for x, g in zip(student, (grad_h, grad_w, grad_b)) if g is not None]
+    loss = attach_grads(value, pairs, post_scale) if pairs else value
+    if not return_stats:
+        return loss
+    full = {name: torch.zeros(h_s.shape[0], dtype=kept[name].dtype, device=dev).index_copy(0, kept_idx, kept[name])
+            for name in OUTPUT_ROWS[2:]}
+    return loss, VCRDStats.from_rows(full, layout)
