@@ -36,7 +36,7 @@ import torch
 from memory import peak_rss_delta
 
 from vcrd import SparseTeacher, fused_linear_sparse_vcrd_loss, fused_linear_vcrd_loss, sparse_vcrd_loss, vcrd_loss
-from vcrd.core.checks import check_labels, check_rows
+from vcrd.core.checks import RowBatch, check_labels, check_rows
 from vcrd.core.config import resolve_config
 from vcrd.loss.functional import loss_from_batch
 from vcrd.loss.fused_linear import loss_from_hidden
@@ -50,7 +50,7 @@ def densified_logits_loss(s, teacher: SparseTeacher, y, steps):
     cfg = resolve_config(PRESET)
     layout = check_rows(check_labels(y, s.shape[:-1], s.device, cfg), s.shape[:-1], s.device, steps, None, cfg,
                         s.shape[-1])
-    return loss_from_batch(s, _SparseRowBatch(s, s, layout, teacher=teacher), cfg, "torch", "mean", None, False)
+    return loss_from_batch(s, _SparseRowBatch(s, s, layout, *teacher.flat()), cfg, "torch", "mean", None, False)
 
 
 def densified_fused_loss(h, w, teacher: SparseTeacher, y, steps):
@@ -58,8 +58,9 @@ def densified_fused_loss(h, w, teacher: SparseTeacher, y, steps):
     cfg = resolve_config(PRESET)
     V = w.shape[0]
     layout = check_rows(check_labels(y, h.shape[:-1], h.device, cfg), h.shape[:-1], h.device, steps, None, cfg, V)
-    return loss_from_hidden(h, w, None, teacher.chunk_reader(V, torch.float32), V, layout, cfg, "torch", "mean",
-                            None, "auto", False)
+    read = teacher.chunk_reader(V, torch.float32)
+    return loss_from_hidden(h, w, None, lambda idx, s, rows: RowBatch(s, read(idx), rows), V, layout, cfg, "torch",
+                            "mean", None, "auto", False)
 
 
 def sparse_fused_reference(hs, ws, completed: torch.Tensor, y, steps) -> Dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ from vcrd import (
     sparse_vcrd_loss,
     vcrd_loss,
 )
+from vcrd.loss import sparse as sparse_module
 
 from .conftest import assert_parity, ignore_some, realistic_logits, step_ids_for
 
@@ -177,7 +178,7 @@ def test_the_cpu_path_never_densifies_the_teacher(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the completed teacher was densified")
 
-    monkeypatch.setattr(SparseTeacher, "completed_logprobs", refuse)
+    monkeypatch.setattr(sparse_module, "complete", refuse)
     torch.testing.assert_close(sparse_vcrd_loss(s, t, y, step_ids=steps, impl="torch"), want.float(), rtol=1e-5,
                                atol=0)
     w = torch.eye(97)[:, :97]  # hidden states = logits
@@ -207,3 +208,28 @@ def test_a_teacher_with_no_tail_mass_left(name):
     torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=0)
     torch.testing.assert_close(stats.w_val.double(), want_stats.w_val, rtol=1e-5, atol=1e-6)
     assert (x.grad.double() - xd.grad).abs().max() <= 1e-5 * xd.grad.abs().max()
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("name", ["vcrd", "jsd0.3-expected"])
+def test_triton_path_densifies_per_chunk_and_matches(name):
+    """The Triton path (dense kernels on the completed teacher, densified one chunk at a time) through
+    both entry points, three-way against the float64 reference on the test's own completion."""
+    s, u, y, steps = problem(N=130, V=263, seed=6)
+    cfg, k = CONFIGS[name], 16
+    t, dense = SparseTeacher.from_logits(u, k), completed_dense(u, k)
+    w = torch.eye(263)  # hidden states = logits: the fused-linear loss sees the same rows
+    out = {}
+    for which, fn in (
+            ("logits", lambda x: sparse_vcrd_loss(x, t, y, step_ids=steps, config=cfg, impl="triton")),
+            ("fused", lambda x: fused_linear_sparse_vcrd_loss(x, w, t, y, step_ids=steps, config=cfg, impl="triton",
+                                                              chunk_size=48)),
+            ("base", lambda x: reference.vcrd_loss(x, dense.float(), y, step_ids=steps, config=cfg)),
+            ("truth", lambda x: reference.vcrd_loss(x, dense, y, step_ids=steps, config=cfg))):
+        x = s.clone().to(torch.float64 if which == "truth" else torch.float32).requires_grad_()
+        loss = fn(x)
+        loss.backward()
+        out[which] = (loss.detach(), x.grad)
+    for impl in ("logits", "fused"):
+        for i, what in enumerate(("loss", "grad")):
+            assert_parity(f"{impl} {what}", out[impl][i], out["base"][i], out["truth"][i], torch.float32)

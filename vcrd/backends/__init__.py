@@ -9,7 +9,7 @@ for CPU tensors under ``TRITON_INTERPRET=1``), else the CPU fast path ``"torch"`
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -44,6 +44,11 @@ def resolve_impl(impl: str, student_logits: torch.Tensor) -> str:
     if impl == "triton" and reasons:
         raise NotImplementedError("impl='triton' cannot run: " + "; ".join(reasons))
     return "torch" if reasons else "triton"
+
+
+# ``backend(impl, batch, cfg, grad_out, grad_scale, window=None) -> rows``: :func:`run_backend`, or the
+# sparse teacher's (vcrd.loss.sparse.sparse_backend)
+Backend = Callable[..., Dict[str, torch.Tensor]]
 
 
 def run_backend(impl: str, batch: RowBatch, cfg: VCRDConfig, grad_out: Optional[torch.Tensor], grad_scale: float,

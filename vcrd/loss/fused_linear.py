@@ -18,7 +18,7 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ..backends import IMPLS, resolve_impl, run_backend
+from ..backends import IMPLS, Backend, resolve_impl, run_backend
 from ..backends.autograd import attach_grads
 from ..core import settings
 from ..core.checks import RowBatch, RowLayout, check_labels, check_linear, check_options, check_rows
@@ -136,17 +136,22 @@ def fused_linear_vcrd_loss(
     w_t = teacher_weight[:V].to(plan.operand_dtype)
     b_t = None if teacher_bias is None else teacher_bias[:V].to(dtype)
     h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-    return loss_from_hidden(student_hidden, student_weight, student_bias,
-                            lambda idx: _logits(h_t[idx].to(plan.operand_dtype), w_t, b_t, plan.mixed), V, layout,
-                            cfg, impl, reduction, num_items_in_batch, chunk_size, return_stats)
+    def chunk_batch(idx: torch.Tensor, s: torch.Tensor, rows: RowLayout) -> RowBatch:
+        return RowBatch(s, _logits(h_t[idx].to(plan.operand_dtype), w_t, b_t, plan.mixed), rows)
+
+    return loss_from_hidden(student_hidden, student_weight, student_bias, chunk_batch, V, layout, cfg, impl, reduction,
+                            num_items_in_batch, chunk_size, return_stats)
+
+
+ChunkBatch = Callable[[torch.Tensor, torch.Tensor, RowLayout], RowBatch]
 
 
 def loss_from_hidden(student_hidden: torch.Tensor, student_weight: torch.Tensor, student_bias: Optional[torch.Tensor],
-                     teacher_rows: Callable[[torch.Tensor], torch.Tensor], V: int, layout: RowLayout, cfg: VCRDConfig,
-                     impl: str, reduction: str, num_items_in_batch, chunk_size, return_stats: bool):
-    """The fused-linear loss of checked inputs: ``teacher_rows(idx)`` gives the teacher's ``[C, V]``
-    logits of rows ``idx`` in the loss's precision (a GEMM, or a sparse teacher densified: shared with
-    :mod:`vcrd.loss.sparse`)."""
+                     chunk_batch: ChunkBatch, V: int, layout: RowLayout, cfg: VCRDConfig, impl: str, reduction: str,
+                     num_items_in_batch, chunk_size, return_stats: bool, backend: Backend = run_backend):
+    """The fused-linear loss of checked inputs: ``chunk_batch(idx, s, rows)`` pairs the student's logits
+    ``s [C, V]`` of flat rows ``idx`` (layout ``rows``) with the teacher's rows — logits from a GEMM, or
+    a sparse teacher's top-K read by its own ``backend`` (shared with :mod:`vcrd.loss.sparse`)."""
     h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
     impl = resolve_impl(impl, h_s)
     student = (student_hidden, student_weight, student_bias)
@@ -158,8 +163,8 @@ def loss_from_hidden(student_hidden: torch.Tensor, student_weight: torch.Tensor,
         if chunk_size == "auto" else chunk_size
     # the loss's own precision, whatever autocast the caller runs under (its GEMMs accumulate in fp32)
     with torch.no_grad(), torch.autocast(h_s.device.type, enabled=False):
-        kept, grads = _chunked(h_s, student_weight, student_bias, teacher_rows, V, layout, kept_idx, cfg, impl, C,
-                               1.0 / Z, needs_grad, plan)
+        kept, grads = _chunked(h_s, student_weight, student_bias, chunk_batch, V, layout, kept_idx, cfg, impl, C,
+                               1.0 / Z, needs_grad, plan, backend)
         value, post_scale = reduce_rows(kept["per_row"], kept["w"], reduction, cfg, Z, torch.Size([]), layout.n_valid,
                                         num_items_in_batch)
     pairs = [(x, g.reshape(x.shape).to(x.dtype)) for x, g in zip(student, grads) if g is not None]
@@ -172,7 +177,7 @@ def loss_from_hidden(student_hidden: torch.Tensor, student_weight: torch.Tensor,
     return loss, VCRDStats.from_rows(full, layout)
 
 
-def _chunked(h_s, weight, bias, teacher_rows, V, layout, kept_idx, cfg, impl, C, grad_scale, needs_grad, plan):
+def _chunked(h_s, weight, bias, chunk_batch, V, layout, kept_idx, cfg, impl, C, grad_scale, needs_grad, plan, backend):
     """Walk the kept rows in chunks of ``C``: both logits, the backend's rows and the logit gradient
     (written over the student logits), then ``grad_hidden[chunk] = g @ W_s``, ``grad_W_s += g^T h_s``,
     ``grad_b_s += Σ g`` (fp32 outputs and accumulation; operands as :class:`GemmPlan` says). Returns the
@@ -192,9 +197,9 @@ def _chunked(h_s, weight, bias, teacher_rows, V, layout, kept_idx, cfg, impl, C,
         hs = h_s[idx].to(op)
         rows = RowLayout(layout.labels[idx], torch.ones(idx.numel(), dtype=torch.bool, device=dev),
                          layout.starts[idx], idx.shape, idx.numel())
-        chunk = RowBatch(_logits(hs, w_s, b_s, plan.mixed), teacher_rows(idx), rows)
+        chunk = chunk_batch(idx, _logits(hs, w_s, b_s, plan.mixed), rows)
         g = chunk.s if any(needs_grad) else None  # the gradient overwrites the student logits, row by row
-        parts.append(run_backend(impl, chunk, cfg, g, grad_scale, window=window))
+        parts.append(backend(impl, chunk, cfg, g, grad_scale, window=window))
         if plan.mixed and g is not None:  # CUDA: tensor-core GEMMs on the gradient rounded once, fp32 out
             g_op = g.to(op)
             if grad_h is not None:

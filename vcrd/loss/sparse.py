@@ -11,9 +11,9 @@ On CPU (``impl="torch"``) the teacher costs O(K) per row (:mod:`vcrd.loss.sparse
 of the student row, the completed teacher's terms from the K stored entries and the tail in closed
 form; every divergence). The Triton path densifies the completed teacher one row chunk at a time
 (``[C, V]``, never ``[N, V]``) and runs the dense kernels on it; ``impl="reference"`` densifies it all.
-The two loops below mirror :func:`vcrd.loss.functional.loss_from_batch` and
-:func:`vcrd.loss.fused_linear.loss_from_hidden` with the O(K) chunk function in place of the dense
-backend (those take no backend argument).
+Both losses run the dense losses' orchestration (:func:`vcrd.loss.functional.loss_from_batch`,
+:func:`vcrd.loss.fused_linear.loss_from_hidden`) with :func:`sparse_backend` in place of the dense
+backend.
 """
 
 from __future__ import annotations
@@ -24,18 +24,14 @@ from typing import Callable, Iterator, List, Optional, Tuple, Union
 
 import torch
 
-from ..backends import IMPLS, resolve_impl
-from ..backends.autograd import attach_grads
-from ..backends.memory import advise_huge_pages
+from ..backends import IMPLS, resolve_impl, run_backend
 from ..core import reference, settings
 from ..core.checks import RowBatch, RowLayout, check_labels, check_options, check_rows, check_tensor, rows_view
 from ..core.config import VCRDConfig, resolve_config
-from ..core.reduction import reduce_rows, row_normalizer
-from ..core.stats import VCRDStats
-from ..core.weights import OUTPUT_ROWS, concat_rows
+from ..core.weights import Rows, concat_rows
 from ..core.windows import CausalWindowMean
 from .functional import loss_from_batch
-from .fused_linear import _logits, auto_chunk_size, loss_from_hidden
+from .fused_linear import loss_from_hidden
 from .sparse_chunks import chunk_loss_and_grad
 
 TAIL_TOLERANCE = 1e-3  # |log(Σ_k q_k + tail) | allowed: the cache stores log-probs in 16-bit floats
@@ -98,12 +94,8 @@ class SparseTeacher:
                            out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The completed teacher's ``log q`` of the given flat rows, ``[C, V]`` in ``dtype`` (written into
         ``out`` when given: a buffer reused across chunks costs no fresh pages)."""
-        ids = self.topk_ids.reshape(-1, self.k)[rows]
-        top = self.topk_logprobs.reshape(-1, self.k)[rows].to(dtype)
-        tail = self.tail_logprob.reshape(-1)[rows].to(dtype)
-        fill = tail - math.log(max(V - self.k, 1))  # tail mass spread uniformly (-inf when none)
-        out = torch.empty((ids.shape[0], V), dtype=dtype, device=ids.device) if out is None else out
-        return out.copy_(fill[:, None].expand(ids.shape[0], V)).scatter_(1, ids.long(), top)
+        ids, top, tail = self.flat()
+        return complete(ids[rows], top[rows], tail[rows], V, dtype, out)
 
     def chunk_reader(self, V: int, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
         """``read(idx)``: the completed rows ``idx`` as ``[C, V]``, in one buffer reused from chunk to chunk
@@ -137,6 +129,15 @@ class SparseTeacher:
                              f"at row {_first_row(bad.reshape(-1, self.k).any(-1))}")
 
 
+def complete(ids: torch.Tensor, top: torch.Tensor, tail: torch.Tensor, V: int, dtype: torch.dtype,
+             out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The completed teacher's ``log q [C, V]`` in ``dtype`` from ``ids, top [C, K]``, ``tail [C]``: the top-K
+    log-probs at their ids, the tail mass spread uniformly elsewhere (written into ``out`` when given)."""
+    fill = tail.to(dtype) - math.log(max(V - ids.shape[-1], 1))  # -inf when the top-K holds all the mass
+    out = torch.empty((ids.shape[0], V), dtype=dtype, device=ids.device) if out is None else out
+    return out.copy_(fill[:, None].expand(ids.shape[0], V)).scatter_(1, ids.long(), top.to(dtype))
+
+
 def _first_row(flat_rows: torch.Tensor) -> int:
     """The first flat row where a ``[N]`` bool mask holds."""
     return int(flat_rows.nonzero()[0, 0])
@@ -144,14 +145,35 @@ def _first_row(flat_rows: torch.Tensor) -> int:
 
 @dataclass
 class _SparseRowBatch(RowBatch):
-    """A :class:`RowBatch` whose teacher rows are the completed sparse teacher, densified per chunk."""
+    """A :class:`RowBatch` whose teacher is the top-K of its flat rows: ``ids, top [n, K]``, ``tail [n]``
+    (``u`` is unused). :meth:`chunks` densifies the completed teacher one chunk at a time (the Triton
+    path); the CPU path reads the top-K directly (:func:`sparse_backend`)."""
 
-    teacher: Optional[SparseTeacher] = None
+    ids: Optional[torch.Tensor] = None
+    top: Optional[torch.Tensor] = None
+    tail: Optional[torch.Tensor] = None
 
     def chunks(self, rows: int) -> Iterator[Tuple[int, int, torch.Tensor, torch.Tensor]]:
         dtype = torch.promote_types(self.s.dtype, torch.float32)
         for r0, r1, s, _ in super().chunks(rows):
-            yield r0, r1, s, self.teacher.completed_logprobs(slice(r0, r1), self.vocab, dtype)
+            yield r0, r1, s, complete(self.ids[r0:r1], self.top[r0:r1], self.tail[r0:r1], self.vocab, dtype)
+
+
+def sparse_backend(impl: str, batch: _SparseRowBatch, cfg: VCRDConfig, grad_out: Optional[torch.Tensor],
+                   grad_scale: float, window: Optional[CausalWindowMean] = None) -> Rows:
+    """:func:`vcrd.backends.run_backend` for a sparse teacher: on CPU (``"torch"``) O(K) teacher work per
+    row (:func:`vcrd.loss.sparse_chunks.chunk_loss_and_grad`, chunks in row order); on Triton the dense
+    kernels on the completed teacher densified per chunk. Same rows and gradient contract."""
+    if impl != "torch":
+        return run_backend(impl, batch, cfg, grad_out, grad_scale, window=window)
+    window = window if window is not None else CausalWindowMean(batch.starts, 2)
+    compile, in_place, parts = settings.compile_enabled(), grad_out is batch.s, []
+    for r0, r1, s, _ in RowBatch.chunks(batch, settings.chunk_rows()):
+        target = s if in_place else (None if grad_out is None else grad_out[r0:r1])  # one view when in place
+        parts.append(chunk_loss_and_grad(s, batch.ids[r0:r1], batch.top[r0:r1], batch.tail[r0:r1],
+                                         batch.labels[r0:r1], batch.valid[r0:r1], cfg, window, target, grad_scale,
+                                         compile))
+    return concat_rows(parts, torch.promote_types(batch.s.dtype, torch.float32), batch.s.device)
 
 
 def sparse_vcrd_loss(
@@ -192,42 +214,9 @@ def sparse_vcrd_loss(
     impl = resolve_impl(impl, student_logits)
     s = rows_view(student_logits, V)
     s = s if s is not None else student_logits
-    batch = _SparseRowBatch(s, s, layout, teacher=teacher)  # u: unused, each chunk densifies the teacher
-    if impl == "triton":
-        return loss_from_batch(student_logits, batch, cfg, impl, reduction, num_items_in_batch, return_stats)
-    return _sparse_loss_from_batch(student_logits, batch, cfg, reduction, num_items_in_batch, return_stats)
-
-
-def _sparse_loss_from_batch(student_logits: torch.Tensor, batch: _SparseRowBatch, cfg: VCRDConfig, reduction: str,
-                            num_items_in_batch, return_stats: bool):
-    """:func:`vcrd.loss.functional.loss_from_batch` with the O(K) CPU path instead of a dense backend: the
-    gradient buffer, the chunks in row order (:func:`vcrd.loss.sparse_chunks.chunk_loss_and_grad`), the
-    reduction and the autograd glue."""
-    want_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    Z = row_normalizer(reduction, cfg, num_items_in_batch, batch.rows)
-    grad = grad_rows = None
-    if want_grad:
-        grad = torch.empty_like(student_logits, memory_format=torch.contiguous_format)
-        advise_huge_pages(grad)
-        grad_rows = grad.view(-1, grad.shape[-1])
-        if grad_rows.shape[1] > batch.vocab:
-            grad_rows[:, batch.vocab:] = 0
-        grad_rows = grad_rows[:, :batch.vocab]
-    ids, top, tail = batch.teacher.flat()
-    window, compile = CausalWindowMean(batch.starts, 2), settings.compile_enabled()
-    parts = []
-    with torch.no_grad():
-        for r0, r1, s, _ in RowBatch.chunks(batch, settings.chunk_rows()):
-            parts.append(chunk_loss_and_grad(s, ids[r0:r1], top[r0:r1], tail[r0:r1], batch.labels[r0:r1],
-                                             batch.valid[r0:r1], cfg, window,
-                                             None if grad_rows is None else grad_rows[r0:r1], 1.0 / Z, compile))
-        rows = concat_rows(parts, torch.promote_types(batch.s.dtype, torch.float32), batch.s.device)
-        value, post_scale = reduce_rows(rows["per_row"], rows["w"], reduction, cfg, Z, batch.shape, batch.n_valid,
-                                        num_items_in_batch)
-    loss = attach_grads(value, [(student_logits, grad)], post_scale) if want_grad else value
-    if return_stats:
-        return loss, VCRDStats.from_rows(rows, batch.rows)
-    return loss
+    batch = _SparseRowBatch(s, s, layout, *teacher.flat())
+    return loss_from_batch(student_logits, batch, cfg, impl, reduction, num_items_in_batch, return_stats,
+                           backend=sparse_backend)
 
 
 def fused_linear_sparse_vcrd_loss(
@@ -268,7 +257,6 @@ def fused_linear_sparse_vcrd_loss(
     V, lead, device = student_weight.shape[0], student_hidden.shape[:-1], student_hidden.device
     teacher.check_against(V, lead, device)
     layout = check_rows(check_labels(labels, lead, device, cfg), lead, device, step_ids, cu_seqlens, cfg, V)
-    dtype = torch.promote_types(student_weight.dtype, torch.float32)
     if impl == "reference":
         s = student_hidden.double() @ student_weight.double().T
         if student_bias is not None:
@@ -276,56 +264,10 @@ def fused_linear_sparse_vcrd_loss(
         return sparse_vcrd_loss(s, teacher, labels, step_ids=step_ids, cu_seqlens=cu_seqlens, config=cfg,
                                 num_items_in_batch=num_items_in_batch, reduction=reduction, impl="reference",
                                 return_stats=return_stats)
-    if resolve_impl(impl, student_hidden) == "triton":
-        return loss_from_hidden(student_hidden, student_weight, student_bias, teacher.chunk_reader(V, dtype), V,
-                                layout, cfg, impl, reduction, num_items_in_batch, chunk_size, return_stats)
-    return _sparse_loss_from_hidden(student_hidden, student_weight, student_bias, teacher, V, layout, cfg, reduction,
-                                    num_items_in_batch, chunk_size, return_stats)
-
-
-def _sparse_loss_from_hidden(student_hidden, student_weight, student_bias, teacher: SparseTeacher, V: int,
-                             layout: RowLayout, cfg: VCRDConfig, reduction: str, num_items_in_batch, chunk_size,
-                             return_stats: bool):
-    """:func:`vcrd.loss.fused_linear.loss_from_hidden` with the O(K) CPU path: per chunk of kept rows the
-    student's logits (one GEMM), the chunk's rows and logit gradient (written over the logits), then
-    ``grad_hidden = g @ W_s``, ``grad_W_s += g^T h_s``, ``grad_b_s += Σ g`` (fp32)."""
-    h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
-    student = (student_hidden, student_weight, student_bias)
-    needs_grad = tuple(x is not None and x.requires_grad and torch.is_grad_enabled() for x in student)
-    Z = row_normalizer(reduction, cfg, num_items_in_batch, layout)
-    kept_idx = layout.valid.nonzero().squeeze(1)  # ignored rows never reach a GEMM
-    C = auto_chunk_size(kept_idx.numel(), V, settings.fused_budget_bytes()) if chunk_size == "auto" else chunk_size
-    dtype, dev = torch.promote_types(student_weight.dtype, torch.float32), h_s.device
     ids, top, tail = teacher.flat()
-    with torch.no_grad(), torch.autocast(h_s.device.type, enabled=False):
-        w_s = student_weight[:V].to(dtype)
-        b_s = None if student_bias is None else student_bias[:V].to(dtype)
-        shapes = (h_s.shape, student_weight.shape, student_weight.shape[:1])
-        grad_h, grad_w, grad_b = (torch.zeros(shape, dtype=dtype, device=dev) if need else None
-                                  for shape, need in zip(shapes, needs_grad))
-        window = CausalWindowMean(torch.searchsorted(kept_idx, layout.starts[kept_idx]), 2)
-        compile, parts = settings.compile_enabled(), []
-        for c0 in range(0, kept_idx.numel(), C):
-            idx = kept_idx[c0:c0 + C]
-            hs = h_s[idx].to(dtype)
-            s = _logits(hs, w_s, b_s)
-            g = s if any(needs_grad) else None  # the gradient overwrites the student logits
-            parts.append(chunk_loss_and_grad(s, ids[idx], top[idx], tail[idx], layout.labels[idx],
-                                             torch.ones(idx.numel(), dtype=torch.bool, device=dev), cfg, window, g,
-                                             1.0 / Z, compile))
-            if grad_h is not None:
-                grad_h[idx] = g @ w_s
-            if grad_w is not None:
-                grad_w[:V].addmm_(g.T, hs)
-            if grad_b is not None:
-                grad_b[:V] += g.sum(0)
-        kept = concat_rows(parts, dtype, dev)
-        value, post_scale = reduce_rows(kept["per_row"], kept["w"], reduction, cfg, Z, torch.Size([]), layout.n_valid,
-                                        num_items_in_batch)
-    pairs = [(x, g.reshape(x.shape).to(x.dtype)) for x, g in zip(student, (grad_h, grad_w, grad_b)) if g is not None]
-    loss = attach_grads(value, pairs, post_scale) if pairs else value
-    if not return_stats:
-        return loss
-    full = {name: torch.zeros(h_s.shape[0], dtype=kept[name].dtype, device=dev).index_copy(0, kept_idx, kept[name])
-            for name in OUTPUT_ROWS[2:]}
-    return loss, VCRDStats.from_rows(full, layout)
+
+    def chunk_batch(idx: torch.Tensor, s: torch.Tensor, rows: RowLayout) -> _SparseRowBatch:
+        return _SparseRowBatch(s, s, rows, ids[idx], top[idx], tail[idx])
+
+    return loss_from_hidden(student_hidden, student_weight, student_bias, chunk_batch, V, layout, cfg, impl, reduction,
+                            num_items_in_batch, chunk_size, return_stats, backend=sparse_backend)
