@@ -10,7 +10,10 @@ vocabulary ``V`` are padding and ignored) and the full hidden states of both mod
 3. ``grad_W_s,r += g^T h_s``, ``grad_b_s,r += Σ g`` (this rank's rows only, no communication) and
    ``grad_h_s[chunk] = g W_s,r`` (this shard's share of the hidden gradient).
 
-After the sweep, ONE all-reduce sums the ranks' shares of ``grad_h_s``. Collectives per call: one
+This is the single-process orchestration (:func:`vcrd.loss.fused_linear.loss_from_hidden`) on this
+shard's rows, with :func:`shard_rows` as its backend. The hidden states enter through
+:class:`SumGradOverRanks` (identity forward; backward: ONE all-reduce of the ranks' shares of
+``grad_h_s``, Megatron's "copy to tensor-parallel region"). Collectives per call: one
 ``all_gather_object`` of metadata (bad layouts and configs are refused on every rank with the same
 ``ValueError``), one ``all_reduce`` per chunk (two for JSD), one for the hidden gradient.
 """
@@ -21,15 +24,12 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ..backends.autograd import attach_grads
 from ..core import settings
-from ..core.checks import FLOAT_DTYPES, RowLayout, check_labels, check_options, check_rows
+from ..core.checks import FLOAT_DTYPES, RowBatch, RowLayout, check_labels, check_options, check_rows
 from ..core.config import VCRDConfig, resolve_config
-from ..core.reduction import reduce_rows, row_normalizer
 from ..core.stats import VCRDStats
-from ..core.weights import OUTPUT_ROWS, concat_rows
 from ..core.windows import CausalWindowMean
-from ..loss.fused_linear import auto_chunk_size
+from ..loss.fused_linear import auto_chunk_size, loss_from_hidden
 from .vocab_parallel import _all_reduce, agree_on_layout, group_info, rows_checksum, shard_rows
 
 CALLER = "fused_linear_vocab_parallel_vcrd_loss"
@@ -155,63 +155,40 @@ def fused_linear_vocab_parallel_vcrd_loss(
                 dtype=str((student_weight_shard.dtype, student_hidden.dtype)) if ok else None)
     metas = agree_on_layout(meta, world, group, vocab_size, CALLER)
 
-    h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
-    h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-    student = (student_hidden, student_weight_shard, student_bias_shard)
-    needs_grad = tuple(x is not None and x.requires_grad and torch.is_grad_enabled() for x in student)
-    Z = row_normalizer(reduction, cfg, num_items_in_batch, layout)
-    kept_idx = layout.valid.nonzero().squeeze(1)  # ignored rows never reach a GEMM
+    kept = int(layout.valid.sum())
     widest = max(m["v1"] - m["v0"] for m in metas)  # the same chunks on every rank
-    C = auto_chunk_size(kept_idx.numel(), widest, settings.fused_budget_bytes()) if chunk_size == "auto" \
-        else chunk_size
-    with torch.no_grad(), torch.autocast(h_s.device.type, enabled=False):
-        kept, grads = _chunked(h_s, h_t, student_weight_shard, student_bias_shard, teacher_weight_shard,
-                               teacher_bias_shard, v0, v1 - v0, layout, kept_idx, cfg, C, 1.0 / Z, needs_grad, rank,
-                               world, group)
-        value, post_scale = reduce_rows(kept["per_row"], kept["w"], reduction, cfg, Z, torch.Size([]), layout.n_valid,
-                                        num_items_in_batch)
-    pairs = [(x, g.reshape(x.shape).to(x.dtype)) for x, g in zip(student, grads) if g is not None]
-    loss = attach_grads(value, pairs, post_scale) if pairs else value
-    if not return_stats:
-        return loss
-    full = {name: torch.zeros(h_s.shape[0], dtype=kept[name].dtype, device=h_s.device).index_copy(0, kept_idx,
-                                                                                                   kept[name])
-            for name in OUTPUT_ROWS[2:]}
-    return loss, VCRDStats.from_rows(full, layout)
+    C = auto_chunk_size(kept, widest, settings.fused_budget_bytes()) if chunk_size == "auto" else chunk_size
+    width, dtype = v1 - v0, torch.promote_types(student_weight_shard.dtype, torch.float32)
+    h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    w_t = teacher_weight_shard[:width].to(dtype)  # once per call; padding rows never enter a GEMM
+    b_t = None if teacher_bias_shard is None else teacher_bias_shard[:width].to(dtype)
+
+    def chunk_batch(idx: torch.Tensor, x: torch.Tensor, rows: RowLayout) -> RowBatch:
+        ht = h_t[idx].to(dtype)
+        return RowBatch(x, ht @ w_t.T if b_t is None else torch.addmm(b_t, ht, w_t.T), rows)
+
+    def backend(impl: str, chunk: RowBatch, cfg: VCRDConfig, grad_out: Optional[torch.Tensor], grad_scale: float,
+                window: CausalWindowMean):
+        return shard_rows(chunk.s, chunk.u, chunk.labels, chunk.valid, v0, window, cfg, grad_scale, rank, world, group,
+                          out=grad_out)
+
+    return loss_from_hidden(SumGradOverRanks.apply(student_hidden, group), student_weight_shard, student_bias_shard,
+                            chunk_batch, width, layout, cfg, "torch", reduction, num_items_in_batch, C, return_stats,
+                            backend=backend)
 
 
-def _chunked(h_s, h_t, w_s, b_s, w_t, b_t, v0: int, Vl: int, layout: RowLayout, kept_idx, cfg, C: int,
-             grad_scale: float, needs_grad, rank: int, world: int, group):
-    """The sweep of the module docstring over the kept rows. Returns the kept rows' outputs and
-    ``[grad_hidden (summed over ranks), grad_weight_shard, grad_bias_shard]`` (None where not needed)."""
-    dtype, dev = torch.promote_types(w_s.dtype, torch.float32), h_s.device
-    ws, wt = w_s[:Vl].to(dtype), w_t[:Vl].to(dtype)  # once per call; padding rows never enter a GEMM
-    bs = None if b_s is None else b_s[:Vl].to(dtype)
-    bt = None if b_t is None else b_t[:Vl].to(dtype)
-    shapes = (h_s.shape, w_s.shape, w_s.shape[:1])
-    grad_h, grad_w, grad_b = (torch.zeros(shape, dtype=dtype, device=dev) if need else None
-                              for shape, need in zip(shapes, needs_grad))
-    window = CausalWindowMean(torch.searchsorted(kept_idx, layout.starts[kept_idx]), 2)
-    want = any(needs_grad)
-    parts = []
-    for c0 in range(0, kept_idx.numel(), C):
-        idx = kept_idx[c0:c0 + C]
-        hs, ht = h_s[idx].to(dtype), h_t[idx].to(dtype)
-        x = hs @ ws.T if bs is None else torch.addmm(bs, hs, ws.T)
-        z = ht @ wt.T if bt is None else torch.addmm(bt, ht, wt.T)
-        valid = torch.ones(idx.numel(), dtype=torch.bool, device=dev)
-        # the gradient of the chunk's logits overwrites x once the statistics are in (x is read first)
-        parts.append(shard_rows(x, z, layout.labels[idx], valid, v0, window, cfg, grad_scale, rank, world, group,
-                                out=x if want else None))
-        if grad_h is not None:
-            grad_h[idx] = x @ ws
-        if grad_w is not None:
-            grad_w[:Vl].addmm_(x.T, hs)
-        if grad_b is not None:
-            grad_b[:Vl] += x.sum(0)
-    if grad_h is not None:
-        _all_reduce(grad_h, group)  # Σ over ranks of each shard's share: the full hidden gradient
-    return concat_rows(parts, dtype, dev), [grad_h, grad_w, grad_b]
+class SumGradOverRanks(torch.autograd.Function):
+    """``h`` unchanged forward; backward: the sum over ``group`` of the ranks' gradients (each rank's
+    loss sees only its vocabulary shard's share of ``∂loss/∂h``)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _all_reduce(grad.contiguous().clone(), ctx.group), None
 
 
 __all__ = ["fused_linear_vocab_parallel_vcrd_loss"]
