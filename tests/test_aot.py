@@ -49,11 +49,12 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills():
     for dtype in ("fp32", "bf16", "fp16"):
         assert {(k, d, dtype) for k in ("stats", "grad") for d in ("fkl", "rkl", "jsd")} <= kernels
         assert ("label_logprob", "-", dtype) in kernels
+        assert {(k, d, dtype) for k in ("sparse_stats", "sparse_grad") for d in ("fkl", "rkl", "jsd")} <= kernels
     assert {r.arch for r in reports} == {80, 90}
     assert all(r.registers > 0 for r in reports)
     assert [r for r in reports if r.spill_bytes] == []
     for r in reports:
-        if r.kernel in ("stats", "grad"):
+        if r.kernel in ("stats", "grad", "sparse_stats", "sparse_grad"):
             assert r.bar_sync_per_loop and max(r.bar_sync_per_loop) <= 4, r
-        if r.kernel == "stats" and r.arch == 90:
+        if r.kernel in ("stats", "sparse_stats") and r.arch == 90:
             assert r.ctas_per_sm >= 3, r

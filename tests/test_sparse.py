@@ -122,6 +122,10 @@ def test_bad_sparse_teachers_are_refused_with_the_row():
     bad_ids[7, 0] = 31
     with pytest.raises(ValueError, match="topk_ids.*row 7"):
         sparse_vcrd_loss(torch.randn(10, 31), SparseTeacher(bad_ids, t.topk_logprobs, t.tail_logprob), y)
+    twice = t.topk_ids.clone()
+    twice[5, 3] = twice[5, 1]
+    with pytest.raises(ValueError, match=f"distinct ids.*row 5 repeats {int(twice[5, 1])}"):
+        sparse_vcrd_loss(torch.randn(10, 31), SparseTeacher(twice, t.topk_logprobs, t.tail_logprob), y)
     with pytest.raises(ValueError, match="K=4 exceeds"):
         sparse_vcrd_loss(torch.randn(10, 3), t, None, config="kd")
     with pytest.raises(ValueError, match="rows shaped"):
@@ -188,8 +192,9 @@ def test_the_cpu_path_never_densifies_the_teacher(monkeypatch):
         sparse_vcrd_loss(s, t, y, step_ids=steps, impl="reference")
 
 
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
 @pytest.mark.parametrize("name", ["vcrd", "jsd0.3-expected"])
-def test_a_teacher_with_no_tail_mass_left(name):
+def test_a_teacher_with_no_tail_mass_left(name, impl):
     """A teacher that masks all but 8 tokens of most rows (tail = -inf with K < V): the completed teacher
     gives the other tokens probability 0, as the dense formulas do (CE_su = inf, so w_val = 1 under
     validity="expected")."""
@@ -201,7 +206,7 @@ def test_a_teacher_with_no_tail_mass_left(name):
     dense = t.completed_logprobs(slice(None), 101, torch.float64)
     cfg = CONFIGS[name]
     x, xd = s.clone().requires_grad_(), s.double().requires_grad_()
-    loss, stats = sparse_vcrd_loss(x, t, y, step_ids=steps, config=cfg, impl="torch", return_stats=True)
+    loss, stats = sparse_vcrd_loss(x, t, y, step_ids=steps, config=cfg, impl=impl, return_stats=True)
     want, want_stats = reference.vcrd_loss(xd, dense, y, step_ids=steps, config=cfg, return_stats=True)
     (loss + 0 * x.sum()).backward()
     want.backward()
@@ -210,15 +215,30 @@ def test_a_teacher_with_no_tail_mass_left(name):
     assert (x.grad.double() - xd.grad).abs().max() <= 1e-5 * xd.grad.abs().max()
 
 
+TRITON_CASES = {  # name: (config, K); V = 1031 spans three 512-wide tiles
+    "kd-K16": (CONFIGS["kd"], 16),
+    "kd-K=V": (CONFIGS["kd"], 1031),
+    "vcrd-K16": (CONFIGS["vcrd"], 16),
+    "vcrd-K=V": (CONFIGS["vcrd"], 1031),
+    "vcrd-T2-ce-K16": (VCRDConfig.preset("vcrd", temperature=2.0, ce_weight=0.5), 16),
+    "rkl-T2-K16": (CONFIGS["rkl-T2"], 16),
+    "rkl-ce-K=V": (VCRDConfig.preset("vcrd", divergence="rkl", ce_weight=0.3), 1031),
+    "jsd-K16": (CONFIGS["jsd0.3-expected"], 16),
+    "jsd-T2-ce-K=V": (VCRDConfig.preset("vcrd", divergence="jsd", beta=0.7, temperature=2.0, ce_weight=0.4), 1031),
+}
+
+
 @pytest.mark.triton
-@pytest.mark.parametrize("name", ["vcrd", "jsd0.3-expected"])
-def test_triton_path_densifies_per_chunk_and_matches(name):
-    """The Triton path (dense kernels on the completed teacher, densified one chunk at a time) through
-    both entry points, three-way against the float64 reference on the test's own completion."""
-    s, u, y, steps = problem(N=130, V=263, seed=6)
-    cfg, k = CONFIGS[name], 16
+@pytest.mark.parametrize("case", list(TRITON_CASES))
+def test_triton_path_matches_the_completed_teacher(case):
+    """The Triton path (the sparse kernels) through both entry points (the fused-linear one writes the
+    gradient over the logits), three-way against the float64 reference on the test's own completion;
+    ignored rows included."""
+    cfg, k = TRITON_CASES[case]
+    V = 1031
+    s, u, y, steps = problem(N=100, V=V, seed=6)
     t, dense = SparseTeacher.from_logits(u, k), completed_dense(u, k)
-    w = torch.eye(263)  # hidden states = logits: the fused-linear loss sees the same rows
+    w = torch.eye(V)  # hidden states = logits: the fused-linear loss sees the same rows
     out = {}
     for which, fn in (
             ("logits", lambda x: sparse_vcrd_loss(x, t, y, step_ids=steps, config=cfg, impl="triton")),
@@ -233,3 +253,30 @@ def test_triton_path_densifies_per_chunk_and_matches(name):
     for impl in ("logits", "fused"):
         for i, what in enumerate(("loss", "grad")):
             assert_parity(f"{impl} {what}", out[impl][i], out["base"][i], out["truth"][i], torch.float32)
+
+
+@pytest.mark.triton
+def test_the_triton_path_never_densifies_the_teacher(monkeypatch):
+    """O(K) teacher work (SPEC §10) on the Triton path: neither entry point builds a [C, V] completed
+    teacher, for any divergence, with and without a gradient."""
+    s, u, y, steps = problem(N=40, V=97)
+    t = SparseTeacher.from_logits(u, 8)
+    w = torch.eye(97)
+    names = ("vcrd", "rkl-T2", "jsd0.3-expected")
+    wants = {name: sparse_vcrd_loss(s, t, y, step_ids=steps, config=CONFIGS[name], impl="reference") for name in names}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the completed teacher was densified")
+
+    monkeypatch.setattr(sparse_module, "complete", refuse)
+    for name, want in wants.items():
+        cfg = CONFIGS[name]
+        x = s.clone().requires_grad_()
+        loss = sparse_vcrd_loss(x, t, y, step_ids=steps, config=cfg, impl="triton")
+        loss.backward()
+        assert x.grad.isfinite().all() and x.grad.abs().sum() > 0
+        torch.testing.assert_close(loss.detach(), want.float(), rtol=1e-5, atol=0)
+        torch.testing.assert_close(fused_linear_sparse_vcrd_loss(s, w, t, y, step_ids=steps, config=cfg,
+                                                                 impl="triton"), want.float(), rtol=1e-5, atol=0)
+    with pytest.raises(AssertionError, match="densified"):  # the guard itself works
+        sparse_vcrd_loss(s, t, y, step_ids=steps, impl="reference")

@@ -26,6 +26,7 @@ from typing import Dict, Iterable, List
 ARCHS = (80, 90)
 DTYPES = ("fp32", "bf16", "fp16")
 V_LM = 151936  # an LM vocabulary: the launchers' full-tile configuration
+K_CACHE = 64  # a teacher cache's top-K (the sparse kernels)
 
 # Per-SM limits (CUDA C Programming Guide, "Compute capabilities" table) for the occupancy estimate.
 SM_LIMITS = {
@@ -85,6 +86,36 @@ def _variants():
                {"x_ptr": t, "labels_ptr": "*i64", "out_ptr": "*fp32", "stride_x": "i64", "V": "i32",
                 "inv_T": "fp32", "BLOCK_V": "constexpr"},
                {"BLOCK_V": BLOCK_V}, config)
+    yield from _sparse_variants()
+
+
+def _sparse_variants():
+    """The sparse-teacher kernels (SPEC §10) on a cache's teacher (int32 ids, fp16 log-probs, K = K_CACHE)."""
+    from vcrd.kernels.sparse import SPARSE_DIVERGENCE_CODES, _block_k, sparse_grad_kernel, sparse_stats_kernel
+    from vcrd.kernels.stats import launch_config
+
+    config = launch_config(V_LM)
+    blocks = {"BLOCK_V": config["BLOCK_V"], "BLOCK_K": _block_k(K_CACHE)}
+    teacher = {"ids_ptr": "*i32", "top_ptr": "*fp16"}
+    for dtype in DTYPES:
+        t = f"*{dtype}"
+        for div, code in SPARSE_DIVERGENCE_CODES.items():
+            yield ("sparse_stats", div, dtype, sparse_stats_kernel,
+                   {"s_ptr": t, **teacher, "tail_ptr": "*fp32", "absent_ptr": "*i32", "labels_ptr": "*i64",
+                    "out_ptr": "*fp32", "stride_s": "i64", "stride_ids": "i64", "stride_top": "i64",
+                    "stride_out": "i64", "V": "i32", "K": "i32", "n_tail": "fp32", "log_n_tail": "fp32",
+                    "log_fill_count": "fp32", "inv_T": "fp32", "beta": "fp32", "scale": "fp32", "inv_scale": "fp32",
+                    "DIVERGENCE": "constexpr", "NEED_LSE_UNTEMPERED": "constexpr", "BLOCK_V": "constexpr",
+                    "BLOCK_K": "constexpr"},
+                   {"DIVERGENCE": code, "NEED_LSE_UNTEMPERED": True, **blocks}, config)
+            yield ("sparse_grad", div, dtype, sparse_grad_kernel,
+                   {"s_ptr": t, **teacher, "labels_ptr": "*i64", "stats_ptr": "*fp32", "coef_ptr": "*fp32",
+                    "grad_ptr": t, "scratch_ptr": "*fp32", "stride_s": "i64", "stride_ids": "i64",
+                    "stride_top": "i64", "stride_stats": "i64", "stride_grad": "i64", "stride_scratch": "i64",
+                    "V": "i32", "K": "i32", "inv_T": "fp32", "beta": "fp32", "DIVERGENCE": "constexpr",
+                    "HAS_CE": "constexpr",
+                    "BLOCK_V": "constexpr", "BLOCK_K": "constexpr"},
+                   {"DIVERGENCE": code, "HAS_CE": True, **blocks}, config)
 
 
 def cuobjdump() -> Path:

@@ -9,8 +9,8 @@ log-probabilities play the teacher logits (temperature applies as to logits: ``q
 
 On CPU (``impl="torch"``) the teacher costs O(K) per row (:mod:`vcrd.loss.sparse_chunks`: one sweep
 of the student row, the completed teacher's terms from the K stored entries and the tail in closed
-form; every divergence). The Triton path densifies the completed teacher one row chunk at a time
-(``[C, V]``, never ``[N, V]``) and runs the dense kernels on it; ``impl="reference"`` densifies it all.
+form; every divergence); on Triton the same math runs in :mod:`vcrd.kernels.sparse`
+(:mod:`vcrd.backends.triton_sparse`). ``impl="reference"`` densifies the completed teacher.
 Both losses run the dense losses' orchestration (:func:`vcrd.loss.functional.loss_from_batch`,
 :func:`vcrd.loss.fused_linear.loss_from_hidden`) with :func:`sparse_backend` in place of the dense
 backend.
@@ -24,7 +24,7 @@ from typing import Callable, Iterator, List, Optional, Tuple, Union
 
 import torch
 
-from ..backends import IMPLS, resolve_impl, run_backend
+from ..backends import IMPLS, resolve_impl, triton_sparse
 from ..core import reference, settings
 from ..core.checks import RowBatch, RowLayout, check_labels, check_options, check_rows, check_tensor, rows_view
 from ..core.config import VCRDConfig, resolve_config
@@ -115,7 +115,7 @@ class SparseTeacher:
                 self.tail_logprob.reshape(-1))
 
     def check_against(self, V: int, lead_shape: torch.Size, device: torch.device) -> None:
-        """The ids are in ``[0, V)``, ``K <= V``, and the rows match the student's."""
+        """The ids are in ``[0, V)`` and distinct within a row, ``K <= V``, and the rows match the student's."""
         if self.topk_ids.shape[:-1] != lead_shape:
             raise ValueError(f"teacher: expected rows shaped {tuple(lead_shape)} like the student's, "
                              f"got topk_ids {tuple(self.topk_ids.shape)}")
@@ -127,6 +127,12 @@ class SparseTeacher:
         if bool(bad.any()):
             raise ValueError(f"topk_ids: expected ids in [0, {V}), got {int(self.topk_ids[bad][0])} "
                              f"at row {_first_row(bad.reshape(-1, self.k).any(-1))}")
+        ids = self.topk_ids.reshape(-1, self.k).sort(-1).values
+        repeated = (ids[:, 1:] == ids[:, :-1]).any(-1)
+        if bool(repeated.any()):
+            r = _first_row(repeated)
+            raise ValueError(f"topk_ids: expected distinct ids in each row, row {r} repeats "
+                             f"{int(ids[r, 1:][ids[r, 1:] == ids[r, :-1]][0])}")
 
 
 def complete(ids: torch.Tensor, top: torch.Tensor, tail: torch.Tensor, V: int, dtype: torch.dtype,
@@ -146,8 +152,8 @@ def _first_row(flat_rows: torch.Tensor) -> int:
 @dataclass
 class _SparseRowBatch(RowBatch):
     """A :class:`RowBatch` whose teacher is the top-K of its flat rows: ``ids, top [n, K]``, ``tail [n]``
-    (``u`` is unused). :meth:`chunks` densifies the completed teacher one chunk at a time (the Triton
-    path); the CPU path reads the top-K directly (:func:`sparse_backend`)."""
+    (``u`` is unused). :meth:`chunks` densifies the completed teacher one chunk at a time (for the dense
+    backends: the densified baseline of benches/bench_sparse.py); :func:`sparse_backend` reads the top-K."""
 
     ids: Optional[torch.Tensor] = None
     top: Optional[torch.Tensor] = None
@@ -161,11 +167,13 @@ class _SparseRowBatch(RowBatch):
 
 def sparse_backend(impl: str, batch: _SparseRowBatch, cfg: VCRDConfig, grad_out: Optional[torch.Tensor],
                    grad_scale: float, window: Optional[CausalWindowMean] = None) -> Rows:
-    """:func:`vcrd.backends.run_backend` for a sparse teacher: on CPU (``"torch"``) O(K) teacher work per
-    row (:func:`vcrd.loss.sparse_chunks.chunk_loss_and_grad`, chunks in row order); on Triton the dense
-    kernels on the completed teacher densified per chunk. Same rows and gradient contract."""
+    """:func:`vcrd.backends.run_backend` for a sparse teacher, O(K) teacher work per row: on CPU (``"torch"``)
+    :func:`vcrd.loss.sparse_chunks.chunk_loss_and_grad` (chunks in row order), on Triton
+    :func:`vcrd.backends.triton_sparse.loss_and_grad`. Same rows and gradient contract."""
+    if impl == "triton":
+        return triton_sparse.loss_and_grad(batch, cfg, grad_out, grad_scale, window=window)
     if impl != "torch":
-        return run_backend(impl, batch, cfg, grad_out, grad_scale, window=window)
+        raise ValueError(f"impl: expected 'torch' or 'triton' for a backend, got {impl!r}")
     window = window if window is not None else CausalWindowMean(batch.starts, 2)
     compile, in_place, parts = settings.compile_enabled(), grad_out is batch.s, []
     for r0, r1, s, _ in RowBatch.chunks(batch, settings.chunk_rows()):

@@ -60,11 +60,15 @@ def _teacher_argmax(ids, t: Teacher, vocab: int) -> torch.Tensor:
     """The completed teacher's argmax, lowest index on ties (an id, or the lowest token off the top-K)."""
     top, has_tail = t["top"], t["n_tail"] > 0
     best = torch.where(has_tail, torch.maximum(top.amax(-1), t["fill"]), top.amax(-1))
+    return torch.minimum(torch.where(top == best[:, None], ids, vocab).amin(-1),
+                         torch.where(has_tail & (t["fill"] == best), lowest_absent(ids), vocab))
+
+
+def lowest_absent(ids: torch.Tensor) -> torch.Tensor:
+    """The lowest token not among each row's distinct ``ids [C, K]`` (``[C]``; K when they are 0..K-1)."""
     K = ids.shape[1]
     pos = torch.arange(K, device=ids.device, dtype=ids.dtype)
-    absent = torch.where(ids.sort(-1).values != pos, pos, K).amin(-1)  # the lowest token not among the ids
-    return torch.minimum(torch.where(top == best[:, None], ids, vocab).amin(-1),
-                         torch.where(has_tail & (t["fill"] == best), absent, vocab))
+    return torch.where(ids.sort(-1).values != pos, pos, K).amin(-1)
 
 
 def _common_stats(s, ids, top, tail, y, temperature: float, n_tail: torch.Tensor,
