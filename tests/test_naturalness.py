@@ -102,8 +102,9 @@ def test_mixed_and_repeated_prompts_share_caches(lm):
     assert_equal_to_naive(model, tok, prompts, responses, got, 99, 0)
     distinct = {p: len(tok(p)["input_ids"]) + 1 for p in prompts}
     response_ids = sum(len(tok(s, add_special_tokens=False)["input_ids"]) for r in responses for s in steps_of(r, tok))
-    # window >= P: one sequence per response (the last prompt id + the response) after its prompt's cache
-    assert rows["k_proj"] == sum(n - 1 for n in distinct.values()) + len(prompts) + response_ids
+    # window >= P: one sequence per response (the last prompt id + the response but its last id, which
+    # predicts nothing) after its prompt's cache
+    assert rows["k_proj"] == sum(n - 1 for n in distinct.values()) + response_ids
     assert rows["q_proj"] == response_ids  # one row per scored id, none for the prompt caches
     for window, drop_first in ((0, 0), (2, 1)):
         got = score_responses(model, tok, prompts, responses, window=window, drop_first=drop_first, token_budget=300)

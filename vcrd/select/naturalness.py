@@ -21,9 +21,10 @@ Exact sharing, then batching (the scores equal one plain forward per window, see
   padded (prefix + suffix) tokens. Llama-family decoders (``packed_forward_supported``: Llama,
   Mistral, Qwen2, Qwen3 with full attention) run each batch through :func:`packed_forward`: tokens
   end to end without padding in the GEMMs, the first layer's norm and projections once per distinct
-  id, and the last layer in full only at the rows that predict a scored id (elsewhere only its keys
-  and values); on CPU a batch then holds at most ``CPU_BATCH_TOKENS`` tokens. Other decoders run one
-  padded ``torch.inference_mode`` Hugging Face forward per batch, without a new KV cache. On CUDA
+  id, the last layer in full only at the rows that predict a scored id (elsewhere only its keys
+  and values), and each sequence only up to its last such row (later ids change no score); on CPU a
+  batch then holds at most ``CPU_BATCH_TOKENS`` tokens. Other decoders run one padded
+  ``torch.inference_mode`` Hugging Face forward per batch, without a new KV cache. On CUDA
   with ``flash_attn`` and a model loaded with ``attn_implementation="flash_attention_2"`` the
   sequences are packed back to back through Hugging Face's position-id packing instead (flash-attn
   varlen; no prompt cache on that path).
@@ -317,10 +318,12 @@ def _wanted_positions(item: _Item) -> List[int]:
 
 def _run_unpadded(decoder, batch: List[_Item], wanted: List[List[int]], caches: Optional[_PrefixCaches]):
     """Final hidden states ``[rows, H]`` at the ``wanted`` positions of each item (in order), through
-    :func:`packed_forward` (no padding in the GEMMs, the last layer in full only at those rows)."""
+    :func:`packed_forward` (no padding in the GEMMs, the last layer in full only at those rows). Each
+    item runs only up to its last wanted position: later ids (at least its last id, which predicts
+    nothing) are attended by no wanted row, so they change no result."""
     prefix, P = caches.padded([it.prefix_key for it in batch]) if caches is not None else ([], 0)
-    return packed_forward(decoder, [it.ids for it in batch], wanted, prefix=prefix if P else None,
-                          prefix_len=[len(it.prefix_key) for it in batch])[0]
+    return packed_forward(decoder, [it.ids[:ps[-1] + 1] for it, ps in zip(batch, wanted)], wanted,
+                          prefix=prefix if P else None, prefix_len=[len(it.prefix_key) for it in batch])[0]
 
 
 def _run_varlen(decoder, batch: List[_Item], device):
