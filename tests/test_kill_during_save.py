@@ -4,7 +4,9 @@ A run is started as its own process and killed with SIGKILL (no cleanup code run
 chosen by watching its output folder: while a checkpoint is being staged (``.checkpoint-N.tmp-PID``
 exists), a few milliseconds later (the fsync/rename), or at a random moment between steps. Then
 ``--resume`` must continue from the newest complete checkpoint and end with exactly the weights of
-an uninterrupted run, or refuse clearly when nothing complete exists yet.
+an uninterrupted run, or refuse clearly when nothing complete exists yet. Every run is its own
+``vcrd train`` process, as users start it (the test process's torch settings, e.g. a thread count
+changed by an earlier test, would change the last bits of the arithmetic).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import time
 import pytest
 import torch
 
-from vcrd.app.cli import main
 from vcrd.train.checkpoints import STAGING_RE, find_resume_checkpoint
 
 from .test_train_cli import config, make_workspace, weights
@@ -27,11 +28,20 @@ from .test_train_cli import config, make_workspace, weights
 STEPS = 6
 
 
+def _train(root, name: str, *extra: str) -> subprocess.Popen:
+    """``vcrd train`` on run ``name`` (6 steps, a checkpoint after each) in a fresh process."""
+    cmd = [sys.executable, "-m", "vcrd.app.cli", "train", "--config",
+           config(root, name, max_steps=STEPS, save_steps=1), *extra]
+    return subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": os.getcwd()}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """The workspace and the final weights of an uninterrupted run (a checkpoint after every step)."""
+    """The workspace and the final weights of an uninterrupted run."""
     root = make_workspace(tmp_path_factory.mktemp("kill"), 24)[0]
-    assert main(["train", "--config", config(root, "whole", max_steps=STEPS, save_steps=1)]) == 0
+    whole = _train(root, "whole")
+    assert whole.wait(timeout=600) == 0, whole.stderr.read()
     return root, weights(root / "whole" / "final")
 
 
@@ -45,10 +55,7 @@ def _staging(out) -> list:
 def _kill(root, name: str, moment: str, seed: int):
     """Start a run in a fresh process and SIGKILL it at ``moment``; return its output folder."""
     out = root / name
-    cmd = [sys.executable, "-m", "vcrd.app.cli", "train", "--config",
-           config(root, name, max_steps=STEPS, save_steps=1)]
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = _train(root, name)
     rng = random.Random(seed)
     target = rng.randint(2, STEPS - 1)  # kill while checkpoint-target is written (or around it)
     deadline = time.monotonic() + 300
@@ -70,7 +77,7 @@ def _kill(root, name: str, moment: str, seed: int):
     return out
 
 
-def _kill_and_resume(run, capsys, moment: str, seed: int):
+def _kill_and_resume(run, moment: str, seed: int):
     root, whole = run
     name = f"killed-{moment}-{seed}"
     out = _kill(root, name, moment, seed)
@@ -78,9 +85,10 @@ def _kill_and_resume(run, capsys, moment: str, seed: int):
         assert _staging(out), "the kill was meant to land while a checkpoint was staged"
     said = []
     newest, _ = find_resume_checkpoint(out, said.append)  # what --resume is going to use
-    assert main(["train", "--config", str(root / f"{name}.json"), "--resume"]) == 0
-    err = capsys.readouterr().err
-    assert f"continuing from {newest.name}" in err or newest.name in err, err
+    resume = _train(root, name, "--resume")
+    err = resume.communicate(timeout=600)[1]
+    assert resume.returncode == 0, err
+    assert f"continuing from {out / newest.name} (step" in err, err
     assert not _staging(out), "a staging folder of the killed run was left behind after the resume"
     resumed = weights(out / "final")
     assert resumed.keys() == whole.keys()
@@ -90,12 +98,12 @@ def _kill_and_resume(run, capsys, moment: str, seed: int):
 
 @pytest.mark.parametrize("moment,seed", [("while-staging", 0), ("later-in-the-save", 1),
                                          ("random-between-saves", 2)])
-def test_resume_after_sigkill_is_bit_identical(run, capsys, moment, seed):
-    _kill_and_resume(run, capsys, moment, seed)
+def test_resume_after_sigkill_is_bit_identical(run, moment, seed):
+    _kill_and_resume(run, moment, seed)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(3, 13))
-def test_resume_after_sigkill_at_random_moments(run, capsys, seed):
+def test_resume_after_sigkill_at_random_moments(run, seed):
     moment = random.Random(seed).choice(["while-staging", "later-in-the-save", "random-between-saves"])
-    _kill_and_resume(run, capsys, moment, seed)
+    _kill_and_resume(run, moment, seed)
