@@ -30,7 +30,17 @@ import triton.language as tl
 
 from vcrd.core.overflow import overflow_scale
 
-from .stats import LOWEST_LOGIT, lane_argmax, launch_config, online_lane_update, weighted_or_zero
+from .stats import (  # the divergence codes of the dense kernels (the DIVERGENCE constexpr)
+    DIVERGENCE_CODES,
+    FKL,
+    JSD,
+    LOWEST_LOGIT,
+    RKL,
+    lane_argmax,
+    launch_config,
+    online_lane_update,
+    weighted_or_zero,
+)
 
 SPARSE_STAT_NAMES = ("lse_s", "lp_s", "lp_u", "lq_as", "lq_au", "H_u", "CE_su", "D", "agree", "lse_untempered",
                      "max_s", "log_sum_s", "log_sum_untempered", "lse_u", "zf", "qf", "kl_pm")
@@ -55,11 +65,6 @@ S_KL_PM = tl.constexpr(SPARSE_STAT_NAMES.index("kl_pm"))
 NUM_SPARSE_STATS_C = tl.constexpr(NUM_SPARSE_STATS)
 NUM_SPARSE_STATS_POW2 = tl.constexpr(triton.next_power_of_2(NUM_SPARSE_STATS))
 
-# divergence codes (the kernels' DIVERGENCE constexpr)
-SPARSE_FKL = tl.constexpr(0)
-SPARSE_RKL = tl.constexpr(1)
-SPARSE_JSD = tl.constexpr(2)
-SPARSE_DIVERGENCE_CODES = {"fkl": SPARSE_FKL.value, "rkl": SPARSE_RKL.value, "jsd": SPARSE_JSD.value}
 TINY = tl.constexpr(1.1754943508222875e-38)  # the smallest normal fp32: log m is clamped there (as on CPU)
 
 
@@ -143,10 +148,10 @@ def sparse_stats_kernel(
             s = tl.load(s_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
             new_max_s, grew_s, xs, shift_s, rescale_s, e_s = online_lane_update(s, max_s, inv_T, scale, inv_scale)
             arg_s = tl.where(grew_s, offs, arg_s)
-            if DIVERGENCE == SPARSE_FKL:
+            if DIVERGENCE == FKL:
                 x_acc = x_acc - count * shift_s + tl.where(mask, xs, 0.0)
                 count += mask.to(tl.float32)
-            if DIVERGENCE == SPARSE_RKL:
+            if DIVERGENCE == RKL:
                 px_acc = rescale_s * (px_acc - shift_s * sum_s) + weighted_or_zero(e_s, xs)
             if NEED_LSE_UNTEMPERED:
                 _, _, _, _, rescale_1, e_1 = online_lane_update(s, max_s, 1.0, 1.0, 1.0)
@@ -161,7 +166,7 @@ def sparse_stats_kernel(
         log_sum_s = tl.log(total_s)
         klp_acc = tl.zeros([BLOCK_V], tl.float32)  # jsd: Σ_v p (lp - log m_off), m_off = β qf + (1-β) p
         lm_acc = tl.zeros([BLOCK_V], tl.float32)  # jsd: Σ_v log m_off
-        if DIVERGENCE == SPARSE_JSD:  # a second sweep: log m needs p, so the student's LSE first
+        if DIVERGENCE == JSD:  # a second sweep: log m needs p, so the student's LSE first
             for start in range(0, V, BLOCK_V):
                 offs = start + lanes
                 mask = offs < V
@@ -198,10 +203,10 @@ def sparse_stats_kernel(
             sum_pk += pk
             h_acc += weighted_or_zero(qk, zq)
             ce_acc += weighted_or_zero(pk, zq)
-            if DIVERGENCE == SPARSE_FKL:
+            if DIVERGENCE == FKL:
                 sum_lpk += tl.where(mask, lpk, 0.0)
                 kl_acc += weighted_or_zero(qk, zq - lpk)
-            if DIVERGENCE == SPARSE_JSD:
+            if DIVERGENCE == JSD:
                 lm_k = _log_mixture(pk, qk, beta)
                 lm_off_k = _log_mixture(pk, qf, beta)
                 kl_acc += weighted_or_zero(qk, zq - lm_k)
@@ -213,16 +218,16 @@ def sparse_stats_kernel(
         P = tl.where(has_tail, tl.maximum(1.0 - tl.sum(sum_pk, 0), 0.0), 0.0)  # the student's mass off the top-K
         H_u = -(tl.sum(h_acc, 0) + tl.where(Q > 0, Q * zf, 0.0))
         CE_su = -(tl.sum(ce_acc, 0) + tl.where(P > 0, P * zf, 0.0))
-        if DIVERGENCE == SPARSE_FKL:
+        if DIVERGENCE == FKL:
             lane_x = x_acc - count * lane_shift_s
             sum_lp = tl.sum(lane_x, 0) * inv_scale - V * log_sum_s  # Σ_v lp_v
             off_top_lp = sum_lp - tl.sum(sum_lpk, 0)
             D = tl.sum(kl_acc, 0) + tl.where(Q > 0, Q * zf - qf * off_top_lp, 0.0)
         kl_pm = tl.zeros([], tl.float32)
-        if DIVERGENCE == SPARSE_RKL:
+        if DIVERGENCE == RKL:
             sum_px = tl.sum(lane_scale_s * (px_acc - lane_shift_s * sum_s), 0) / total_s * inv_scale
             D = sum_px - log_sum_s + CE_su
-        if DIVERGENCE == SPARSE_JSD:
+        if DIVERGENCE == JSD:
             kl_pm = tl.sum(klp_acc, 0) + tl.sum(klp_k_acc, 0)
             off_top_lm = tl.sum(lm_acc, 0) - tl.sum(lm_k_acc, 0)  # Σ_{v∉I} log m_v
             kl_qm = tl.sum(kl_acc, 0) + tl.where(Q > 0, Q * zf - qf * off_top_lm, 0.0)
@@ -263,11 +268,11 @@ def _sparse_grad(s, offs, y, zteacher, max_s, log_sum_s, log_sum_1, D, coef_kd, 
     ``zteacher``; ``D`` is the divergence (rkl) or KL(p‖m) (jsd)."""
     logp = (s * inv_T - max_s * inv_T) - log_sum_s
     p = tl.exp(logp)
-    if DIVERGENCE == SPARSE_FKL:
+    if DIVERGENCE == FKL:
         dD = p - tl.exp(zteacher)
-    if DIVERGENCE == SPARSE_RKL:
+    if DIVERGENCE == RKL:
         dD = weighted_or_zero(p, logp - zteacher - D)
-    if DIVERGENCE == SPARSE_JSD:
+    if DIVERGENCE == JSD:
         dD = (1.0 - beta) * weighted_or_zero(p, logp - _log_mixture(p, tl.exp(zteacher), beta) - D)
     g = coef_kd * dD
     if HAS_CE:
@@ -296,7 +301,7 @@ def sparse_grad_kernel(
         log_sum_1 = tl.load(stats + S_LOG_SUM_UNTEMPERED)
         lse_u = tl.load(stats + S_LSE_U)
         zf = tl.load(stats + S_ZF)
-        if DIVERGENCE == SPARSE_JSD:
+        if DIVERGENCE == JSD:
             D = tl.load(stats + S_KL_PM)  # the gradient needs KL(p‖m)
         else:
             D = tl.load(stats + S_D)
@@ -356,7 +361,7 @@ def launch_sparse_stats(s: torch.Tensor, ids: torch.Tensor, top: torch.Tensor, t
             s.stride(0), ids.stride(0), top.stride(0), out.stride(0),
             V, K, float(n_tail), math.log(n_tail) if n_tail else -math.inf, math.log(max(n_tail, 1)),
             1.0 / temperature, float(beta), scale, 1.0 / scale,
-            DIVERGENCE=SPARSE_DIVERGENCE_CODES[divergence], NEED_LSE_UNTEMPERED=need_lse_untempered,
+            DIVERGENCE=DIVERGENCE_CODES[divergence], NEED_LSE_UNTEMPERED=need_lse_untempered,
             BLOCK_K=_block_k(K), **launch_config(V),
         )
     return out
@@ -378,5 +383,5 @@ def launch_sparse_grad(s: torch.Tensor, ids: torch.Tensor, top: torch.Tensor, la
         s, ids, top, labels, stats, coef, grad, scratch,
         s.stride(0), ids.stride(0), top.stride(0), stats.stride(0), grad.stride(0), scratch.stride(0),
         V, K, 1.0 / temperature, float(beta),
-        DIVERGENCE=SPARSE_DIVERGENCE_CODES[divergence], HAS_CE=has_ce, BLOCK_K=_block_k(K), **launch_config(V),
+        DIVERGENCE=DIVERGENCE_CODES[divergence], HAS_CE=has_ce, BLOCK_K=_block_k(K), **launch_config(V),
     )

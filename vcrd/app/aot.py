@@ -91,15 +91,15 @@ def _variants():
 
 def _sparse_variants():
     """The sparse-teacher kernels (SPEC §10) on a cache's teacher (int32 ids, fp16 log-probs, K = K_CACHE)."""
-    from vcrd.kernels.sparse import SPARSE_DIVERGENCE_CODES, _block_k, sparse_grad_kernel, sparse_stats_kernel
-    from vcrd.kernels.stats import launch_config
+    from vcrd.kernels.sparse import _block_k, sparse_grad_kernel, sparse_stats_kernel
+    from vcrd.kernels.stats import DIVERGENCE_CODES, launch_config
 
     config = launch_config(V_LM)
     blocks = {"BLOCK_V": config["BLOCK_V"], "BLOCK_K": _block_k(K_CACHE)}
     teacher = {"ids_ptr": "*i32", "top_ptr": "*fp16"}
     for dtype in DTYPES:
         t = f"*{dtype}"
-        for div, code in SPARSE_DIVERGENCE_CODES.items():
+        for div, code in DIVERGENCE_CODES.items():
             yield ("sparse_stats", div, dtype, sparse_stats_kernel,
                    {"s_ptr": t, **teacher, "tail_ptr": "*fp32", "absent_ptr": "*i32", "labels_ptr": "*i64",
                     "out_ptr": "*fp32", "stride_s": "i64", "stride_ids": "i64", "stride_top": "i64",
