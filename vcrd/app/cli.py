@@ -359,6 +359,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"vcrd {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if args.command in ("train", "score"):  # under torchrun: end the process group before exiting
+            from ..distributed.ranks import close_launcher_group
+
+            close_launcher_group()
 
 
 if __name__ == "__main__":

@@ -32,11 +32,14 @@ def launch_info() -> Tuple[int, int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), local
 
 
+_OWN_GROUP = []  # non-empty while init_from_launcher's group is alive (close_launcher_group ends it)
+
+
 def init_from_launcher(timeout_s: Optional[float] = None) -> int:
     """Initialise the default process group from the launcher's environment (``env://``) when
     ``WORLD_SIZE > 1`` and it is not initialised yet; returns the world size. Backend: ``gloo`` on CPU,
     ``cuda:nccl,cpu:gloo`` with CUDA (each process on ``cuda:LOCAL_RANK``), as accelerate would choose;
-    the Hugging Face Trainer adopts the group."""
+    the Hugging Face Trainer adopts the group. :func:`close_launcher_group` destroys it."""
     _, world, local = launch_info()
     if world > 1 and not dist.is_initialized():
         backend = "gloo"
@@ -45,7 +48,16 @@ def init_from_launcher(timeout_s: Optional[float] = None) -> int:
             backend = "cuda:nccl,cpu:gloo"
         kwargs = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
         dist.init_process_group(backend, **kwargs)
+        _OWN_GROUP.append(True)
     return world
+
+
+def close_launcher_group() -> None:
+    """Destroy the default process group if :func:`init_from_launcher` created it (what torch asks of
+    a process before it exits). A no-op otherwise."""
+    if _OWN_GROUP and dist.is_initialized():
+        dist.destroy_process_group()
+    _OWN_GROUP.clear()
 
 
 def _exchange(value: Any) -> List[Any]:
@@ -131,5 +143,5 @@ def parameter_checksum(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-__all__ = ["agreed", "from_rank0", "gather", "init_from_launcher", "launch_info", "parameter_checksum",
-           "raise_together", "raised_together", "settle"]
+__all__ = ["agreed", "close_launcher_group", "from_rank0", "gather", "init_from_launcher", "launch_info",
+           "parameter_checksum", "raise_together", "raised_together", "settle"]
