@@ -118,6 +118,16 @@ def check_vocab(v_student: int, v_teacher: int, vocab_size: Optional[int]) -> in
     return vocab_size
 
 
+def check_fused_options(reduction: str, chunk_size) -> None:
+    """The fused-linear losses' own options: ``reduction`` without ``"none"`` (per-row losses would need
+    per-row upstream gradients before the weight GEMM), ``chunk_size`` ``"auto"`` or an int >= 1."""
+    if reduction not in ("mean", "sum", "batchmean"):
+        raise ValueError(f"reduction: expected 'mean', 'sum' or 'batchmean' for the fused-linear loss, "
+                         f"got {reduction!r}")
+    if chunk_size != "auto" and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size: expected 'auto' or an int >= 1, got {chunk_size!r}")
+
+
 def check_options(reduction: str, impl: str, num_items_in_batch, cfg: VCRDConfig, impls,
                   check_values: bool = True) -> None:
     """Check the call options that are not tensors (a tensor ``num_items_in_batch``'s value only with

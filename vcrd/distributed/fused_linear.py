@@ -25,7 +25,15 @@ from typing import Optional, Tuple, Union
 import torch
 
 from ..core import settings
-from ..core.checks import FLOAT_DTYPES, RowBatch, RowLayout, check_labels, check_options, check_rows
+from ..core.checks import (
+    FLOAT_DTYPES,
+    RowBatch,
+    RowLayout,
+    check_fused_options,
+    check_labels,
+    check_options,
+    check_rows,
+)
 from ..core.config import VCRDConfig, resolve_config
 from ..core.stats import VCRDStats
 from ..core.windows import CausalWindowMean
@@ -127,15 +135,10 @@ def fused_linear_vocab_parallel_vcrd_loss(
     cfg = layout = None
     try:  # collected, then raised on every rank alike after the metadata exchange
         cfg = resolve_config(config)
-        if reduction not in ("mean", "sum", "batchmean"):
-            raise ValueError(f"reduction: expected 'mean', 'sum' or 'batchmean' for the fused-linear loss, "
-                             f"got {reduction!r}")
+        check_fused_options(reduction, chunk_size)
         if impl not in ("auto", "torch"):
             raise ValueError(f"impl: expected 'auto' or 'torch' for the vocab-parallel loss, got {impl!r}")
         check_options(reduction, "torch", num_items_in_batch, cfg, ("torch",))
-        if chunk_size != "auto" and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                     or chunk_size < 1):
-            raise ValueError(f"chunk_size: expected 'auto' or an int >= 1, got {chunk_size!r}")
         error = _local_error(student_hidden, student_weight_shard, teacher_hidden, teacher_weight_shard,
                              student_bias_shard, teacher_bias_shard, vocab_start, vocab_size)
         if error is None:

@@ -21,7 +21,15 @@ from torch import nn
 from ..backends import IMPLS, Backend, resolve_impl, run_backend
 from ..backends.autograd import attach_grads
 from ..core import settings
-from ..core.checks import RowBatch, RowLayout, check_labels, check_linear, check_options, check_rows
+from ..core.checks import (
+    RowBatch,
+    RowLayout,
+    check_fused_options,
+    check_labels,
+    check_linear,
+    check_options,
+    check_rows,
+)
 from ..core.config import VCRDConfig, resolve_config
 from ..core.reduction import reduce_rows, row_normalizer
 from ..core.stats import VCRDStats
@@ -114,14 +122,10 @@ def fused_linear_vcrd_loss(
         weight and bias (accumulated in fp32, returned in their own dtypes).
     """
     cfg = resolve_config(config)
-    if reduction not in ("mean", "sum", "batchmean"):
-        raise ValueError(f"reduction: expected 'mean', 'sum' or 'batchmean' for the fused-linear loss, "
-                         f"got {reduction!r}")
+    check_fused_options(reduction, chunk_size)
     check_options(reduction, impl, num_items_in_batch, cfg, IMPLS)
     V = check_linear(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias,
                      vocab_size)
-    if chunk_size != "auto" and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size: expected 'auto' or an int >= 1, got {chunk_size!r}")
     lead, device = student_hidden.shape[:-1], student_hidden.device
     layout = check_rows(check_labels(labels, lead, device, cfg), lead, device, step_ids, cu_seqlens, cfg, V)
     if impl == "reference":

@@ -26,7 +26,16 @@ import torch
 
 from ..backends import IMPLS, resolve_impl, triton_sparse
 from ..core import reference, settings
-from ..core.checks import RowBatch, RowLayout, check_labels, check_options, check_rows, check_tensor, rows_view
+from ..core.checks import (
+    RowBatch,
+    RowLayout,
+    check_fused_options,
+    check_labels,
+    check_options,
+    check_rows,
+    check_tensor,
+    rows_view,
+)
 from ..core.config import VCRDConfig, resolve_config
 from ..core.weights import Rows, concat_rows
 from ..core.windows import CausalWindowMean
@@ -247,9 +256,7 @@ def fused_linear_sparse_vcrd_loss(
     grad of hidden, grad of weight), no teacher forward or GEMM. ``student_hidden [N, H]`` or
     ``[B, T, H]``, ``student_weight [V, H]``; the teacher's rows match the hidden states' rows."""
     cfg = resolve_config(config)
-    if reduction not in ("mean", "sum", "batchmean"):
-        raise ValueError(f"reduction: expected 'mean', 'sum' or 'batchmean' for the fused-linear loss, "
-                         f"got {reduction!r}")
+    check_fused_options(reduction, chunk_size)
     check_options(reduction, impl, num_items_in_batch, cfg, IMPLS)
     for name, x, dims in (("student_hidden", student_hidden, (2, 3)), ("student_weight", student_weight, (2,))):
         check_tensor(name, x, "float")
@@ -260,8 +267,6 @@ def fused_linear_sparse_vcrd_loss(
                          f"got {tuple(student_weight.shape)}")
     if not isinstance(teacher, SparseTeacher):
         raise TypeError(f"teacher: expected a vcrd.SparseTeacher, got {type(teacher).__name__}")
-    if chunk_size != "auto" and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size: expected 'auto' or an int >= 1, got {chunk_size!r}")
     V, lead, device = student_weight.shape[0], student_hidden.shape[:-1], student_hidden.device
     teacher.check_against(V, lead, device)
     layout = check_rows(check_labels(labels, lead, device, cfg), lead, device, step_ids, cu_seqlens, cfg, V)
