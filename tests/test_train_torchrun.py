@@ -20,12 +20,6 @@ from vcrd.train.checkpoints import verify_checkpoint
 from .distributed_helpers import torchrun
 from .test_train_cli import config, make_workspace, weights
 
-# Not in `make test`: in about 1 run of 4 a rank aborts at interpreter exit ("terminate called without
-# an active exception", exit -6) AFTER the run has finished and both ranks have printed the same
-# final checksum; torchrun then reports the run as failed. The cause (a C++ thread alive at exit,
-# with DDP's backward) is not found yet: run with `pytest -m slow tests/test_train_torchrun.py`.
-pytestmark = pytest.mark.slow
-
 WORLD = 2
 
 

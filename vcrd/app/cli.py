@@ -354,16 +354,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name in ("window", "drop_first"):
         if getattr(args, name, 0) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    from ..distributed.ranks import close_launcher_group, exit_launched_process
+
     try:
-        return args.func(args)
+        code = args.func(args)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"vcrd {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if args.command in ("train", "score"):  # under torchrun: end the process group before exiting
-            from ..distributed.ranks import close_launcher_group
-
-            close_launcher_group()
+        code = 2
+    except BaseException:
+        close_launcher_group()  # under torchrun: end the process group, then let the error propagate
+        raise
+    exit_launched_process(code)  # under torchrun (train, score): leaves the process here with ``code``
+    return code
 
 
 if __name__ == "__main__":
