@@ -171,5 +171,5 @@ def parameter_checksum(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-__all__ = ["agreed", "close_launcher_group", "exit_launched_process", "from_rank0", "gather", "init_from_launcher", "launch_info",
-           "parameter_checksum", "raise_together", "raised_together", "settle"]
+__all__ = ["agreed", "close_launcher_group", "exit_launched_process", "from_rank0", "gather", "init_from_launcher",
+           "launch_info", "parameter_checksum", "raise_together", "raised_together", "settle"]
