@@ -53,7 +53,7 @@ def test_one_process_is_plain():
 
 
 def test_a_launched_process_exits_cleanly_after_its_exit_handlers():
-    # a gloo group used by DDP and all_gather_object, ended by exit_launched_process(0) on 2 torchrun ranks,
+    # a gloo group used by DDP and all_gather_object, ended by exit_without_teardown(0) on 2 torchrun ranks,
     # 5 times: every rank runs its exit handlers and exits with 0. Ending with destroy_process_group and
     # sys.exit instead aborted (-6, at interpreter teardown) in 5 of 15 runs here, so this fails ~87 % of
     # the time if the abort comes back.

@@ -354,7 +354,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name in ("window", "drop_first"):
         if getattr(args, name, 0) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    from ..distributed.ranks import close_launcher_group, exit_launched_process
+    from ..distributed.ranks import close_launcher_group, exit_without_teardown
 
     try:
         code = args.func(args)
@@ -364,7 +364,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except BaseException:
         close_launcher_group()  # under torchrun: end the process group, then let the error propagate
         raise
-    exit_launched_process(code)  # under torchrun (train, score): leaves the process here with ``code``
+    if close_launcher_group():  # under torchrun (train, score): leave here, without the interpreter's teardown
+        exit_without_teardown(code)
     return code
 
 

@@ -52,19 +52,21 @@ def init_from_launcher(timeout_s: Optional[float] = None) -> int:
     return world
 
 
-def close_launcher_group() -> None:
+def close_launcher_group() -> bool:
     """Destroy the default process group if :func:`init_from_launcher` created it (what torch asks of
-    a process before it exits). A no-op otherwise."""
-    if _OWN_GROUP and dist.is_initialized():
+    a process before it exits); returns whether it did. A no-op (False) otherwise."""
+    own = bool(_OWN_GROUP) and dist.is_initialized()
+    if own:
         dist.destroy_process_group()
     _OWN_GROUP.clear()
+    return own
 
 
-def exit_launched_process(code: int) -> None:
-    """End a process whose group :func:`init_from_launcher` created, with exit status ``code``: destroy
-    the group, run the exit handlers (``atexit``: logging, progress bars), flush the standard streams,
-    then ``os._exit(code)``, skipping only the interpreter's teardown. A no-op (it returns) when this
-    process created no group.
+def exit_without_teardown(code: int) -> None:
+    """End this process now with exit status ``code``: destroy the default process group (if any), run
+    the exit handlers (``atexit``: logging, progress bars), flush the standard streams, then
+    ``os._exit(code)``, skipping only the interpreter's teardown. Never returns. The CLI ends every
+    torchrun worker this way; end your own torchrun script that used DDP on gloo the same way.
 
     Why: a gloo group that DDP has used stays referenced after ``destroy_process_group``, so its worker
     threads outlive it, and one of them may still be releasing the tensors of the last collective (an
@@ -73,12 +75,12 @@ def exit_launched_process(code: int) -> None:
     about 1 run in 4 of ``vcrd train`` under ``torchrun --nproc_per_node 2`` here, core dump in
     ``ProcessGroupGloo::runLoop`` → ``~AsyncAllgatherWork`` → ``THPVariable_clear`` → ``take_gil``).
     Torch's own fix (an exit handler destroying groups, pytorch/pytorch#179291) was abandoned."""
-    if not _OWN_GROUP:
-        return
     import atexit
     import sys
 
-    close_launcher_group()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _OWN_GROUP.clear()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -171,5 +173,5 @@ def parameter_checksum(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-__all__ = ["agreed", "close_launcher_group", "exit_launched_process", "from_rank0", "gather", "init_from_launcher",
+__all__ = ["agreed", "close_launcher_group", "exit_without_teardown", "from_rank0", "gather", "init_from_launcher",
            "launch_info", "parameter_checksum", "raise_together", "raised_together", "settle"]
