@@ -17,8 +17,8 @@ Exact sharing, then batching (the scores equal one plain forward per window, see
   so their step scores are read from the GALP forward; only steps ``k+2..P`` get a forward of
   their own (prompt cache ++ last prompt id ++ ``k`` steps ++ the step); with ``k >= P`` one
   forward per response gives every score;
-- the remaining sequences are sorted by length and grouped into batches of at most ``token_budget``
-  padded (prefix + suffix) tokens. Llama-family decoders (``packed_forward_supported``: Llama,
+- the remaining sequences of a group (below) are sorted by length and batched, at most ``token_budget``
+  padded (prefix + suffix) tokens each. Llama-family decoders (``packed_forward_supported``: Llama,
   Mistral, Qwen2, Qwen3 with full attention) run each batch through :func:`packed_forward`: tokens
   end to end without padding in the GEMMs, the first layer's norm and projections once per distinct
   id, the last layer in full only at the rows that predict a scored id (elsewhere only its keys
@@ -32,8 +32,16 @@ Exact sharing, then batching (the scores equal one plain forward per window, see
 Log-probs of the scored ids come from the final hidden states and the LM head (cast to fp32 once
 per call), once per scored position (the GALP sequence's rows also give the step scores read from
 it), ``chunk_rows`` rows at a time (the Triton label log-prob kernel on CUDA), never a
-``[tokens, V]`` log-softmax. Prompt caches live only while their group of responses runs (groups of
-at most ``4 * token_budget`` distinct prompt tokens).
+``[tokens, V]`` log-softmax.
+
+Groups, the unit of work: the responses, sorted by prompt, form groups of at most ``GROUP_BATCHES``
+batch budgets of distinct prompt tokens and as many of suffix tokens (the batch budget: ``token_budget``,
+on CPU's unpadded path at most ``CPU_BATCH_TOKENS``; a response is never split). Each group runs on its
+own (its prompt caches, which live only while it runs, and its batches), so a response's scores depend
+only on its group, which depends only on the whole input. ``shard=(rank, world)`` runs only the groups
+:func:`_deal` gives ``rank``: the union over the ranks of a world is bitwise the unsharded result on
+the same device with the same number of threads (``vcrd score`` under ``torchrun``,
+:mod:`vcrd.distributed.scoring`; another thread count may round the CPU GEMMs differently).
 """
 
 from __future__ import annotations
@@ -60,6 +68,12 @@ CPU_BATCH_TOKENS = 512
 # ... and computes the LM head's logits this many rows at a time (8664 rows, V = 32000, 1 thread,
 # under load: 2.5 s with 256-row chunks, 3.7 s with 1024, whose 131 MB logits are mapped afresh each time).
 CPU_HEAD_ROWS = 256
+# The unit of work (and of sharding) is a group of responses: at most this many batch budgets of distinct
+# prompt tokens and of suffix tokens (see the module docstring). Each group ends with a partial batch and
+# computes its own prompt caches (benches/bench_naturalness.py, 16-token prompts: 53 batches instead of 48,
+# the same tokens); timings under load did not separate that cost from the allocator's page-fault noise
+# (up to ~10% either way between runs).
+GROUP_BATCHES = 4
 
 
 @dataclass
@@ -190,6 +204,36 @@ def _batches(items: List[_Item], token_budget: int, flat_budget: Optional[int] =
     if current:
         batches.append(current)
     return batches
+
+
+def _groups(items: List[List[_Item]], budget: int) -> List[List[int]]:
+    """Response indices in groups, in prompt order (responses with the same prompt adjacent, so they share
+    its cache): a group takes the next response while its distinct prompt prefixes and its suffixes each
+    stay within ``budget`` tokens (a response alone may exceed it; a response is never split)."""
+    order = sorted(range(len(items)), key=lambda r: items[r][0].prefix_key if items[r] else ())
+    groups, current, seen, cached, suffix = [], [], set(), 0, 0
+    for r in order:
+        keys = {it.prefix_key for it in items[r]}
+        new, size = sum(len(k) for k in keys - seen), sum(len(it.ids) for it in items[r])
+        if current and (cached + new > budget or suffix + size > budget):
+            groups.append(current)
+            current, seen, cached, suffix, new = [], set(), 0, 0, sum(len(k) for k in keys)
+        current.append(r)
+        seen |= keys
+        cached, suffix = cached + new, suffix + size
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _deal(sizes: Sequence[int], world: int) -> List[int]:
+    """The rank (of ``world``) that runs each unit of work ``g`` of size ``sizes[g]``: units dealt largest
+    first (ties: the earlier unit) to the rank with the least work so far (ties: the lowest rank)."""
+    load, owner = [0] * world, [0] * len(sizes)
+    for g in sorted(range(len(sizes)), key=lambda g: (-sizes[g], g)):
+        owner[g] = min(range(world), key=lambda r: (load[r], r))
+        load[owner[g]] += sizes[g]
+    return owner
 
 
 def _decoder_and_head(model):
@@ -366,11 +410,15 @@ def score_responses(
     max_step_tokens: int = 256,
     token_budget: int = 8192,
     progress: bool = False,
-) -> List[ResponseScore]:
+    shard: Tuple[int, int] = (0, 1),
+) -> List[Optional[ResponseScore]]:
     """LALP and GALP of each ``responses[j]`` to ``prompts[j]`` under ``model`` (SPEC §8).
 
     ``responses[j]`` is a string (split by :func:`split_steps`) or a list of steps. ``model`` is a
     Hugging Face causal LM, ``tokenizer`` its tokenizer (a BOS is put first when it has one).
+    ``shard=(rank, world)``: score only the groups of responses dealt to ``rank`` (see the module
+    docstring); the other responses' entries are ``None`` (never with the default ``(0, 1)``). Each
+    response is scored by exactly one rank of a world, bitwise as without ``shard``.
     """
     if len(prompts) != len(responses):
         raise ValueError(f"responses: expected one per prompt ({len(prompts)}), got {len(responses)}")
@@ -379,6 +427,9 @@ def score_responses(
     for name, value, low in checks:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+    if not (isinstance(shard, tuple) and len(shard) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                  for v in shard) and 0 <= shard[0] < shard[1]):
+        raise ValueError(f"shard: expected a tuple (rank, world) of ints with 0 <= rank < world, got {shard!r}")
     decoder, head = _decoder_and_head(model)
     device = head.weight.device
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -403,6 +454,10 @@ def score_responses(
         n_tokens.append(sum(len(s) for s in step_ids))
         items.append(_items(bos + _ids(tokenizer, prompt), step_ids, window, drop_first, r, share))
 
+    groups = _groups(items, GROUP_BATCHES * (flat_budget or token_budget))
+    sizes = [sum(len(it.ids) for r in group for it in items[r]) for group in groups]
+    rank, world = shard
+    mine = [g for g, owner in enumerate(_deal(sizes, world)) if owner == rank]
     weight = head.weight.float()  # cast once per call
     bias = getattr(head, "bias", None)
     bias = None if bias is None else bias.float()
@@ -411,23 +466,8 @@ def score_responses(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=sum(len(it.ids) for its in items for it in its), unit="tok", desc="scoring")
-    # Responses in groups whose distinct prompt prefixes fit a cache budget (responses with the same
-    # prompt are adjacent, so they share one cache); the caches live only while their group runs.
-    order = sorted(range(len(items)), key=lambda r: items[r][0].prefix_key if items[r] else ())
-    cache_budget = 4 * token_budget
-    groups, current, seen, cached = [], [], set(), 0
-    for r in order:
-        new = {it.prefix_key for it in items[r]} - seen
-        if current and cached + sum(len(k) for k in new) > cache_budget:
-            groups.append(current)
-            current, seen, cached, new = [], set(), 0, {it.prefix_key for it in items[r]}
-        current.append(r)
-        seen |= new
-        cached += sum(len(k) for k in new)
-    if current:
-        groups.append(current)
-    for group in groups:
+        bar = tqdm(total=sum(sizes[g] for g in mine), unit="tok", desc="scoring")
+    for group in (groups[g] for g in mine):
         group_items = [it for r in group for it in items[r]]
         if not group_items:
             continue
@@ -463,8 +503,12 @@ def score_responses(
     if bar is not None:
         bar.close()
 
-    results = []
+    scored_here = {r for g in mine for r in groups[g]}
+    results: List[Optional[ResponseScore]] = []
     for r, step_ids in enumerate(all_steps):
+        if r not in scored_here:
+            results.append(None)
+            continue
         step_scores = []
         for i in range(len(step_ids)):
             total, count = sums.get((r, i), (0.0, 0))
