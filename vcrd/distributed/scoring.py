@@ -7,7 +7,7 @@ first to the rank with the least suffix tokens so far; ties: the lowest rank), w
 and runs ``score_responses(..., shard=(rank, world))``: only its groups. ONE ``all_gather_object``
 brings every rank's scores (or its error: then every rank raises) to every rank, put back in input
 order. A response's scores depend only on its group, so they are bitwise those of the single-process
-run (on the same device and thread count; see docs/distributed.md).
+run (on CPU at any thread count: every group runs on one thread; see docs/distributed.md).
 """
 
 from __future__ import annotations

@@ -39,9 +39,15 @@ batch budgets of distinct prompt tokens and as many of suffix tokens (the batch 
 on CPU's unpadded path at most ``CPU_BATCH_TOKENS``; a response is never split). Each group runs on its
 own (its prompt caches, which live only while it runs, and its batches), so a response's scores depend
 only on its group, which depends only on the whole input. ``shard=(rank, world)`` runs only the groups
-:func:`_deal` gives ``rank``: the union over the ranks of a world is bitwise the unsharded result on
-the same device with the same number of threads (``vcrd score`` under ``torchrun``,
-:mod:`vcrd.distributed.scoring`; another thread count may round the CPU GEMMs differently).
+:func:`_deal` gives ``rank``: the union over the ranks of a world is bitwise the unsharded result
+(``vcrd score`` under ``torchrun``, :mod:`vcrd.distributed.scoring`).
+
+On CPU the groups run side by side (:func:`vcrd.select.threads.map_batches`): one Python thread per
+intra-op thread torch has, each running whole groups with ONE intra-op thread, largest group first.
+A small model's forward over a few hundred tokens uses several intra-op threads poorly (the work
+between its matrix products runs on short tensors, and every operator forks and joins), so whole
+groups per thread use the cores better; and every group is computed on one thread whatever the
+thread count, so the scores are bitwise the same at any thread count.
 """
 
 from __future__ import annotations
@@ -50,11 +56,12 @@ import bisect
 import math
 import re
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .packed_forward import packed_forward, packed_forward_supported
+from .threads import map_batches
 
 Response = Union[str, Sequence[str]]
 
@@ -461,16 +468,10 @@ def score_responses(
     weight = head.weight.float()  # cast once per call
     bias = getattr(head, "bias", None)
     bias = None if bias is None else bias.float()
-    sums = {}  # owner -> (sum of log-probs, count)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=sum(sizes[g] for g in mine), unit="tok", desc="scoring")
-    for group in (groups[g] for g in mine):
+    def score_group(group: List[int]) -> Dict[Owner, Tuple[float, int]]:
+        """``owner -> (sum of log-probs, count)`` for one group: its prompt caches, its batches, their log-probs."""
         group_items = [it for r in group for it in items[r]]
-        if not group_items:
-            continue
+        part: Dict[Owner, Tuple[float, int]] = {}
         caches = None
         if share and any(it.prefix_key for it in group_items):
             caches = _PrefixCaches(decoder, [it.prefix_key for it in group_items], flat_budget or token_budget, device,
@@ -494,12 +495,25 @@ def score_responses(
             for it, ps in zip(batch, wanted):
                 for start, stop, owner in it.spans:
                     i = offset + bisect.bisect_left(ps, start - 1)
-                    total, count = sums.get(owner, (0.0, 0))
-                    sums[owner] = (total + float(lp[i:i + stop - start].sum()), count + stop - start)
+                    total, count = part.get(owner, (0.0, 0))
+                    part[owner] = (total + float(lp[i:i + stop - start].sum()), count + stop - start)
                 offset += len(ps)
-            if bar is not None:
-                bar.update(sum(len(it.ids) for it in batch))
-        del caches
+        return part
+
+    sums: Dict[Owner, Tuple[float, int]] = {}  # a response's owners all come from its one group
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(sizes[g] for g in mine), unit="tok", desc="scoring")
+    # CPU: the groups run side by side, one per intra-op thread, each on one thread (``map_batches``),
+    # largest first (the last to finish are then small); a group's result does not depend on the order
+    workers = torch.get_num_threads() if device.type == "cpu" else 1
+    order = sorted(mine, key=lambda g: (-sizes[g], g))
+    for g, part in zip(order, map_batches(score_group, [groups[g] for g in order], workers)):
+        sums.update(part)
+        if bar is not None:
+            bar.update(sizes[g])
     if bar is not None:
         bar.close()
 

@@ -52,10 +52,45 @@ def packed_forward_supported(model) -> bool:
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE: ``x * cos + rotate_half(x) * sin``; ``x [T, heads, d]``, ``cos``/``sin [T, d]``."""
+    """Rotate-half RoPE: ``x * cos + rotate_half(x) * sin``; ``x [T, heads, d]``, ``cos``/``sin [T, d]``
+    (one new buffer: the halves' rotated terms are added in place)."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+    cos, sin = cos[:, None], sin[:, None]
+    out = x * cos
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1.0)
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:])
+    return out
+
+
+def _norm(module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` for an RMSNorm with ``weight`` and ``variance_epsilon`` (Llama, Mistral, Qwen2/3:
+    ``weight * x / sqrt(mean(x²) + eps)`` in fp32), as one ``F.rms_norm``; any other norm: the module."""
+    weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
+    if weight is None or eps is None or "RMSNorm" not in type(module).__name__ or x.dtype != torch.float32 \
+            or weight.dtype != torch.float32:
+        return module(x)
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def _is_silu(act) -> bool:
+    if isinstance(act, torch.nn.SiLU):
+        return True
+    try:
+        from transformers.activations import SiLUActivation
+    except ImportError:  # an older transformers: nn.SiLU only
+        return False
+    return isinstance(act, SiLUActivation)
+
+
+def _mlp(mlp, h: torch.Tensor) -> torch.Tensor:
+    """``mlp(h)`` = ``down_proj(silu(gate_proj(h)) * up_proj(h))``, with the SiLU and the product formed in
+    place in the gate's output (two fewer ``[T, intermediate]`` buffers to allocate and fault in); any
+    other activation: the module itself."""
+    if not (_is_silu(getattr(mlp, "act_fn", None)) and all(hasattr(mlp, a) for a in ("gate_proj", "up_proj",
+                                                                                       "down_proj"))):
+        return mlp(h)
+    gate = F.silu(mlp.gate_proj(h), inplace=True)
+    return mlp.down_proj(gate.mul_(mlp.up_proj(h)))
 
 
 @dataclass
@@ -126,11 +161,11 @@ def packed_forward(decoder, ids: Sequence[Sequence[int]], out_positions: Sequenc
     last = len(decoder.layers) - 1
     for li, layer in enumerate(decoder.layers):
         attn, queries = layer.self_attn, (wanted if li == last else every)
-        h = layer.input_layernorm(x)
+        h = _norm(layer.input_layernorm, x)
         k = attn.k_proj(h).view(h.shape[0], -1, attn.head_dim)
         v = attn.v_proj(h).view(h.shape[0], -1, attn.head_dim)
         if hasattr(attn, "k_norm"):
-            k = attn.k_norm(k)
+            k = _norm(attn.k_norm, k)
         if li == 0:
             k, v = k[token], v[token]
         k = _rope(k, cos, sin)
@@ -143,7 +178,7 @@ def packed_forward(decoder, ids: Sequence[Sequence[int]], out_positions: Sequenc
             x, h = x[queries.rows], h[queries.rows]
         q = attn.q_proj(h).view(h.shape[0], -1, attn.head_dim)
         if hasattr(attn, "q_norm"):
-            q = attn.q_norm(q)
+            q = _norm(attn.q_norm, q)
         if li == 0:  # one row per distinct id so far: one per token (or per wanted row) from here on
             rows = token if queries.rows is None else token[queries.rows]
             x, q = x[rows], q[rows]
@@ -155,6 +190,6 @@ def packed_forward(decoder, ids: Sequence[Sequence[int]], out_positions: Sequenc
                                            attn_mask=queries.mask, scale=attn.scaling,
                                            enable_gqa=q.shape[1] != k.shape[1])
         o = o.transpose(1, 2).reshape(n_seq * queries.width, -1)[queries.slot]
-        x = x + attn.o_proj(o)
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return decoder.norm(x), kept
+        x = x + attn.o_proj(o)  # a new tensor: the gathered inputs above stay untouched
+        x += _mlp(layer.mlp, _norm(layer.post_attention_layernorm, x))
+    return _norm(decoder.norm, x), kept
