@@ -124,6 +124,13 @@ def _ids(tokenizer, text: str) -> List[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def _batch_ids(tokenizer, texts: List[str]) -> List[List[int]]:
+    """``_ids`` of each text (each tokenised on its own), in one call of the tokenizer."""
+    if not texts:
+        return []
+    return [list(i) for i in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
 def label_logprobs(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, chunk_rows: int = 1024,
                    *, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``log softmax(head(hidden))[label]`` per row, fp32, ``chunk_rows`` rows of logits at a time.
@@ -446,7 +453,7 @@ def score_responses(
     unpadded = not varlen and packed_forward_supported(model)
     flat_budget = min(token_budget, CPU_BATCH_TOKENS) if unpadded and device.type == "cpu" else None
 
-    all_steps, items, n_tokens = [], [], []
+    texts, n_steps = [], []  # every prompt, then its steps, tokenised below in one call
     for r, (prompt, response) in enumerate(zip(prompts, responses)):
         if not isinstance(prompt, str):
             raise TypeError(f"prompts[{r}]: expected a string, got {type(prompt).__name__}")
@@ -456,10 +463,16 @@ def score_responses(
             steps = list(response)
         else:
             raise TypeError(f"responses[{r}]: expected a string or a list of strings, got {type(response).__name__}")
-        step_ids = [_ids(tokenizer, s) for s in steps]
+        texts += [prompt, *steps]
+        n_steps.append(len(steps))
+    ids = iter(_batch_ids(tokenizer, texts))
+    all_steps, items, n_tokens = [], [], []
+    for r, n in enumerate(n_steps):
+        prompt_ids = bos + next(ids)
+        step_ids = [next(ids) for _ in range(n)]
         all_steps.append(step_ids)
         n_tokens.append(sum(len(s) for s in step_ids))
-        items.append(_items(bos + _ids(tokenizer, prompt), step_ids, window, drop_first, r, share))
+        items.append(_items(prompt_ids, step_ids, window, drop_first, r, share))
 
     groups = _groups(items, GROUP_BATCHES * (flat_budget or token_budget))
     sizes = [sum(len(it.ids) for r in group for it in items[r]) for group in groups]
