@@ -13,6 +13,7 @@ import torch
 
 from ..core.checks import RowBatch
 from ..core.config import VCRDConfig
+from ..core.sparse_rows import lowest_absent
 from ..core.weights import Rows, concat_rows, poison_gradient, row_loss, weigh_rows
 from ..core.windows import CausalWindowMean
 from .triton_kernels import _unit_stride
@@ -24,7 +25,6 @@ def loss_and_grad(batch: RowBatch, cfg: VCRDConfig, grad_out: Optional[torch.Ten
     :class:`vcrd.loss.sparse._SparseRowBatch` (``ids, top [n, K]``, ``tail [n]``), on the sparse kernels."""
     from vcrd.kernels.sparse import SPARSE_STAT_NAMES, launch_sparse_grad, launch_sparse_stats
 
-    from ..loss.sparse_chunks import lowest_absent  # the loss package imports this module
 
     divergence, T = cfg.effective_divergence, cfg.temperature
     need_ce = cfg.ce_weight > 0

@@ -32,6 +32,7 @@ import torch
 
 from ..backends.torch_chunks import _log_mixture, _weighted, _write_grad
 from ..core.config import VCRDConfig
+from ..core.sparse_rows import lowest_absent
 from ..core.weights import Rows, poison_gradient, row_loss, weigh_rows
 from ..core.windows import CausalWindowMean
 
@@ -62,13 +63,6 @@ def _teacher_argmax(ids, t: Teacher, vocab: int) -> torch.Tensor:
     best = torch.where(has_tail, torch.maximum(top.amax(-1), t["fill"]), top.amax(-1))
     return torch.minimum(torch.where(top == best[:, None], ids, vocab).amin(-1),
                          torch.where(has_tail & (t["fill"] == best), lowest_absent(ids), vocab))
-
-
-def lowest_absent(ids: torch.Tensor) -> torch.Tensor:
-    """The lowest token not among each row's distinct ``ids [C, K]`` (``[C]``; K when they are 0..K-1)."""
-    K = ids.shape[1]
-    pos = torch.arange(K, device=ids.device, dtype=ids.dtype)
-    return torch.where(ids.sort(-1).values != pos, pos, K).amin(-1)
 
 
 def _common_stats(s, ids, top, tail, y, temperature: float, n_tail: torch.Tensor,
