@@ -185,9 +185,9 @@ CHUNK_FUNCTIONS: Dict[str, Tuple[Callable, Callable, str]] = {
 
 
 @functools.cache
-def _compiled(divergence: str) -> Tuple[Callable, Callable]:
-    """The divergence's two chunk functions under ``torch.compile`` (built on first use, never at import)."""
-    stats_fn, grad_fn, _ = CHUNK_FUNCTIONS[divergence]
+def compiled_pair(stats_fn: Callable, grad_fn: Callable) -> Tuple[Callable, Callable]:
+    """A divergence's two chunk functions under ``torch.compile`` (built on first use, never at import;
+    one compiled pair per pair of functions, shared by every caller)."""
     return torch.compile(stats_fn, dynamic=True), torch.compile(grad_fn, dynamic=True)
 
 
@@ -205,7 +205,7 @@ def loss_and_grad(batch: RowBatch, cfg: VCRDConfig, grad_out: Optional[torch.Ten
     divergence, T, beta = cfg.effective_divergence, cfg.temperature, cfg.beta
     stats_fn, grad_fn, grad_row = CHUNK_FUNCTIONS[divergence]
     if compile:
-        stats_fn, grad_fn = _compiled(divergence)
+        stats_fn, grad_fn = compiled_pair(stats_fn, grad_fn)
     with_ce = cfg.ce_weight > 0
     in_place = grad_out is batch.s
     window = window if window is not None else CausalWindowMean(batch.starts, 2)

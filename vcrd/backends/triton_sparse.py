@@ -25,7 +25,6 @@ def loss_and_grad(batch: RowBatch, cfg: VCRDConfig, grad_out: Optional[torch.Ten
     :class:`vcrd.loss.sparse._SparseRowBatch` (``ids, top [n, K]``, ``tail [n]``), on the sparse kernels."""
     from vcrd.kernels.sparse import SPARSE_STAT_NAMES, launch_sparse_grad, launch_sparse_stats
 
-
     divergence, T = cfg.effective_divergence, cfg.temperature
     need_ce = cfg.ce_weight > 0
     in_place = grad_out is batch.s

@@ -25,12 +25,11 @@ enters as a 0-dim tensor, so no vocabulary or K is compiled in (K = V is the sam
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from ..backends.torch_chunks import _log_mixture, _weighted, _write_grad
+from ..backends.torch_chunks import _log_mixture, _weighted, _write_grad, compiled_pair
 from ..core.config import VCRDConfig
 from ..core.sparse_rows import lowest_absent
 from ..core.weights import Rows, poison_gradient, row_loss, weigh_rows
@@ -180,13 +179,6 @@ CHUNK_FUNCTIONS: Dict[str, Tuple[Callable, Callable, str]] = {
 }
 
 
-@functools.cache
-def _compiled(divergence: str) -> Tuple[Callable, Callable]:
-    """The divergence's two chunk functions under ``torch.compile`` (built on first use)."""
-    stats_fn, grad_fn, _ = CHUNK_FUNCTIONS[divergence]
-    return torch.compile(stats_fn, dynamic=True), torch.compile(grad_fn, dynamic=True)
-
-
 def chunk_loss_and_grad(s: torch.Tensor, ids: torch.Tensor, top: torch.Tensor, tail: torch.Tensor, y: torch.Tensor,
                         valid: torch.Tensor, cfg: VCRDConfig, window: CausalWindowMean,
                         grad_target: Optional[torch.Tensor], grad_scale: float, compile: bool) -> Rows:
@@ -197,7 +189,7 @@ def chunk_loss_and_grad(s: torch.Tensor, ids: torch.Tensor, top: torch.Tensor, t
     divergence, T, beta = cfg.effective_divergence, cfg.temperature, cfg.beta
     stats_fn, grad_fn, grad_row = CHUNK_FUNCTIONS[divergence]
     if compile:
-        stats_fn, grad_fn = _compiled(divergence)
+        stats_fn, grad_fn = compiled_pair(stats_fn, grad_fn)
     V, K = s.shape[-1], ids.shape[-1]
     n_tail = torch.tensor(float(V - K), dtype=torch.promote_types(s.dtype, torch.float32), device=s.device)
     with_ce = cfg.ce_weight > 0
