@@ -1,17 +1,21 @@
-# The README's commands. Each creates .venv on first use, from nothing.
+# The README's commands. Each creates .venv on first use, from nothing, from the pinned
+# constraints.txt (what CI tests is what a user gets). `make test-latest` builds .venv-latest with
+# the newest versions setup.py's ranges allow and runs the same suite (docs/environment.md).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+EXTRAS := test,bench,dev,triton
+LATEST := .venv-latest
 
-.PHONY: demo test test-fast test-triton bench lint clean
+.PHONY: demo test test-fast test-latest bench lint clean
 
-$(STAMP): setup.py
+$(STAMP): setup.py constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt pip
 	# the CPU build of torch first (it lies on disk); otherwise pip would pull a CUDA build
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test,bench,dev,triton]"
+	$(BIN)/pip install -q -c constraints.txt torch
+	$(BIN)/pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -20,6 +24,19 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests -m triton
+
+# drift check: a fresh environment at the newest versions the ranges allow (torch stays the CPU
+# build on disk: PyPI's newer builds are CUDA builds), its versions printed beside the pins
+test-latest:
+	rm -rf $(LATEST)
+	$(PY) -m venv $(LATEST)
+	$(LATEST)/bin/pip install -q --upgrade pip
+	$(LATEST)/bin/pip install -q "torch==$$(sed -n 's/^torch==//p' constraints.txt)"
+	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[$(EXTRAS)]"
+	$(LATEST)/bin/pip list -q --format=freeze --exclude-editable | sed 's/+cpu//' | sort > $(LATEST)/versions.txt
+	@echo "newer than constraints.txt (package==latest):"; grep -v '^#' constraints.txt | sort | comm -13 - $(LATEST)/versions.txt
+	$(LATEST)/bin/python -m pytest -q tests
+	TRITON_INTERPRET=1 $(LATEST)/bin/python -m pytest -q tests -m triton
 
 # each script also runs on its own (docs/benchmarks.md names the commands and their times)
 bench: $(STAMP)
@@ -33,4 +50,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check vcrd kernels tests benches
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(LATEST) build *.egg-info

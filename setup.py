@@ -10,11 +10,13 @@ setup(
     packages=["vcrd", "vcrd.core", "vcrd.backends", "vcrd.loss", "vcrd.select", "vcrd.train", "vcrd.app", "vcrd.distributed",
               "vcrd.kernels"],
     package_dir={"vcrd": "vcrd", "vcrd.kernels": "kernels"},
-    install_requires=["torch>=2.4", "numpy", "tqdm", "transformers>=4.46"],
+    # lower bounds: what the code needs; upper bounds: the next major version, untested (the tested
+    # versions are pinned in constraints.txt; `make test-latest` tries the newest these ranges allow)
+    install_requires=["torch>=2.4,<3", "numpy>=1.24,<3", "tqdm>=4.60", "transformers>=4.46,<6"],
     extras_require={
-        "triton": ["triton>=3.1"],
-        "test": ["pytest>=8", "triton>=3.1", "trl>=0.19"],
-        "bench": ["pytest-benchmark>=4", "matplotlib", "liger-kernel>=0.5", "trl>=0.19", "psutil"],
+        "triton": ["triton>=3.1,<4"],
+        "test": ["pytest>=8,<10", "triton>=3.1,<4", "trl>=0.19,<2"],
+        "bench": ["pytest-benchmark>=4,<6", "matplotlib>=3.7", "liger-kernel>=0.5,<1", "trl>=0.19,<2", "psutil>=5.9"],
         "gpu": ["flash-attn>=2.6"],
         "dev": ["ruff>=0.6"],
     },
