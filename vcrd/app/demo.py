@@ -37,6 +37,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 
 from ..core.config import VCRDConfig
+from ..core.progress import progress
 from ..select.naturalness import ResponseScore, score_responses
 from ..select.selection import rank_teachers, select_responses
 from ..train.data import DistillCollator, Example, write_jsonl
@@ -416,8 +417,6 @@ def run_demo(s: DemoSettings) -> Dict[str, object]:
 
 
 def _run_demo(s: DemoSettings) -> Dict[str, object]:
-    from tqdm.auto import tqdm
-
     for p in s.presets:
         if p not in PRESET_NAMES:
             raise ValueError(f"presets: expected names from {PRESET_NAMES}, got {p!r}")
@@ -431,8 +430,8 @@ def _run_demo(s: DemoSettings) -> Dict[str, object]:
     clock = Clock()
     print(f"vcrd demo: seed {s.seed}, {threads} torch thread(s), load average {load_start[0]:.2f}", flush=True)
     students_to_train = len(s.presets) + (1 if s.offline_k else 0)
-    with eager_loss(), tqdm(total=s.teacher_steps + students_to_train * s.student_steps, desc="training",
-                            unit="step") as bar:
+    with eager_loss(), progress(s.teacher_steps + students_to_train * s.student_steps, desc="training",
+                                unit="step") as bar:
         prep = prepare(s, clock, bar, log=print)
         data, kept_right = select(prep, "lalp")
         with clock("teacher_eval"):

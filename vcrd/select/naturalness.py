@@ -60,6 +60,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ..core.progress import progress as progress_bar
 from .packed_forward import packed_forward, packed_forward_supported
 from .threads import map_batches
 
@@ -516,9 +517,7 @@ def score_responses(
     sums: Dict[Owner, Tuple[float, int]] = {}  # a response's owners all come from its one group
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=sum(sizes[g] for g in mine), unit="tok", desc="scoring")
+        bar = progress_bar(sum(sizes[g] for g in mine), unit="tok", desc="scoring")
     # CPU: the groups run side by side, one per intra-op thread, each on one thread (``map_batches``),
     # largest first (the last to finish are then small); a group's result does not depend on the order
     workers = torch.get_num_threads() if device.type == "cpu" else 1

@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from ..core.progress import progress as progress_bar
 from ..loss.sparse import TAIL_TOLERANCE, SparseTeacher
 from .data import DistillCollator, Example
 from .files import atomic_file
@@ -246,8 +247,6 @@ def build_cache(model_dir: Union[str, Path], data: Union[str, Path], out: Union[
 
 def _build(model_dir, out, manifest, examples, collator, batch_size, device, progress, say, auto_model,
            check_causal_lm) -> Path:
-    from tqdm.auto import tqdm
-
     path = out / MANIFEST
     if path.exists():
         stored = _read_json(path, "manifest")
@@ -291,7 +290,7 @@ def _build(model_dir, out, manifest, examples, collator, batch_size, device, pro
         if manifest["V"] is not None and V != manifest["V"]:
             raise CacheError(f"--model: the LM head has {V} rows but config.vocab_size is {manifest['V']}")
         skipped = sum(sh["examples"][1] - sh["examples"][0] for s, sh in enumerate(shards) if done[s] is not None)
-        bar = tqdm(total=len(examples), initial=skipped, unit="ex", desc="teacher top-K", disable=not progress)
+        bar = progress_bar(len(examples), initial=skipped, unit="ex", desc="teacher top-K", disable=not progress)
         for s in todo:
             entry = shards[s]
             a, b = entry["examples"]
