@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -37,6 +37,7 @@ from ..core.checks import (
     rows_view,
 )
 from ..core.config import VCRDConfig, resolve_config
+from ..core.vllm_logprobs import topk_rows
 from ..core.weights import Rows, concat_rows
 from ..core.windows import CausalWindowMean
 from .functional import loss_from_batch
@@ -98,6 +99,13 @@ class SparseTeacher:
             # (a tail of 1e-9 matters at T=2, where each tail token weighs its square root); -inf at K = V
             tail = torch.logsumexp(logq.scatter(-1, ids, -math.inf), -1)
         return cls(ids, top, tail)
+
+    @classmethod
+    def from_vllm(cls, prompt_logprobs: Sequence[Optional[Mapping[Any, Any]]], k: Optional[int] = None) -> SparseTeacher:
+        """From a served teacher: vLLM's per-position ``{token_id: Logprob}`` dicts, one per row
+        (``prompt_logprobs[1:]``); the top-``k`` kept (default: the fewest entries of any position), the
+        rest of each position's mass in the tail. The rules: :mod:`vcrd.core.vllm_logprobs`."""
+        return cls(*topk_rows(prompt_logprobs, k))
 
     def completed_logprobs(self, rows: Union[torch.Tensor, slice], V: int, dtype: torch.dtype,
                            out: Optional[torch.Tensor] = None) -> torch.Tensor:
