@@ -1,6 +1,6 @@
 """A causal LM as the fused-linear loss sees it: final hidden states and LM head through the model's
 own ``forward`` (so DDP, FSDP2, autocast and other wrappers take effect), with the checks that the
-logits are ``h @ W^T + b`` (no softcapping, no scaling after the head)."""
+logits are ``h @ W^T + b`` (no soft-cap, no scale after the head: :mod:`.logit_processing`)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-# final-logit transforms a fused-linear loss (logits = h @ W^T + b) cannot reproduce
-_UNSUPPORTED_LOGIT_SETTINGS = ("final_logit_softcapping",)
+from .logit_processing import logit_processing
+
 # |model logits - h @ W^T - b| must stay within this fraction of max |h @ W^T + b| (bf16 autocast: ~1 %)
 _HEAD_CHECK_RTOL = 0.05
 
@@ -36,12 +36,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def _text_config(model: nn.Module):
-    cfg = getattr(model, "config", None)
-    get_text = getattr(cfg, "get_text_config", None)
-    return get_text() if callable(get_text) else cfg
-
-
 def check_causal_lm(model: nn.Module, role: str = "model") -> Tuple[nn.Module, Dict[str, Any]]:
     """Check that ``model`` (possibly wrapped) is a causal LM the fused-linear loss can reproduce.
 
@@ -55,15 +49,13 @@ def check_causal_lm(model: nn.Module, role: str = "model") -> Tuple[nn.Module, D
         raise TypeError(f"{role}: expected a torch.nn.Module (a causal LM), got {type(model).__name__}")
     inner = unwrap_model(model)
     name = type(inner).__name__
-    cfg = _text_config(inner)
-    for setting in _UNSUPPORTED_LOGIT_SETTINGS:
-        value = getattr(cfg, setting, None)
-        if value:
-            raise ValueError(
-                f"{role}: {name} has config.{setting}={value!r}; its logits are {value}·tanh(h·W/{value}), not the "
-                f"LM head's h·W that vcrd's fused-linear loss computes from hidden states, so the loss would "
-                f"silently differ from the model's own distribution. Models with final-logit softcapping are not "
-                f"supported (expected config.{setting}=None)")
+    processing = logit_processing(getattr(inner, "config", None))
+    if not processing.is_identity:
+        raise ValueError(
+            f"{role}: {name} post-processes its logits ({processing.describe()}): its distribution is "
+            f"softmax(c·tanh(a·h·W/c)), not the LM head's softmax(h·W) that vcrd's loss computes from hidden "
+            f"states, so the loss would silently train another objective. Models with a logit scale or a "
+            f"final-logit soft-cap are not supported yet (expected scale 1 and no soft-cap)")
     get_head = getattr(inner, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     weight = getattr(head, "weight", None)
