@@ -263,12 +263,15 @@ def test_softcapping_model_is_refused(setup, tmp_path):
                        pad_token_id=tok.pad_token_id)
     gemma = Gemma2ForCausalLM(cfg)
     batch = collate(examples[:2])
-    with pytest.raises(ValueError, match=r"student: Gemma2ForCausalLM post-processes its logits \(config.final_logit_softcapping=30.0\)"):
+    with pytest.raises(ValueError, match=r"student: Gemma2ForCausalLM post-processes its logits "
+                                         r"\(config.final_logit_softcapping=30.0\)"):
         distill_loss(gemma, teacher, batch, KD)
-    with pytest.raises(ValueError, match=r"teacher: Gemma2ForCausalLM post-processes its logits \(config.final_logit_softcapping=30.0\)"):
+    with pytest.raises(ValueError, match=r"teacher: Gemma2ForCausalLM post-processes its logits "
+                                         r"\(config.final_logit_softcapping=30.0\)"):
         distill_loss(teacher, gemma.requires_grad_(False), batch, KD)
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, remove_unused_columns=False)
-    with pytest.raises(ValueError, match=r"teacher_model: Gemma2ForCausalLM post-processes its logits \(config.final_logit_softcapping"):
+    with pytest.raises(ValueError, match=r"teacher_model: Gemma2ForCausalLM post-processes its logits "
+                                         r"\(config.final_logit_softcapping"):
         VCRDTrainer(model=teacher, teacher_model=gemma, args=args, train_dataset=examples, data_collator=collate)
     gemma.config.final_logit_softcapping = None  # the same architecture without capping is fine
     loss, _ = distill_loss(gemma.requires_grad_(True), teacher, batch, KD)

@@ -96,7 +96,8 @@ class NoProgress:
 
 
 def progress(total: int, *, desc: str, unit: str, initial: int = 0, disable: bool = False,
-             file: Optional[TextIO] = None, interval: float = DEFAULT_INTERVAL_S) -> Union[LineProgress, NoProgress, object]:
+             file: Optional[TextIO] = None, interval: float = DEFAULT_INTERVAL_S
+             ) -> Union[LineProgress, NoProgress, object]:
     """A progress reporter with ``update(n)`` and ``close()``, usable as a context manager.
 
     A tqdm bar when ``file`` (default ``sys.stderr``) is a terminal, else a :class:`LineProgress`

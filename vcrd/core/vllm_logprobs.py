@@ -40,7 +40,8 @@ def entry_logprob(value: Any, where: str) -> float:
         value = value.logprob
     elif isinstance(value, Mapping):
         if "logprob" not in value:
-            raise ValueError(f"{where}: expected a Logprob, a dict with 'logprob' or a number, got keys {sorted(value)}")
+            raise ValueError(f"{where}: expected a Logprob, a dict with 'logprob' or a number, "
+                             f"got keys {sorted(value)}")
         value = value["logprob"]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{where}: expected a float log-prob, got {type(value).__name__} {value!r}")

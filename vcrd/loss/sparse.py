@@ -101,7 +101,8 @@ class SparseTeacher:
         return cls(ids, top, tail)
 
     @classmethod
-    def from_vllm(cls, prompt_logprobs: Sequence[Optional[Mapping[Any, Any]]], k: Optional[int] = None) -> SparseTeacher:
+    def from_vllm(cls, prompt_logprobs: Sequence[Optional[Mapping[Any, Any]]],
+                  k: Optional[int] = None) -> SparseTeacher:
         """From a served teacher: vLLM's per-position ``{token_id: Logprob}`` dicts, one per row
         (``prompt_logprobs[1:]``); the top-``k`` kept (default: the fewest entries of any position), the
         rest of each position's mass in the tail. The rules: :mod:`vcrd.core.vllm_logprobs`."""
