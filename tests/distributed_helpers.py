@@ -20,6 +20,8 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
+from vcrd.distributed.ranks import exit_without_teardown
+
 TIMEOUT_S = 120  # a collective waiting longer than this fails the test instead of hanging it
 
 
@@ -33,8 +35,12 @@ def _entry(rank: int, worker: Callable, world: int, init_method: str, args: tupl
                             timeout=datetime.timedelta(seconds=TIMEOUT_S))
     try:
         worker(rank, world, *args)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # a gloo group that DDP used can abort the interpreter's teardown (SIGABRT after a complete run:
+    # vcrd.distributed.ranks.exit_without_teardown says why); end the worker as the CLI does
+    exit_without_teardown(0)
 
 
 def spawn(worker: Callable, world: int, *args) -> None:
