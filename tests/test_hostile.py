@@ -62,9 +62,10 @@ def test_cli_train_and_cache_teacher_refuse_a_symlinked_lock(tmp_path, victim, c
     (out / LOCK_NAME).symlink_to(victim)
     data = tmp_path / "data.jsonl"
     data.write_text('{"prompt": "p", "response": "r"}\n')
-    model = tmp_path / "model"  # refused at the lock, before the model matters: a folder with config.json only
-    from .test_trainer import tiny_llama
+    model = tmp_path / "model"  # a real tiny model folder: the refusal must come from the lock, not the model
     from vcrd.app.tokenizer import build_char_tokenizer
+
+    from .test_trainer import tiny_llama
 
     tok = build_char_tokenizer()
     tiny_llama(tok, 16, 0, layers=1).save_pretrained(model)
@@ -185,11 +186,11 @@ def test_stale_temporary_shards_of_every_name_are_removed(tmp_path):
 
 
 def test_cache_teacher_removes_the_shard_a_killed_run_left(tmp_path):
+    from vcrd.app.tokenizer import build_char_tokenizer
     from vcrd.train import teacher_cache as tc
 
     from .test_teacher_cache import ROWS, K
     from .test_trainer import tiny_llama
-    from vcrd.app.tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer()
     tiny_llama(tok, 16, 1, layers=1).save_pretrained(tmp_path / "teacher")
