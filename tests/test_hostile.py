@@ -212,6 +212,16 @@ def test_cache_teacher_removes_the_shard_a_killed_run_left(tmp_path):
     shard.write_bytes(bytes(raw))
     with pytest.raises(tc.CacheError, match="sha256"):
         tc.TeacherCache(out)
+    from transformers import TrainingArguments
+
+    from vcrd.train.data import DistillCollator, read_jsonl
+    from vcrd.train.trainer import VCRDTrainer
+
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, report_to=[], use_cpu=True,
+                             remove_unused_columns=False, save_strategy="no")
+    with pytest.raises(tc.CacheError, match="sha256"):  # the trainer's reader too, before any row is read
+        VCRDTrainer(model=tiny_llama(tok, 16, 2, layers=1), teacher_cache=out, args=args,
+                    train_dataset=read_jsonl(tmp_path / "data.jsonl"), data_collator=DistillCollator(tok, 64))
 
 
 # ------------------------------------------------------------------------------------------ small inputs
