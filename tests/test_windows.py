@@ -23,8 +23,9 @@ def naive_means(values, valid, seq, steps, k):
 def packed(n_seq=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(0, 30, (n_seq,), generator=g)
-    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
-    seq = sequence_ids(int(cu[-1]), None, cu, torch.device("cpu"))
+    # the sequence ids written out by hand (row r belongs to sequence i when cu[i] <= r < cu[i + 1]), never
+    # from the production sequence_ids (a mutation there would shape the oracle too)
+    seq = torch.tensor([i for i, n in enumerate(lengths.tolist()) for _ in range(n)], dtype=torch.int64)
     steps = torch.cat([step_ids_for(int(n), seed=i) + 7 * i for i, n in enumerate(lengths)])
     return seq, steps
 
@@ -53,6 +54,15 @@ def test_streaming_in_chunks_equals_one_shot():
     torch.testing.assert_close(torch.cat(chunks), window_means(values, valid, starts))
     with pytest.raises(ValueError, match="push"):
         stream.push(values[:1], valid[:1])
+
+
+def test_packed_sequence_ids_follow_cu_seqlens():
+    cu = torch.tensor([0, 3, 3, 7, 8])  # lengths 3, 0 (an empty sequence), 4, 1
+    assert sequence_ids(8, None, cu, torch.device("cpu")).tolist() == [0, 0, 0, 2, 2, 2, 2, 3]
+    seq, steps = packed()  # the random layouts of the tests above, from their cu_seqlens
+    lengths = torch.bincount(seq, minlength=4)
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    assert torch.equal(sequence_ids(len(seq), None, cu, torch.device("cpu")), seq)
 
 
 def test_batched_layout_and_positions():

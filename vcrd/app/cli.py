@@ -122,19 +122,46 @@ def score(args: argparse.Namespace) -> int:
         return os_error("score", e)
 
 
+def score_positions(model_dir, max_step_tokens: int, max_prompt_tokens: Optional[int]) -> Optional[int]:
+    """The model's ``max_position_embeddings`` (``None`` if it declares none), after refusing
+    ``--max-step-tokens`` / ``--max-prompt-tokens`` that leave no room within it."""
+    from transformers import AutoConfig
+
+    from ..select.limits import model_positions
+
+    positions = model_positions(AutoConfig.from_pretrained(model_dir, local_files_only=True))
+    if positions is None:
+        return None
+    if max_step_tokens >= positions:
+        raise ValueError(f"--max-step-tokens: {max_step_tokens} leaves no room for a prompt within the model's "
+                         f"max_position_embeddings={positions}; expected an int < {positions}")
+    if max_prompt_tokens is not None and max_prompt_tokens >= positions:
+        raise ValueError(f"--max-prompt-tokens: {max_prompt_tokens} leaves no room for a response within the "
+                         f"model's max_position_embeddings={positions}; expected an int < {positions}")
+    return positions
+
+
+def check_score_lengths(tokenizer, examples, positions: Optional[int], max_step_tokens: int) -> None:
+    """Every response's longest scored sequence within ``positions``, else ``ValueError`` naming FILE:LINE."""
+    from ..select.limits import check_lengths, sequence_lengths
+
+    lengths = sequence_lengths(tokenizer, [e.prompt for e in examples],
+                               [e.steps if e.steps is not None else e.response for e in examples], max_step_tokens)
+    check_lengths(lengths, positions, [e.where or f"example {i}" for i, e in enumerate(examples)])
+
+
 def _score(args: argparse.Namespace) -> int:
     import math
-    import os
     from pathlib import Path
 
     from ..select.selection import rank_teachers, select_responses
     from ..train.checkpoints import check_writable
     from ..train.data import finite_or_none, read_jsonl, write_jsonl
+    from ..train.devices import check_device
+    from ..train.files import check_output_file
 
-    out = Path(args.out)
-    if out.is_dir() or args.out.endswith((os.sep, "/")):
-        raise ValueError(f"--out: {args.out!r} is a directory, expected a file name (e.g. {args.out.rstrip('/')}"
-                         f"/selected.jsonl)")
+    check_device(args.device)  # a missing GPU named now, not as a traceback after the scoring started
+    out = check_output_file(args.out, [args.data])  # not a folder, a device or the input itself
     check_writable(out.parent, "--out")  # before any scoring
     examples = read_jsonl(args.data)  # every line checked before the model loads
     if not examples:
@@ -143,18 +170,16 @@ def _score(args: argparse.Namespace) -> int:
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"--model: expected a local Hugging Face model folder with config.json, "
                                 f"got {str(model_dir)!r}")
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..train.checkpoints import check_model_folder
 
     check_model_folder(model_dir, "--model")
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     cap = args.max_prompt_tokens
+    positions = score_positions(model_dir, args.max_step_tokens, cap)  # refuses caps past the limit
     if cap is None:
-        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        positions = getattr(text, "max_position_embeddings", None)
-        cap = max(1, positions - args.max_step_tokens) if isinstance(positions, int) else 2048
+        cap = positions - args.max_step_tokens if isinstance(positions, int) else 2048
         origin = f"the default: the model's max_position_embeddings {positions} minus --max-step-tokens " \
                  f"{args.max_step_tokens}" if isinstance(positions, int) else "the default"
     elif cap < 1:
@@ -169,6 +194,7 @@ def _score(args: argparse.Namespace) -> int:
                                                                         if len(long) > 5 else "")
         raise ValueError(f"{len(long)} prompt(s) longer than the cap of {cap} tokens ({origin}): {shown}. "
                          f"Shorten or drop them, or raise --max-prompt-tokens (within the model's position limit)")
+    check_score_lengths(tokenizer, examples, positions, args.max_step_tokens)  # whole responses, before loading
     from ..distributed.ranks import init_from_launcher, launch_info
     from ..distributed.scoring import score_responses_sharded
 

@@ -141,11 +141,15 @@ def check_options(reduction: str, impl: str, num_items_in_batch, cfg: VCRDConfig
     if reduction not in ("mean", "batchmean"):
         raise ValueError(f"num_items_in_batch: only applies to reduction='mean' or 'batchmean', "
                          f"got reduction={reduction!r}")
-    if isinstance(num_items_in_batch, torch.Tensor) and not check_values:
-        return
+    if isinstance(num_items_in_batch, torch.Tensor):
+        if num_items_in_batch.numel() != 1:  # the shape is known without waiting for the device
+            raise ValueError(f"num_items_in_batch: expected a number or a one-element tensor (a count), got a tensor "
+                             f"of shape {tuple(num_items_in_batch.shape)}")
+        if not check_values:
+            return
     value = num_items_in_batch.item() if isinstance(num_items_in_batch, torch.Tensor) else num_items_in_batch
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"num_items_in_batch: expected a number >= 0, got {num_items_in_batch!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise ValueError(f"num_items_in_batch: expected a finite number >= 0, got {num_items_in_batch!r}")
 
 
 def check_labels(labels, lead_shape: torch.Size, device: torch.device, cfg: VCRDConfig) -> Optional[torch.Tensor]:

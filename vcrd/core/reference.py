@@ -98,12 +98,22 @@ def vcrd_loss(
     y = labels.reshape(-1) if labels is not None else torch.zeros(s.shape[0], dtype=torch.int64, device=s.device)
     valid = y != cfg.ignore_index if labels is not None else torch.ones_like(y, dtype=torch.bool)
     y_safe = torch.where(valid, y, torch.zeros_like(y))
+    # ignored rows never matter (SPEC §6): whatever their logits hold (a NaN), they enter as zeros
+    s = torch.where(valid[:, None], s, torch.zeros((), dtype=s.dtype, device=s.device))
+    u = torch.where(valid[:, None], u, torch.zeros((), dtype=u.dtype, device=u.device))
     dtype = torch.promote_types(s.dtype, torch.float32)
     T = cfg.temperature
 
     logp = torch.log_softmax(s.to(dtype) / T, dim=-1)
     logq = torch.log_softmax(u.to(dtype) / T, dim=-1)
     D = divergence(logp, logq, cfg.divergence, cfg.beta)
+    # SPEC §6 NaN rule: a NaN in a row's logits makes its D NaN, and its gradient with it (the divergences'
+    # 0·log 0 = 0 masking would otherwise hide a NaN teacher, or a NaN student under rkl/jsd)
+    nan_row = s.isnan().any(-1) | u.isnan().any(-1)
+    if bool(nan_row.any()):
+        zero = torch.zeros((), dtype=dtype, device=D.device)
+        poison = torch.where(nan_row, torch.full((), torch.nan, dtype=dtype, device=D.device), zero)
+        D = D + torch.where(nan_row, s.to(dtype).sum(-1), zero) * poison  # other rows: + 0, gradient 0·0
 
     with torch.no_grad():
         lp_s = logp.gather(1, y_s := y_safe[:, None]).squeeze(1)

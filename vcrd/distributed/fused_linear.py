@@ -38,7 +38,8 @@ from ..core.config import VCRDConfig, resolve_config
 from ..core.stats import VCRDStats
 from ..core.windows import CausalWindowMean
 from ..loss.fused_linear import auto_chunk_size, loss_from_hidden
-from .vocab_parallel import _all_reduce, agree_on_layout, group_info, rows_checksum, shard_rows
+from .agreement import agree_on_layout, config_fields, describe, local_meta
+from .vocab_parallel import _all_reduce, group_info, rows_checksum, shard_rows
 
 CALLER = "fused_linear_vocab_parallel_vcrd_loss"
 
@@ -145,18 +146,17 @@ def fused_linear_vocab_parallel_vcrd_loss(
             lead, device = student_hidden.shape[:-1], student_hidden.device
             layout = check_rows(check_labels(labels, lead, device, cfg), lead, device, step_ids, cu_seqlens, cfg,
                                 vocab_size)
-    except (TypeError, ValueError) as e:
-        error = str(e)
-    ok = error is None
-    v0 = vocab_start if ok else 0
-    v1 = min(vocab_start + student_weight_shard.shape[0], vocab_size) if ok else 0
-    meta = dict(error=error, v0=v0, v1=v1, V=vocab_size, config=repr(cfg),
-                rows=(tuple(student_hidden.shape), tuple(teacher_hidden.shape)) if ok else None,
-                chunks=chunk_size if ok else None,
-                labels=rows_checksum(labels, step_ids, cu_seqlens) if ok else None,
-                options=(reduction, None if not ok or num_items_in_batch is None else float(num_items_in_batch)),
-                dtype=str((student_weight_shard.dtype, student_hidden.dtype)) if ok else None)
+    except Exception as e:  # any failure is shared (agreement.py): a lone raise would hang the other ranks
+        error = describe(e)
+    meta = local_meta(lambda: dict(  # never raises
+        error=None, v0=vocab_start, v1=min(vocab_start + student_weight_shard.shape[0], vocab_size), V=vocab_size,
+        config=config_fields(cfg), rows=(tuple(student_hidden.shape), tuple(teacher_hidden.shape)), chunks=chunk_size,
+        labels=rows_checksum(labels, step_ids, cu_seqlens),
+        options=(reduction, None if num_items_in_batch is None else float(num_items_in_batch)),
+        dtype=str((student_weight_shard.dtype, student_hidden.dtype)),
+        grad=torch.is_grad_enabled() and student_hidden.requires_grad), error)  # the backward all_reduce: all or none
     metas = agree_on_layout(meta, world, group, vocab_size, CALLER)
+    v0, v1 = meta["v0"], meta["v1"]
 
     kept = int(layout.valid.sum())
     widest = max(m["v1"] - m["v0"] for m in metas)  # the same chunks on every rank

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import List, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -44,6 +44,7 @@ from ..core.reduction import reduce_rows, row_normalizer
 from ..core.stats import VCRDStats
 from ..core.weights import Rows, concat_rows, poison_gradient, row_loss, weigh_rows
 from ..core.windows import CausalWindowMean
+from .agreement import agree_on_layout, config_fields, describe, local_meta
 
 # per-row partials each shard contributes (one slot per rank in the exchanged buffer)
 FIELDS = ("mx", "mz", "sum_s", "sum_u", "a_s", "a_u", "z_as", "x_y", "z_y", "own", "A_uz", "A_sz", "B", "sum_raw")
@@ -108,47 +109,6 @@ def _local_error(student, teacher, vocab_start, vocab_size) -> Optional[str]:
     if student.shape[-1] < 1:
         return "student_logits_shard: the shard holds no column"
     return None
-
-
-def agree_on_layout(meta: dict, world: int, group, V: int, caller: str) -> List[dict]:
-    """Every rank's ``meta`` (ONE ``all_gather_object``), checked the same way on every rank: the same
-    ``ValueError`` (prefixed ``caller``) on every rank if any rank's input is bad, the ranks disagree, or
-    the shards' ``[v0, v1)`` do not tile ``[0, V)``; no rank is left waiting in a later collective."""
-    if world > 1:
-        metas: List[dict] = [None] * world  # type: ignore[list-item]
-        dist.all_gather_object(metas, meta, group=group)
-    else:
-        metas = [meta]
-    _check_layout(metas, V, caller)
-    return metas
-
-
-def _check_layout(metas: List[dict], V: int, caller: str) -> None:
-    """The same checks on every rank, from every rank's metadata: raise the same ``ValueError``."""
-    errors = [f"rank {r}: {m['error']}" for r, m in enumerate(metas) if m["error"]]
-    if errors:
-        raise ValueError(f"{caller}: bad input on " + "; ".join(errors))
-    for key, what in (("V", "vocab_size (the full vocabulary)"), ("config", "config"), ("rows", "the row shape"),
-                      ("chunks", "the row chunks (VCRD_CHUNK_ROWS, chunk_rows or chunk_size)"),
-                      ("labels", "labels / step_ids / cu_seqlens"), ("options", "reduction / num_items_in_batch"),
-                      ("dtype", "the inputs' dtype")):
-        values = [m[key] for m in metas]
-        if any(v != values[0] for v in values):
-            shown = values if key in ("V", "rows", "chunks", "options", "dtype") else [str(v)[:60] for v in values]
-            raise ValueError(f"{caller}: ranks disagree on {what}: {shown} (rank 0..{len(metas) - 1})")
-    spans = sorted((m["v0"], m["v1"], r) for r, m in enumerate(metas))
-    at = 0
-    for v0, v1, r in spans:
-        if v0 != at:
-            kind = "a gap" if v0 > at else "an overlap"
-            layout = [(m["v0"], m["v1"]) for m in metas]
-            raise ValueError(f"{caller}: the shards' columns do not tile [0, {V}): {kind} at column "
-                             f"{min(v0, at)} (rank {r} starts at {v0}); per-rank [start, end) = {layout}")
-        at = v1
-    if at != V:
-        layout = [(m["v0"], m["v1"]) for m in metas]
-        raise ValueError(f"{caller}: the shards' columns do not tile [0, {V}): they end at {at}; "
-                         f"per-rank [start, end) = {layout}")
 
 
 def _partials(x: torch.Tensor, z: torch.Tensor, y: torch.Tensor, v0: int, T: float, divergence: str,
@@ -318,28 +278,27 @@ def vocab_parallel_vcrd_loss(
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise ValueError(f"chunk_rows: expected an int >= 1, got {chunk_rows!r}")
         error = _local_error(student_logits_shard, teacher_logits_shard, vocab_start, vocab_size)
-    except (TypeError, ValueError) as e:
-        error = str(e)
-    if error is None:
-        try:  # labels, step ids, cu_seqlens checked on each rank; a failure is reported to all ranks
+        if error is None:  # labels, step ids, cu_seqlens checked on each rank; a failure is reported to all ranks
             lead, device = student_logits_shard.shape[:-1], student_logits_shard.device
             layout = check_rows(check_labels(labels, lead, device, cfg), lead, device, step_ids, cu_seqlens, cfg,
                                 vocab_size)
-        except (TypeError, ValueError) as e:
-            error = str(e)
-    v0 = vocab_start if error is None else 0
-    v1 = min(vocab_start + student_logits_shard.shape[-1], vocab_size) if error is None else 0
-    lead = tuple(student_logits_shard.shape[:-1]) if error is None else None
-    # chunks depend on the shape only (never on memory layout), so every rank walks the same rows:
-    # [N, W] in chunks of `chunk` rows, [B, T, W] per sequence (a chunk never crosses one)
-    n_chunks = None
-    if error is None:
+    except Exception as e:  # any failure is shared (agreement.py): a lone raise would hang the other ranks
+        error = describe(e)
+
+    def build() -> dict:
+        lead = tuple(student_logits_shard.shape[:-1])
+        # chunks depend on the shape only (never on memory layout), so every rank walks the same rows:
+        # [N, W] in chunks of `chunk` rows, [B, T, W] per sequence (a chunk never crosses one)
         n_chunks = math.ceil(lead[0] / chunk) if len(lead) == 1 else lead[0] * math.ceil(lead[1] / chunk)
-    meta = dict(error=error, v0=v0, v1=v1, V=vocab_size, config=repr(cfg), rows=lead, chunks=(chunk, n_chunks),
-                labels=rows_checksum(labels, step_ids, cu_seqlens) if error is None else None,
-                options=(reduction, None if error or num_items_in_batch is None else float(num_items_in_batch)),
-                dtype=str(student_logits_shard.dtype) if error is None else None)
+        return dict(error=None, v0=vocab_start, v1=min(vocab_start + student_logits_shard.shape[-1], vocab_size),
+                    V=vocab_size, config=config_fields(cfg), rows=lead, chunks=(chunk, n_chunks),
+                    labels=rows_checksum(labels, step_ids, cu_seqlens),
+                    options=(reduction, None if num_items_in_batch is None else float(num_items_in_batch)),
+                    dtype=str(student_logits_shard.dtype))
+
+    meta = local_meta(build, error)  # never raises
     agree_on_layout(meta, world, group, vocab_size, "vocab_parallel_vcrd_loss")
+    v0, v1 = meta["v0"], meta["v1"]
 
     s_full = student_logits_shard
     Vl = v1 - v0

@@ -63,6 +63,10 @@ class SparseTeacher:
         check_tensor("topk_ids", self.topk_ids, "int")
         check_tensor("topk_logprobs", self.topk_logprobs, "float")
         check_tensor("tail_logprob", self.tail_logprob, "float")
+        for name in ("topk_logprobs", "tail_logprob"):  # as the dense loss refuses a grad-requiring teacher
+            if getattr(self, name).requires_grad:
+                raise ValueError(f"{name}: the teacher must not require grad (detach it or compute it under "
+                                 f"torch.no_grad()), got a tensor with requires_grad=True")
         if self.topk_ids.dim() < 2 or self.topk_logprobs.shape != self.topk_ids.shape:
             raise ValueError(f"topk_logprobs: expected the shape of topk_ids [..., K] "
                              f"{tuple(self.topk_ids.shape)}, got {tuple(self.topk_logprobs.shape)}")

@@ -61,6 +61,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from ..core.progress import progress as progress_bar
+from .limits import check_lengths, model_positions
 from .packed_forward import packed_forward, packed_forward_supported
 from .threads import map_batches
 
@@ -467,13 +468,15 @@ def score_responses(
         texts += [prompt, *steps]
         n_steps.append(len(steps))
     ids = iter(_batch_ids(tokenizer, texts))
-    all_steps, items, n_tokens = [], [], []
+    all_steps, items, n_tokens, lengths = [], [], [], []
     for r, n in enumerate(n_steps):
         prompt_ids = bos + next(ids)
         step_ids = [next(ids) for _ in range(n)]
         all_steps.append(step_ids)
         n_tokens.append(sum(len(s) for s in step_ids))
+        lengths.append(len(prompt_ids) + n_tokens[-1])
         items.append(_items(prompt_ids, step_ids, window, drop_first, r, share))
+    check_lengths(lengths, model_positions(model), [f"responses[{r}]" for r in range(len(lengths))])  # limits.py
 
     groups = _groups(items, GROUP_BATCHES * (flat_budget or token_budget))
     sizes = [sum(len(it.ids) for r in group for it in items[r]) for group in groups]

@@ -33,12 +33,13 @@ import shutil
 import signal
 import socket
 import struct
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from ..distributed.ranks import agreed
-from .files import fsync_dir
+from .files import fsync_dir, open_private_file
 
 MANIFEST = "vcrd_checkpoint.json"
 LOCK_NAME = ".vcrd-train.lock"
@@ -157,15 +158,13 @@ def check_writable(folder: os.PathLike, what: str = "output_dir") -> None:
         probe_dir = probe_dir.parent
     if not probe_dir.is_dir():
         raise ValueError(f"{what}: cannot create {str(folder)!r}: {str(probe_dir)!r} is not a directory")
-    probe = probe_dir / f".vcrd-write-probe-{os.getpid()}"
-    try:
-        with open(probe, "wb"):
-            pass
+    try:  # an unpredictable name, created exclusively: a planted symlink is never followed
+        fd, probe = tempfile.mkstemp(prefix=".vcrd-write-probe-", dir=probe_dir)
     except OSError as e:
         raise ValueError(f"{what}: cannot write in {str(probe_dir)!r}: {e.strerror or e}") from None
-    finally:
-        with contextlib.suppress(OSError):
-            probe.unlink()
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -239,8 +238,8 @@ class RunLock:
         import fcntl
 
         while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:  # never through a symlink or into a hard-linked file (UnsafeFileError, a ValueError)
+                fd = open_private_file(self.path, os.O_RDWR | os.O_CREAT, 0o644, "output_dir: the lock file")
             except OSError as e:
                 raise RunError(f"output_dir: cannot create the lock file {self.path}: {e.strerror or e}") from None
             try:
@@ -318,12 +317,22 @@ def verify_checkpoint(folder: os.PathLike) -> Dict[str, Any]:
             files = manifest["files"]
         except (ValueError, KeyError, TypeError, UnicodeDecodeError, OSError) as e:
             raise ValueError(f"unreadable {MANIFEST} ({e})") from None
+        hashes = manifest.get("sha256", {})
+        if not isinstance(hashes, dict):
+            raise ValueError(f"unreadable {MANIFEST} (sha256 is not a mapping)")
         for name, size in files.items():
             file = folder / name
             if not file.is_file():
                 raise ValueError(f"{name} is missing")
             if file.stat().st_size != size:
                 raise ValueError(f"{name} is {file.stat().st_size} bytes, the manifest says {size}")
+        for name, digest in hashes.items():  # a same-size change (a flipped bit) too
+            file = folder / name
+            if not file.is_file():
+                raise ValueError(f"{name} is missing")
+            if file_sha256(file) != digest:
+                raise ValueError(f"{name} is damaged: its sha256 differs from the manifest's (same size, other "
+                                 f"content)")
     for name in RESUME_FILES:
         file = folder / name
         if not file.is_file() or file.stat().st_size == 0:
@@ -337,26 +346,58 @@ def verify_checkpoint(folder: os.PathLike) -> Dict[str, Any]:
         json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"trainer_state.json is damaged ({e})") from None
+    for name in ("optimizer.pt", "scheduler.pt"):  # what the Trainer loads with weights_only=True
+        check_torch_file(folder / name)
     return manifest
 
 
-def find_resume_checkpoint(folder: os.PathLike, say: Callable[[str], None]) -> Tuple[Path, Dict[str, Any]]:
+def check_torch_file(path: Path) -> None:
+    """``ValueError`` naming ``path`` unless ``torch.load(path, weights_only=True)`` accepts it (what the
+    Trainer's resume runs): a file holding pickled code or damaged beyond its hash is named here, not in a
+    traceback. Memory-mapped, so a large optimizer state is not read whole."""
+    import pickle
+
+    import torch
+
+    try:
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            torch.load(path, map_location="cpu", weights_only=True)  # a legacy (non-zip) torch file
+    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, OSError, TypeError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path.name} cannot be loaded safely (torch.load with weights_only=True refuses it: "
+                         f"{first})") from None
+
+
+def find_resume_checkpoint(folder: os.PathLike, say: Callable[[str], None],
+                           announce: bool = True) -> Tuple[Path, Dict[str, Any]]:
     """The newest complete checkpoint in ``folder`` and its manifest; the incomplete ones newer than
-    it are reported (``say``) and skipped. :class:`ResumeError` if there is none."""
+    it are reported (``say``) and skipped. :class:`ResumeError` if there is none. ``announce=False``:
+    the caller says "continuing from" itself, once it has compared the run (:func:`resume_message`)."""
     skipped = []
-    for step, path in checkpoints(folder):
+    for _step, path in checkpoints(folder):
         try:
             manifest = verify_checkpoint(path)
         except (ValueError, OSError) as e:
             skipped.append(path.name)
             say(f"--resume: skipping {path.name}: incomplete or damaged ({e})")
             continue
-        note = "" if manifest else " (written without a vcrd manifest: its config cannot be compared)"
-        say(f"--resume: continuing from {path} (step {step}){note}")
+        if announce:
+            say(resume_message(path, manifest))
         return path, manifest
     if skipped:
         raise ResumeError(f"--resume: no complete checkpoint in {str(folder)!r} (skipped: {', '.join(skipped)})")
     raise ResumeError(f"--resume: no checkpoint-* folder in {str(folder)!r}")
+
+
+def resume_message(path: Path, manifest: Dict[str, Any]) -> str:
+    """What ``--resume`` says once it has chosen (and accepted) ``path``."""
+    note = "" if manifest else " (written without a vcrd manifest: its config cannot be compared)"
+    step = CHECKPOINT_RE.match(path.name)
+    return f"--resume: continuing from {path} (step {step.group(1) if step else '?'}){note}"
 
 
 # ---------------------------------------------------------------------------------------- saving
@@ -402,10 +443,12 @@ class AtomicCheckpointMixin:
 
         def commit() -> None:
             written = staging / name
-            files = {str(p.relative_to(written)): p.stat().st_size for p in sorted(written.rglob("*")) if p.is_file()}
+            paths = [p for p in sorted(written.rglob("*")) if p.is_file()]
+            files = {str(p.relative_to(written)): p.stat().st_size for p in paths}
+            hashes = {str(p.relative_to(written)): file_sha256(p) for p in paths}  # content, not only size
             with open(written / MANIFEST, "w", encoding="utf-8") as f:
-                json.dump({"format": 1, "step": self.state.global_step, "run": self.run_manifest, "files": files},
-                          f, indent=1)
+                json.dump({"format": 1, "step": self.state.global_step, "run": self.run_manifest, "files": files,
+                           "sha256": hashes}, f, indent=1)
             _fsync_tree(written)
             commit_folder(written, run_dir / name)
 

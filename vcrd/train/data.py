@@ -54,8 +54,21 @@ def parse_row(row: object, where: str) -> Example:
     steps = row.get("steps")
     if steps is not None and (not isinstance(steps, list) or not all(isinstance(s, str) for s in steps)):
         raise ValueError(f"{where}: field 'steps' must be a list of strings")
+    for name, text in [("prompt", row["prompt"]), ("response", row["response"]), ("teacher", teacher or ""),
+                       *((f"steps[{i}]", s) for i, s in enumerate(steps or []))]:
+        _check_unicode(text, where, name)
     extra = {k: v for k, v in row.items() if k not in ("prompt", "response", "teacher", "steps")}
     return Example(row["prompt"], row["response"], teacher, steps, extra, where)
+
+
+def _check_unicode(text: str, where: str, name: str) -> None:
+    """``ValueError`` naming ``where`` and the field if ``text`` holds a lone surrogate (JSON's ``"\\ud800"``
+    escape decodes to one): no tokenizer can encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{where}: field {name!r} holds a lone surrogate (U+{ord(text[e.start]):04X} at character "
+                         f"{e.start + 1}), which is not valid Unicode text; fix or drop the line") from None
 
 
 def open_for_reading(path: Union[str, Path], what: str = "data"):

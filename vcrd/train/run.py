@@ -197,7 +197,7 @@ def check_run(cfg: Dict[str, Any], examples, say: Callable[[str], None]):
     if "teacher_cache" in cfg:  # the cache must hold exactly these examples, tokenised this way
         from .teacher_cache import TeacherCache
 
-        TeacherCache(cfg["teacher_cache"]).verify(examples, collator, vocab_size=limits["student"][0])
+        TeacherCache(cfg["teacher_cache"], verify=False).verify(examples, collator, vocab_size=limits["student"][0])
     check_writable(cfg["output_dir"])
     return tokenizer, collator
 
@@ -235,7 +235,7 @@ def _trainer_class():
 def _prepare(config_path: str, resume: bool, allow_mismatch: bool, world: int, say: Callable[[str], None]):
     """Every check that needs no model, on this rank: ``(cfg, examples, tokenizer, collator, manifest,
     checkpoint or None)``."""
-    from .checkpoints import ResumeError, checkpoints, file_sha256, find_resume_checkpoint
+    from .checkpoints import ResumeError, checkpoints, file_sha256, find_resume_checkpoint, resume_message
     from .data import read_jsonl
 
     cfg = load_config(config_path)
@@ -247,7 +247,7 @@ def _prepare(config_path: str, resume: bool, allow_mismatch: bool, world: int, s
     out = Path(cfg["output_dir"])
     checkpoint = None
     if resume:
-        checkpoint, stored = find_resume_checkpoint(out, say)
+        checkpoint, stored = find_resume_checkpoint(out, say, announce=False)  # said once accepted
         stored_run = stored.get("run", {})
         if stored_run:  # written before world sizes were stored: by one process
             stored_run = {"world_size": 1, **stored_run}
@@ -258,6 +258,7 @@ def _prepare(config_path: str, resume: bool, allow_mismatch: bool, world: int, s
                               f"before), or pass --allow-mismatch to continue anyway")
         if differences:
             say(f"warning: --allow-mismatch: resuming {checkpoint.name} despite {'; '.join(differences)}")
+        say(resume_message(checkpoint, stored))
     elif checkpoints(out):
         say(f"warning: {out} already holds checkpoints from an earlier run; this run starts from step 0 and "
             f"replaces them as it reaches their steps (use --resume to continue instead)")

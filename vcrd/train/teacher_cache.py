@@ -25,7 +25,6 @@ and the example); :class:`TeacherCacheCollator` adds the cached teacher to Disti
 from __future__ import annotations
 
 import bisect
-import contextlib
 import hashlib
 import json
 import math
@@ -38,7 +37,8 @@ import torch
 from ..core.progress import progress as progress_bar
 from ..loss.sparse import TAIL_TOLERANCE, SparseTeacher
 from .data import DistillCollator, Example
-from .files import atomic_file
+from .devices import check_device
+from .files import atomic_file, remove_stale_temps
 
 FORMAT = "vcrd-teacher-cache"
 FORMAT_VERSION = 1
@@ -205,6 +205,7 @@ def build_cache(model_dir: Union[str, Path], data: Union[str, Path], out: Union[
                              ("--max-length", max_length, 2)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+    check_device(device)  # before anything is written (no unfinished manifest for a missing GPU)
     model_dir, out = Path(model_dir), Path(out)
     examples = read_jsonl(data)  # every line checked before anything is written
     if not examples:
@@ -268,9 +269,9 @@ def _build(model_dir, out, manifest, examples, collator, batch_size, device, pro
                              f"use an empty or new folder")
         complete = None
         _write_json(path, manifest)
-    for stale in out.glob(".shard-*.tmp-*"):  # left by a killed run (we hold the lock)
-        with contextlib.suppress(OSError):
-            stale.unlink()
+    # atomic_file's temporary shards and records left by a killed run (we hold the lock)
+    for stale in remove_stale_temps(out, ("shard-*.npy", "shard-*.json", MANIFEST)):
+        say(f"removed {stale.name}: a temporary file left by an interrupted run")
 
     K, shards = manifest["K"], manifest["shards"]
     done = [_shard_done(out, s, entry, say) for s, entry in enumerate(shards)]  # finished shards are kept
@@ -331,10 +332,13 @@ class TeacherCache:
     """A finished teacher cache, opened read-only: the manifest now, each shard memory-mapped on first use.
 
     ``CacheError`` (a ``ValueError``) at once for a missing or unfinished manifest, an unknown format,
-    K > V, or a shard file that is missing or not the size the manifest records (truncated).
+    K > V, or a shard file that is missing or not the size the manifest records (truncated); and, with
+    ``verify=True`` (the default), for a shard whose sha256 differs from the manifest's or that holds an
+    invalid record (:meth:`verify` without examples): every reader sees a damaged cache before it reads a
+    row. ``verify=False`` for a caller that runs :meth:`verify` with its examples right away.
     """
 
-    def __init__(self, folder: Union[str, Path]) -> None:
+    def __init__(self, folder: Union[str, Path], *, verify: bool = True) -> None:
         self.folder = Path(folder)
         path = self.folder / MANIFEST
         if not path.is_file():
@@ -368,6 +372,8 @@ class TeacherCache:
             if size != sh["bytes"]:
                 raise CacheError(f"{file}: truncated or damaged shard: {size} bytes, the manifest records "
                                  f"{sh['bytes']} (rows {sh['first_row']}..{sh['first_row'] + sh['rows'] - 1})")
+        if verify:
+            self.verify()
 
     def __len__(self) -> int:
         return self.manifest["n_examples"]
