@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vcrd.train.logit_processing import logit_processing
+from vcrd.core.logit_processing import logit_processing
 
 TINY = dict(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
             num_key_value_heads=1, max_position_embeddings=64)
@@ -87,3 +87,17 @@ def test_distill_loss_refuses_a_scaled_student_naming_the_attribute():
     with pytest.raises(ValueError, match=r"student: GraniteForCausalLM post-processes its logits "
                                          r"\(config.logits_scaling=8.0 \(logits divided by it\)\)"):
         distill_loss(student, teacher, batch, "kd")
+
+
+def test_the_scorer_refuses_a_post_processing_model_naming_the_attribute():
+    import transformers as tr
+
+    from vcrd.app.tokenizer import build_char_tokenizer
+    from vcrd.select.naturalness import score_responses
+
+    tok = build_char_tokenizer()
+    torch.manual_seed(0)
+    cohere = tr.CohereForCausalLM(tr.CohereConfig(**{**TINY, "vocab_size": len(tok)}, logit_scale=0.0625))
+    with pytest.raises(ValueError, match=r"model: CohereForCausalLM post-processes its logits "
+                                         r"\(config.logit_scale=0.0625\)"):
+        score_responses(cohere, tok, ["1+1="], ["2\n\n= 2"])

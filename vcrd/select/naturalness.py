@@ -60,6 +60,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ..core.logit_processing import logit_processing
 from ..core.progress import progress as progress_bar
 from .limits import check_lengths, model_positions
 from .packed_forward import packed_forward, packed_forward_supported
@@ -253,10 +254,11 @@ def _deal(sizes: Sequence[int], world: int) -> List[int]:
 
 
 def _decoder_and_head(model):
-    config = getattr(model, "config", None)
-    if getattr(config, "final_logit_softcapping", None):
-        raise ValueError("model: final_logit_softcapping is not supported by the scorer (logits are taken straight "
-                         "from the LM head)")
+    processing = logit_processing(getattr(model, "config", None))
+    if not processing.is_identity:
+        raise ValueError(f"model: {type(model).__name__} post-processes its logits ({processing.describe()}); the "
+                         f"scorer takes log-probs straight from the LM head, so its scores would not be the "
+                         f"model's: models with a logit scale or soft-cap are not supported yet")
     head = model.get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
         raise ValueError(f"model: expected a causal LM with an output embedding (LM head), got {type(model).__name__}")

@@ -1,6 +1,6 @@
 """A causal LM as the fused-linear loss sees it: final hidden states and LM head through the model's
 own ``forward`` (so DDP, FSDP2, autocast and other wrappers take effect), with the checks that the
-logits are ``h @ W^T + b`` (no soft-cap, no scale after the head: :mod:`.logit_processing`)."""
+logits are ``h @ W^T + b`` (no soft-cap, no scale after the head: :mod:`vcrd.core.logit_processing`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .logit_processing import logit_processing
+from ..core.logit_processing import logit_processing
 
 # |model logits - h @ W^T - b| must stay within this fraction of max |h @ W^T + b| (bf16 autocast: ~1 %)
 _HEAD_CHECK_RTOL = 0.05
