@@ -37,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -72,7 +73,7 @@ class Sizes:
 
 
 GPU_SIZES = Sizes(B=4, T=1024, H=896, V=151936, K=64)
-INTERPRET_SIZES = Sizes(B=2, T=48, H=40, V=509, K=16)
+INTERPRET_SIZES = Sizes(B=2, T=32, H=32, V=257, K=8)
 # the README's shapes (N, H, V); H is unused on the logits path
 TIMING_SHAPES = {"logits": [(1024, 0, 151936), (4096, 0, 151936)],
                  "hidden": [(1024, 512, 151936), (4096, 896, 151936), (2048, 576, 49152)]}
@@ -292,11 +293,16 @@ def run_with_grads(fn: Callable[[List[torch.Tensor]], torch.Tensor], leaves: Lis
 
 
 def torch_in_dtype(leaves: List[torch.Tensor], b: Batch, rows: slice, preset: str, teacher: str) -> torch.Tensor:
-    """One sequence's loss in plain PyTorch in the leaves' dtype, no vcrd fast path: the logits as a
-    PyTorch model makes them (``hidden @ weightᵀ`` in that dtype, both models), then SPEC's formulas
-    literally (``vcrd.core.reference``) in that dtype. With float64 leaves it is the truth; in the
-    input dtype, the "torch in dtype" of the three-way rule."""
+    """One sequence's loss in plain PyTorch, no vcrd fast path, as a PyTorch model in the leaves'
+    dtype gives it: both models' logits made in that dtype (``hidden @ weightᵀ``, rounded there), then
+    SPEC's formulas literally (``vcrd.core.reference``) on them upcast to float32 for bf16/fp16, as
+    losses on low-precision logits are computed in practice. With float64 leaves it is the truth; in
+    the input dtype, the "torch in dtype" of the three-way rule.
+
+    (The formulas themselves in bf16 are no base: against float64 their gradients of the head are off
+    by about a quarter of their size, a bound so loose that a zeroed gradient passes.)"""
     dtype = leaves[0].dtype
+    compute = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
     s = leaves[0][rows] if len(leaves) == 1 else leaves[0][rows] @ leaves[1].T
     if teacher == "sparse":
         u = b.sparse.completed_logprobs(rows, s.shape[-1], dtype)
@@ -304,7 +310,8 @@ def torch_in_dtype(leaves: List[torch.Tensor], b: Batch, rows: slice, preset: st
         u = b.u[rows].to(dtype)
     else:
         u = b.ht[rows].to(dtype) @ b.wt.to(dtype).T
-    return reference.vcrd_loss(s, u, b.y[rows], step_ids=b.steps[rows], config=preset, reduction="sum")
+    return reference.vcrd_loss(s.to(compute), u.to(compute), b.y[rows], step_ids=b.steps[rows], config=preset,
+                               reduction="sum")
 
 
 def oracle(b: Batch, level: str, teacher: str, preset: str, dtype: torch.dtype, upstream: float) -> List[torch.Tensor]:
@@ -378,7 +385,10 @@ def machine_info(device: torch.device) -> Dict[str, str]:
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
                            text=True)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or '?'})"
+    cpuinfo = Path("/proc/cpuinfo")
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                if line.startswith("model name")), "?") if cpuinfo.exists() else platform.processor() or "?"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU: {cpu}"
     return dict(device=name, cuda=str(torch.version.cuda), torch=torch.__version__, triton=version("triton"),
                 liger_kernel=version("liger-kernel"), trl=version("trl"),
                 git=(sha.stdout.strip() + (" (dirty)" if dirty.stdout.strip() else "")) if sha.returncode == 0
@@ -524,10 +534,15 @@ def gpu_check(args: argparse.Namespace) -> int:
     if args.interpret and os.environ.get("TRITON_INTERPRET") != "1":
         argv = ["gpu-check", "--interpret", "--out", str(out)] + (["--quick"] if args.quick else [])
         env = dict(os.environ, TRITON_INTERPRET="1")
+        # the interpreter's launches dominate; torch.compile of the CPU path (tested by the default suite)
+        # would add about 15 s of compile time to a rehearsal that checks this command's code
+        env.setdefault("VCRD_COMPILE", "0")
         return subprocess.call([sys.executable, "-m", "vcrd.app.cli", *argv], env=env)
     if not args.interpret and not torch.cuda.is_available():
         print(NO_GPU, file=sys.stderr)
         return 2
+    if args.interpret:  # masked-off lanes the interpreter computes anyway (NaN there is never stored)
+        warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton.runtime.interpreter")
     device = torch.device("cpu" if args.interpret else "cuda")
     sizes = INTERPRET_SIZES if args.interpret else GPU_SIZES
     t0 = time.perf_counter()
