@@ -410,6 +410,8 @@ def run_parity(report: Report, sizes: Sizes, device: torch.device, log: Callable
                     checks = three_way(p, p.make(), b, preset, upstream, cache=cache)
                 except NotImplementedError as e:
                     row.update(status="fail" if p.required else "skipped", reason=" ".join(str(e).split()))
+                except Exception as e:  # e.g. out of memory or a kernel that fails to compile: a result, not a crash
+                    row.update(status="fail", reason=f"{type(e).__name__}: {' '.join(str(e).split())[:500]}")
                 else:
                     row.update(status="pass" if all(c["ok"] for c in checks) else "fail", checks=checks)
                 row["seconds"] = time.perf_counter() - t0
@@ -456,7 +458,7 @@ def run_timings(report: Report, device: torch.device, skip: Optional[str], log: 
                     upstream = 1.0 / b.n_valid  # the mean over valid rows: gradients at their usual scale
                     got: List[torch.Tensor] = []
 
-                    def call(p=p, fn=fn, leaves=leaves, upstream=upstream, got=got):
+                    def call(p=p, fn=fn, b=b, leaves=leaves, upstream=upstream, got=got):
                         got[:] = run_with_grads(lambda x: fn(x, b, p.preset), leaves, upstream)
 
                     try:
@@ -471,7 +473,7 @@ def run_timings(report: Report, device: torch.device, skip: Optional[str], log: 
                                                times_ms=times, checks=checks))
                     log(f"timing {p.name:38s} N={N} H={H} V={V} {dname} {median:.2f} ms, grads "
                         f"{'pass' if ok else 'FAIL'}")
-                del b
+                b = cache = None  # free the batch and its oracles before the next shape
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
 
@@ -550,6 +552,7 @@ def gpu_check(args: argparse.Namespace) -> int:
                     dict(asdict(sizes), N=sizes.N))
     log = lambda msg: print(f"[gpu-check {time.perf_counter() - t0:6.1f} s] {msg}", flush=True)  # noqa: E731
     run_parity(report, sizes, device, log)
+    write(report, out)  # the parity results kept even if the timings crash the process
     skip = "interpreter: timing meaningless" if args.interpret else "--quick" if args.quick else None
     run_timings(report, device, skip, log)
     report.seconds = time.perf_counter() - t0
