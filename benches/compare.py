@@ -82,23 +82,29 @@ def make_inputs(N: int, H: int, V: int, seed: int = 0, dtype: str = "fp32"):
     return hs.requires_grad_(), ws.requires_grad_(), ht, wt, y, torch.arange(N) // 30
 
 
-def gemm_floor(hs, ws, ht, wt, y, steps):
-    """The floor's ``run``: the four GEMMs into buffers made here, once (see the module docstring)."""
-    import torch
+class GemmFloor:
+    """The floor's ``run``: the four GEMMs of the kept rows into buffers made here, once (module docstring).
 
-    kept = (y != -100).nonzero().squeeze(1)  # the rows vcrd computes
-    h, htk = hs.detach().index_select(0, kept), ht.index_select(0, kept)
-    w, wtd = ws.detach(), wt.detach()
-    S = torch.empty(kept.numel(), w.shape[0], dtype=h.dtype)  # student logits, then the stand-in gradient
-    U = torch.empty(kept.numel(), wtd.shape[0], dtype=htk.dtype)  # teacher logits
-    grad_h, grad_w = torch.empty_like(h), torch.empty_like(w)
+    ``S [n, V]`` student logits (then the stand-in for their gradient), ``U [n, V]`` teacher logits,
+    ``grad_h [n, H]``, ``grad_w [V, H]``; ``n`` the non-ignored rows; all in the inputs' dtype."""
 
-    def run(*_):
-        torch.mm(h, w.T, out=S)
-        torch.mm(htk, wtd.T, out=U)
-        torch.mm(S, w, out=grad_h)
-        torch.mm(S.T, h, out=grad_w)
-    return run
+    def __init__(self, hs, ws, ht, wt, y, steps) -> None:
+        import torch
+
+        kept = (y != -100).nonzero().squeeze(1)  # the rows vcrd computes
+        self.h, self.ht = hs.detach().index_select(0, kept), ht.index_select(0, kept)
+        self.w, self.wt = ws.detach(), wt.detach()
+        self.S = torch.empty(kept.numel(), self.w.shape[0], dtype=self.h.dtype)
+        self.U = torch.empty(kept.numel(), self.wt.shape[0], dtype=self.ht.dtype)
+        self.grad_h, self.grad_w = torch.empty_like(self.h), torch.empty_like(self.w)
+
+    def __call__(self, *_) -> None:
+        import torch
+
+        torch.mm(self.h, self.w.T, out=self.S)
+        torch.mm(self.ht, self.wt.T, out=self.U)
+        torch.mm(self.S, self.w, out=self.grad_h)
+        torch.mm(self.S.T, self.h, out=self.grad_w)
 
 
 def provider_fn(name: str, inputs):
@@ -106,7 +112,7 @@ def provider_fn(name: str, inputs):
     import torch
 
     if name == "gemm-floor":
-        run = gemm_floor(*inputs)
+        run = GemmFloor(*inputs)
     elif name == "trl-chunked-div":
         from trl.trainer.distillation_trainer import _chunked_divergence_loss
 
