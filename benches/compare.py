@@ -1,16 +1,24 @@
-"""Fused-linear distillation losses side by side, one process per provider (CPU, fp32, fwd+bwd).
+"""Fused-linear distillation losses side by side, one process per provider (CPU, fwd+bwd).
 
     python benches/compare.py                      # all providers and shapes → JSON, markdown, PNG
     python benches/compare.py --quick              # smaller shapes, for a smoke run
+    python benches/compare.py --shape smollm2 qwen2.5-0.5b --dtype bf16   # the named model heads
+    python benches/compare.py --N 256 --H 128 --V 8192 --dtype bf16      # one shape
     python benches/compare.py --self-test          # only the gradient checker's self-test
 
-Providers: the four GEMMs alone (student logits, teacher logits, grad of the student hidden and
-of the student weight: the floor any fused loss pays), naive full-logits autograd (forward KL),
-TRL's ``generalized_jsd_loss`` (beta=0) on full logits, Liger's ``LigerFusedLinearJSDLoss``
-(compiled, forward KL only: weight_hard_loss=0, weight_soft_loss=1, beta=0), and vcrd's
-``fused_linear_vcrd_loss`` with presets ``kd`` and ``vcrd``. The floor's four GEMMs run on the
-non-ignored rows only (about 90 % of N here): the rows vcrd computes, since vcrd drops ignored rows
-before any GEMM; a floor over all N rows would flatter vcrd by the ignored fraction. Each
+Providers: the GEMM floor, naive full-logits autograd (forward KL), TRL's ``generalized_jsd_loss``
+(beta=0) on full logits, TRL 1.16's fused ``_chunked_divergence_loss`` (beta=0: forward KL; on CPU
+TRL projects every row, ignored ones included: its Triton path alone drops them), Liger's
+``LigerFusedLinearJSDLoss`` (compiled, forward KL only: weight_hard_loss=0, weight_soft_loss=1,
+beta=0), and vcrd's ``fused_linear_vcrd_loss`` with presets ``kd`` and ``vcrd``.
+
+The GEMM floor (DESIGN.md) is the four GEMMs alone — student logits, teacher logits, grad of the
+student hidden states, grad of the student head — in the input dtype (bf16 GEMMs for bf16 inputs),
+on the non-ignored rows only (about 90 % of N here: the rows vcrd computes, since vcrd drops ignored
+rows before any GEMM; a floor over all N rows would flatter vcrd by the ignored fraction), each
+written with ``torch.mm(..., out=)`` into a buffer allocated once, outside the timing, as are the
+gathered rows. The student logits buffer stands in for their gradient. Nothing else is timed: no
+allocation (fresh ``[N, V]`` outputs page-fault), no elementwise pass, no random numbers. Each
 (provider, shape) runs in a fresh process so peak RSS is its own; the median of ``--repeats`` timed
 runs follows one warm-up run.
 
@@ -44,16 +52,25 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # benches.* when run as a script
-PROVIDERS = ["gemm-floor", "naive-fkl", "trl-gjsd-beta0", "liger-fused-jsd", "vcrd-kd", "vcrd-vcrd"]
+PROVIDERS = ["gemm-floor", "naive-fkl", "trl-gjsd-beta0", "trl-chunked-div", "liger-fused-jsd", "vcrd-kd",
+             "vcrd-vcrd"]
 # the vcrd preset each loss computes: its float64 reference is what the timed gradients are checked against
-REFERENCE_PRESET = {"naive-fkl": "kd", "trl-gjsd-beta0": "kd", "liger-fused-jsd": "kd", "vcrd-kd": "kd",
-                    "vcrd-vcrd": "vcrd"}
+REFERENCE_PRESET = {"naive-fkl": "kd", "trl-gjsd-beta0": "kd", "trl-chunked-div": "kd", "liger-fused-jsd": "kd",
+                    "vcrd-kd": "kd", "vcrd-vcrd": "vcrd"}
+# model heads (N, H, V) by name: SmolLM2's and Qwen2.5-0.5B's, at the token counts of issue 27
+SHAPES = {"smollm2": (2048, 576, 49152), "qwen2.5-0.5b": (1024, 896, 151936)}
+DTYPES = ("fp32", "bf16")
 
 
-def make_inputs(N: int, H: int, V: int, seed: int = 0):
-    """Student/teacher hidden states and heads giving std ~10 correlated logits; 10 % rows ignored."""
+def make_inputs(N: int, H: int, V: int, seed: int = 0, dtype: str = "fp32"):
+    """Student/teacher hidden states and heads giving std ~10 correlated logits; 10 % rows ignored.
+
+    Returns ``hs [N, H]``, ``ws [V, H]`` (both requiring grad), ``ht``, ``wt``, labels ``y [N]``,
+    step ids ``[N]``; the floats in ``dtype`` (``"fp32"`` or ``"bf16"``, drawn in fp32 then rounded)."""
     import torch
 
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {DTYPES}, got {dtype!r}")
     g = torch.Generator().manual_seed(seed)
     hs = torch.randn(N, H, generator=g)
     ws = torch.randn(V, H, generator=g) * (10 / H ** 0.5)
@@ -61,21 +78,47 @@ def make_inputs(N: int, H: int, V: int, seed: int = 0):
     wt = ws + torch.randn(V, H, generator=g) * (5 / H ** 0.5)
     y = torch.cat([(ht[i:i + 256] @ wt.T).argmax(-1) for i in range(0, N, 256)])  # the teacher's trace
     y[torch.rand(N, generator=g) < 0.1] = -100
+    hs, ws, ht, wt = (x.to(torch.bfloat16 if dtype == "bf16" else torch.float32) for x in (hs, ws, ht, wt))
     return hs.requires_grad_(), ws.requires_grad_(), ht, wt, y, torch.arange(N) // 30
 
 
-def provider_fn(name: str):
+class GemmFloor:
+    """The floor's ``run``: the four GEMMs of the kept rows into buffers made here, once (module docstring).
+
+    ``S [n, V]`` student logits (then the stand-in for their gradient), ``U [n, V]`` teacher logits,
+    ``grad_h [n, H]``, ``grad_w [V, H]``; ``n`` the non-ignored rows; all in the inputs' dtype."""
+
+    def __init__(self, hs, ws, ht, wt, y, steps) -> None:
+        import torch
+
+        kept = (y != -100).nonzero().squeeze(1)  # the rows vcrd computes
+        self.h, self.ht = hs.detach().index_select(0, kept), ht.index_select(0, kept)
+        self.w, self.wt = ws.detach(), wt.detach()
+        self.S = torch.empty(kept.numel(), self.w.shape[0], dtype=self.h.dtype)
+        self.U = torch.empty(kept.numel(), self.wt.shape[0], dtype=self.ht.dtype)
+        self.grad_h, self.grad_w = torch.empty_like(self.h), torch.empty_like(self.w)
+
+    def __call__(self, *_) -> None:
+        import torch
+
+        torch.mm(self.h, self.w.T, out=self.S)
+        torch.mm(self.ht, self.wt.T, out=self.U)
+        torch.mm(self.S, self.w, out=self.grad_h)
+        torch.mm(self.S.T, self.h, out=self.grad_w)
+
+
+def provider_fn(name: str, inputs):
+    """``run(hs, ws, ht, wt, y, steps)``: one fwd+bwd of provider ``name`` (set-up on ``inputs`` done here)."""
     import torch
 
     if name == "gemm-floor":
-        def run(hs, ws, ht, wt, y, steps):
-            with torch.no_grad():  # on the rows vcrd computes: the non-ignored ones
-                kept = (y != -100).nonzero().squeeze(1)
-                h = hs.index_select(0, kept)
-                s, _ = h @ ws.T, ht.index_select(0, kept) @ wt.T
-                s.sub_(s.mean())  # stand-in gradient of the logits, same shape
-                hs.grad = torch.zeros_like(hs).index_copy_(0, kept, s @ ws)
-                ws.grad = s.T @ h
+        run = GemmFloor(*inputs)
+    elif name == "trl-chunked-div":
+        from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+        def run(hs, ws, ht, wt, y, steps):  # mean over the valid rows (num_items_in_batch=None): kd
+            loss, _, _ = _chunked_divergence_loss(hs[None], ht[None], ws, wt, (y != -100)[None], beta=0.0)
+            loss.backward()
     elif name in ("naive-fkl", "trl-gjsd-beta0"):
         def run(hs, ws, ht, wt, y, steps):
             s = hs @ ws.T
@@ -115,8 +158,8 @@ def worker(args) -> None:
 
     from benches.memory import peak_rss_delta
 
-    inputs = make_inputs(args.N, args.H, args.V)
-    run = provider_fn(args.provider)
+    inputs = make_inputs(args.N, args.H, args.V, dtype=args.dtype)
+    run = provider_fn(args.provider, inputs)
 
     def once():
         inputs[0].grad = inputs[1].grad = None
@@ -130,9 +173,12 @@ def worker(args) -> None:
         times.append(time.perf_counter() - t0)
     delta, _ = peak_rss_delta(once)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the check's fp64 buffers
-    row = dict(provider=args.provider, N=args.N, H=args.H, V=args.V, n_kept=int((inputs[4] != -100).sum()),
+    row = dict(provider=args.provider, N=args.N, H=args.H, V=args.V, dtype=args.dtype,
+               n_kept=int((inputs[4] != -100).sum()),
                median_s=statistics.median(times), times_s=times, peak_rss_bytes=peak, op_delta_bytes=delta,
                threads=torch.get_num_threads(), torch=torch.__version__)
+    if args.provider == "gemm-floor":
+        row["floor"] = "gemms-into-buffers"  # the honest floor; rows without this key are the old one
     if args.provider in REFERENCE_PRESET:
         row.update(check_gradients(args, inputs))
     print(json.dumps(row))
@@ -154,7 +200,7 @@ def check_gradients(args, inputs) -> dict:
                         grad_note="the reference was computed on other inputs")
     else:
         ref = gradcheck.fused_reference(hs, ws, ht, wt, y, steps, [preset])[preset]
-    out = gradcheck.check_fused(hs.grad, ws.grad, ref)
+    out = gradcheck.check_fused(hs.grad, ws.grad, ref, tol=gradcheck.TOL_BY_DTYPE[args.dtype])
     out.update(grad_reference=preset, grad_check_s=time.perf_counter() - t0)
     return out
 
@@ -165,12 +211,12 @@ def reference_worker(args) -> None:
 
     from benches import gradcheck
 
-    hs, ws, ht, wt, y, steps = make_inputs(args.N, args.H, args.V)
+    hs, ws, ht, wt, y, steps = make_inputs(args.N, args.H, args.V, dtype=args.dtype)
     t0 = time.perf_counter()
-    refs = gradcheck.fused_reference(hs, ws, ht, wt, y, steps, args.presets)
+    refs = gradcheck.fused_reference(hs, ws, ht, wt, y, steps, args.presets)  # of the rounded inputs
     files = {}
     for preset, ref in refs.items():
-        files[preset] = str(Path(args.out) / f"ref-{preset}-{args.N}-{args.H}-{args.V}.pt")
+        files[preset] = str(Path(args.out) / f"ref-{preset}-{args.N}-{args.H}-{args.V}-{args.dtype}.pt")
         torch.save(dict(grad_h=ref["grad_h"], grad_W=ref["grad_W"], Z=ref["Z"], labels=y, step_ids=steps),
                    files[preset])
     print(json.dumps(dict(files=files, seconds=time.perf_counter() - t0)))
@@ -188,17 +234,17 @@ def machine_line(rows) -> str:
 
 
 def table(rows) -> str:
-    out = ["| N | H | V | provider | median fwd+bwd (s) | time / GEMM floor | peak RSS (GiB) "
+    out = ["| N | H | V | dtype | provider | median fwd+bwd (s) | time / GEMM floor | peak RSS (GiB) "
            "| op-only peak delta (GiB) | grad check (max rel err: hidden, weight) |",
-           "|---|---|---|---|---|---|---|---|---|"]
-    shapes = sorted({(r["N"], r["H"], r["V"]) for r in rows}, key=lambda k: (k[2], k[0]))
-    for N, H, V in shapes:
-        group = [r for r in rows if (r["N"], r["H"], r["V"]) == (N, H, V)]
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    key = lambda r: (r["N"], r["H"], r["V"], r.get("dtype", "fp32"))  # noqa: E731  (fp32: results before dtypes)
+    for N, H, V, dtype in sorted({key(r) for r in rows}, key=lambda k: (k[3], k[2], k[0])):
+        group = [r for r in rows if key(r) == (N, H, V, dtype)]
         floor = next((r["median_s"] for r in group if r["provider"] == "gemm-floor"), None)
         for r in sorted(group, key=lambda r: r["median_s"]):
             ratio = f"{r['median_s'] / floor:.2f}" if floor else "–"
             check = "– (not a loss)" if r["provider"] == "gemm-floor" else gradcheck_cell(r)
-            out.append(f"| {N} | {H} | {V} | {r['provider']} | {r['median_s']:.3f} | {ratio} | "
+            out.append(f"| {N} | {H} | {V} | {dtype} | {r['provider']} | {r['median_s']:.3f} | {ratio} | "
                        f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['op_delta_bytes'] / 2**30:.2f} | {check} |")
     return "\n".join(out)
 
@@ -213,13 +259,18 @@ def notes(rows) -> str:
     """What the floor and the grad-check column mean, under the machine line."""
     kept = ", ".join(sorted({f"{r['n_kept']} of {r['N']}" for r in rows if "n_kept" in r},
                             key=lambda s: int(s.split()[-1])))
-    from benches.gradcheck import TOL
+    from benches.gradcheck import TOL, TOL_BY_DTYPE
 
     checked = [r for r in rows if "grad_check" in r]
     failed = [r for r in checked if r["grad_check"] != "pass"]
     gemms = "the four GEMMs (student and teacher logits, grad of the student hidden states and of the student weight)"
+    honest = all(r.get("floor") == "gemms-into-buffers" for r in rows if r["provider"] == "gemm-floor")
+    how = ("in the input dtype, each written into a buffer allocated once outside the timing (no allocation, no "
+           "elementwise pass)" if honest else "with fresh [N, V] outputs and an extra elementwise pass (results "
+           "recorded before the floor became the GEMMs alone into preallocated buffers: this floor is slower than "
+           "the GEMMs and flatters every ratio to it)")
     lines = [f"gemm-floor: {gemms} on the non-ignored rows only ({kept} rows), the rows vcrd computes: vcrd "
-             f"drops ignored rows before any GEMM, so the floor does too." if kept else
+             f"drops ignored rows before any GEMM, so the floor does too; {how}." if kept else
              f"gemm-floor: {gemms} on all N rows (results recorded before the floor was restricted to the "
              f"non-ignored rows, which vcrd computes: this floor flatters vcrd by the ~10 % ignored rows)."]
     if checked:
@@ -227,7 +278,7 @@ def notes(rows) -> str:
                      "states (h) and LM head (W), against the float64 reference (`vcrd.core.reference`, every row, "
                      "chained through the logits GEMM) of the preset it computes (`kd`, i.e. forward KL over the "
                      f"non-ignored rows, for naive, TRL and Liger); max |error| / max |reference|, pass ≤ {TOL:.0e} "
-                     "(fp32; benches/gradcheck.py). "
+                     f"in fp32, ≤ {TOL_BY_DTYPE['bf16']:.0e} in bf16 (benches/gradcheck.py). "
                      + ("All pass." if not failed else
                         f"{len(failed)} FAILED: " + ", ".join(f"{r['provider']} N={r['N']} V={r['V']}"
                                                               for r in failed) + "."))
@@ -289,22 +340,25 @@ def self_test() -> None:
 
 
 def orchestrate(args) -> None:
-    shapes = [(256, 256, 8000), (1024, 256, 8000)] if args.quick else \
-        [(1024, 512, 151936), (256, 512, 32000), (1024, 512, 32000), (4096, 512, 32000)]
+    shapes = [(256, 256, 8000, "fp32"), (1024, 256, 8000, "fp32")] if args.quick else \
+        [(1024, 512, 151936, "fp32"), (256, 512, 32000, "fp32"), (1024, 512, 32000, "fp32"),
+         (4096, 512, 32000, "fp32")] + [(*SHAPES[name], "bf16") for name in SHAPES]
+    if args.shape:  # named model heads
+        shapes = [(*SHAPES[name], dtype) for name in args.shape for dtype in args.dtype or ["bf16"]]
     if args.N and args.H and args.V:  # one shape: --N --H --V
-        shapes = [(args.N, args.H, args.V)]
+        shapes = [(args.N, args.H, args.V, dtype) for dtype in args.dtype or ["fp32"]]
     self_test()
     rows = []
     machine = None
     presets = sorted({REFERENCE_PRESET[p] for p in args.providers if p in REFERENCE_PRESET})
-    for N, H, V in shapes:
+    for N, H, V, dtype in shapes:
         with tempfile.TemporaryDirectory(prefix="vcrd-compare-ref-") as tmp:
             refs = {}
             if presets:
-                print(f"[compare] {'fp64 reference':16s} N={N} H={H} V={V} ({', '.join(presets)}) ...", end=" ",
-                      flush=True)
+                print(f"[compare] {'fp64 reference':16s} N={N} H={H} V={V} {dtype} ({', '.join(presets)}) ...",
+                      end=" ", flush=True)
                 cmd = [sys.executable, __file__, "--reference", "--presets", *presets, "--out", tmp, "--N", str(N),
-                       "--H", str(H), "--V", str(V)]
+                       "--H", str(H), "--V", str(V), "--dtype", dtype]
                 done = subprocess.run(cmd, capture_output=True, text=True)
                 if done.returncode != 0:
                     print("FAILED (each provider computes its own reference)")
@@ -315,10 +369,10 @@ def orchestrate(args) -> None:
                     print(f"{info['seconds']:.1f} s")
             for provider in args.providers:
                 cmd = [sys.executable, __file__, "--worker", "--provider", provider, "--N", str(N), "--H", str(H),
-                       "--V", str(V), "--repeats", str(args.repeats)]
+                       "--V", str(V), "--dtype", dtype, "--repeats", str(args.repeats)]
                 if provider in REFERENCE_PRESET and REFERENCE_PRESET[provider] in refs:
                     cmd += ["--ref", refs[REFERENCE_PRESET[provider]]]
-                print(f"[compare] {provider:16s} N={N} H={H} V={V} ...", end=" ", flush=True)
+                print(f"[compare] {provider:16s} N={N} H={H} V={V} {dtype} ...", end=" ", flush=True)
                 done = subprocess.run(cmd, capture_output=True, text=True)
                 if done.returncode != 0:
                     print("FAILED")
@@ -352,10 +406,21 @@ def main() -> None:
     p.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--presets", nargs="+", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--shape", nargs="+", choices=list(SHAPES),
+                   help="named model heads (N, H, V): " + ", ".join(f"{k} {v}" for k, v in SHAPES.items())
+                        + " (default dtype bf16)")
+    p.add_argument("--dtype", nargs="+", choices=DTYPES,
+                   help="input dtype(s) of --shape / --N --H --V runs (the GEMMs run in it)")
     p.add_argument("--N", type=int)
     p.add_argument("--H", type=int)
     p.add_argument("--V", type=int)
     args = p.parse_args()
+    if args.worker or args.reference:
+        args.dtype = (args.dtype or ["fp32"])[0]
+    elif any(x is not None for x in (args.N, args.H, args.V)) and not (args.N and args.H and args.V):
+        p.error("--N, --H and --V go together, each >= 1")
+    elif args.shape and args.N:
+        p.error("--shape and --N/--H/--V: one or the other")
     if args.worker:
         worker(args)
     elif args.reference:

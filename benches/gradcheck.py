@@ -57,6 +57,9 @@ except ImportError:  # vcrd/__init__ does not export it (yet)
     import vcrd.core.reference as reference
 
 TOL = 1e-4
+# bf16 inputs: PyTorch itself with bf16 logits GEMMs is 3-5 % off the float64 gradient of the same rounded
+# inputs (N=256, V=1031, gpu_check's measurement); 1e-1 passes that and fails a halved or zeroed gradient
+TOL_BY_DTYPE = {"fp32": TOL, "bf16": 1e-1}
 ROWS = int(os.environ.get("VCRD_BENCH_GRAD_ROWS", 96))  # rows per checked block, logits benchmark
 # memory the float64 reference may use for one chunk (it holds ~9 [rows, V] fp64 tensors with grad)
 BUDGET = int(os.environ.get("VCRD_BENCH_REF_BUDGET_MB", 4096)) * 2**20
@@ -153,8 +156,8 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return e.rel
 
 
-def verdict(rel: float) -> str:
-    return "pass" if rel <= TOL else "FAIL"  # NaN/inf compare False: FAIL
+def verdict(rel: float, tol: float = TOL) -> str:
+    return "pass" if rel <= tol else "FAIL"  # NaN/inf compare False: FAIL
 
 
 def check_logits(grad: Optional[torch.Tensor], s: torch.Tensor, u: torch.Tensor, y: torch.Tensor,
@@ -228,8 +231,9 @@ def fused_reference(hs, ws, ht, wt, y, steps, presets: List) -> Dict:
     return out
 
 
-def check_fused(grad_h: Optional[torch.Tensor], grad_W: Optional[torch.Tensor], ref: Dict) -> Dict:
-    """Timed fused-linear gradients against :func:`fused_reference`'s entry for the provider's preset."""
+def check_fused(grad_h: Optional[torch.Tensor], grad_W: Optional[torch.Tensor], ref: Dict, tol: float = TOL) -> Dict:
+    """Timed fused-linear gradients against :func:`fused_reference`'s entry for the provider's preset
+    (``tol``: :data:`TOL_BY_DTYPE` of the inputs' dtype)."""
     eh, ew = Errors(), Errors()
     for e, got, want in ((eh, grad_h, ref["grad_h"]), (ew, grad_W, ref["grad_W"])):
         if got is None:
@@ -237,8 +241,8 @@ def check_fused(grad_h: Optional[torch.Tensor], grad_W: Optional[torch.Tensor], 
         else:
             e.add(got, want)
     rel = max(eh.rel, ew.rel)
-    return dict(grad_check=verdict(rel), grad_rel_err=rel, grad_rel_err_hidden=eh.rel, grad_rel_err_weight=ew.rel,
-                grad_tol=TOL)
+    return dict(grad_check=verdict(rel, tol), grad_rel_err=rel, grad_rel_err_hidden=eh.rel,
+                grad_rel_err_weight=ew.rel, grad_tol=tol)
 
 
 def cell(row: Dict) -> str:

@@ -1,4 +1,5 @@
-"""``vcrd`` command line: ``vcrd demo``, ``vcrd bench-quality``, ``vcrd aot``, ``vcrd score``, ``vcrd train``."""
+"""``vcrd`` command line: ``vcrd demo``, ``vcrd bench-quality``, ``vcrd aot``, ``vcrd score``, ``vcrd train``,
+``vcrd gpu-check``."""
 
 from __future__ import annotations
 
@@ -367,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-step-tokens", type=int, default=256, help="split longer steps at sentence ends (default 256)")
     c.add_argument("--device", default="cpu")
     c.set_defaults(func=cache_teacher)
+    from .gpu_check import add_parser as add_gpu_check
+
+    add_gpu_check(sub)
     return parser
 
 
