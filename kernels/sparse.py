@@ -339,7 +339,7 @@ def sparse_grad_kernel(
             tl.store(g_row + offs, tl.zeros([BLOCK_V], grad_ptr.dtype.element_ty), mask=offs < V)
 
 
-def _block_k(K: int) -> int:
+def block_k(K: int) -> int:
     """The K loops' tile: the next power of two of K, between 16 and 512."""
     return max(16, min(triton.next_power_of_2(K), 512))
 
@@ -362,7 +362,7 @@ def launch_sparse_stats(s: torch.Tensor, ids: torch.Tensor, top: torch.Tensor, t
             V, K, float(n_tail), math.log(n_tail) if n_tail else -math.inf, math.log(max(n_tail, 1)),
             1.0 / temperature, float(beta), scale, 1.0 / scale,
             DIVERGENCE=DIVERGENCE_CODES[divergence], NEED_LSE_UNTEMPERED=need_lse_untempered,
-            BLOCK_K=_block_k(K), **launch_config(V),
+            BLOCK_K=block_k(K), **launch_config(V),
         )
     return out
 
@@ -383,5 +383,5 @@ def launch_sparse_grad(s: torch.Tensor, ids: torch.Tensor, top: torch.Tensor, la
         s, ids, top, labels, stats, coef, grad, scratch,
         s.stride(0), ids.stride(0), top.stride(0), stats.stride(0), grad.stride(0), scratch.stride(0),
         V, K, 1.0 / temperature, float(beta),
-        DIVERGENCE=DIVERGENCE_CODES[divergence], HAS_CE=has_ce, BLOCK_K=_block_k(K), **launch_config(V),
+        DIVERGENCE=DIVERGENCE_CODES[divergence], HAS_CE=has_ce, BLOCK_K=block_k(K), **launch_config(V),
     )

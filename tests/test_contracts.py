@@ -23,7 +23,7 @@ def no_work(monkeypatch):
     """Fail the test if the fast path is entered: errors must come before any pass over the logits."""
     def boom(*a, **k):
         raise AssertionError("the loss started working before rejecting the input")
-    monkeypatch.setattr(backends.torch_chunks, "loss_and_grad", boom)
+    monkeypatch.setattr(backends.registry, "run_chunks", boom)
     monkeypatch.setattr(functional.reference, "vcrd_loss", boom)
 
 

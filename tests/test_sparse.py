@@ -16,7 +16,7 @@ from vcrd import (
     sparse_vcrd_loss,
     vcrd_loss,
 )
-from vcrd.loss import sparse as sparse_module
+from vcrd.core import sparse_teacher as sparse_module
 
 from .conftest import assert_parity, ignore_some, realistic_logits, step_ids_for
 

@@ -6,7 +6,8 @@ from .core.stats import VCRDStats
 from .loss.functional import vcrd_loss
 from .loss.fused_linear import FusedLinearVCRDLoss, fused_linear_vcrd_loss
 from .loss.modules import VCRDLoss
-from .loss.sparse import SparseTeacher, fused_linear_sparse_vcrd_loss, sparse_vcrd_loss
+from .core.sparse_teacher import SparseTeacher
+from .loss.sparse import fused_linear_sparse_vcrd_loss, sparse_vcrd_loss
 from .select.naturalness import ResponseScore, score_responses
 from .select.selection import TeacherRank, rank_teachers, select_responses
 
