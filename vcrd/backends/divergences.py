@@ -102,14 +102,34 @@ class Divergence:
         raise NotImplementedError
 
 
-class ForwardKL(Divergence):
+class ClosedFormKL(Divergence):
+    """``KL(a‖b)`` between the two tempered distributions in one sweep of each chunk (``a`` the teacher ``"u"``
+    and ``b`` the student ``"s"`` for fkl, the other way round for rkl): ``Σ e_a (a' - b') / Σ e_a + log Σ e_b -
+    log Σ e_a`` on the rows shifted by their maxima, finite for any fp32 logits."""
+
+    a, b = "u", "s"
+    LOGITS = {"s": "xc", "u": "zc"}
+
+    def dense_rows(self, t: Rows, beta: float, scale: float) -> Rows:
+        a, b, c = self.a, self.b, self.LOGITS
+        kl = weighted(t["e" + a], t[c[a]] - t[c[b]]).sum(-1) / t["sum_" + a] * (1.0 / scale)
+        return dict(D=kl + t["log_sum_" + b] - t["log_sum_" + a])
+
+    def shard_partial(self, xs, zs, es, eu) -> torch.Tensor:
+        shifted, e = {"s": xs, "u": zs}, {"s": es, "u": eu}
+        return weighted(e[self.a], shifted[self.a] - shifted[self.b]).sum(-1)
+
+    def shard_rows(self, B: torch.Tensor, g: Rows) -> Rows:
+        a, b = self.a, self.b
+        rescaled = g["c" + a] * (B + g["part_sum_" + a] * (g["d" + a] - g["d" + b]))
+        return dict(D=rescaled.sum(0) / g["sum_" + a] + g["L" + b.upper()] - g["L" + a.upper()])
+
+
+class ForwardKL(ClosedFormKL):
     """``D = KL(q‖p) = Σ q (log q - log p)``; ``∂D/∂(s/T) = p - q``."""
 
     name = "fkl"
-
-    def dense_rows(self, t: Rows, beta: float, scale: float) -> Rows:
-        kl = weighted(t["eu"], t["zc"] - t["xc"]).sum(-1) / t["sum_u"] * (1.0 / scale)
-        return dict(D=kl + t["log_sum_s"] - t["log_sum_u"])
+    a, b = "u", "s"
 
     def dense_grad(self, s, u, lse_s, lse_u, row, temperature: float, beta: float) -> torch.Tensor:
         logp, logq = log_probs(s, u, lse_s, lse_u, temperature)
@@ -124,21 +144,12 @@ class ForwardKL(Divergence):
     def grad(self, p, logp, q, logq, row, beta: float) -> torch.Tensor:
         return p - q
 
-    def shard_partial(self, xs, zs, es, eu) -> torch.Tensor:
-        return weighted(eu, zs - xs).sum(-1)
 
-    def shard_rows(self, B: torch.Tensor, g: Rows) -> Rows:
-        return dict(D=(g["cu"] * (B + g["part_sum_u"] * (g["du"] - g["ds"]))).sum(0) / g["sum_u"] + g["LS"] - g["LU"])
-
-
-class ReverseKL(Divergence):
+class ReverseKL(ClosedFormKL):
     """``D = KL(p‖q) = Σ p (log p - log q)``; ``∂D/∂(s/T) = p ⊙ (log p - log q - D)``."""
 
     name = "rkl"
-
-    def dense_rows(self, t: Rows, beta: float, scale: float) -> Rows:
-        kl = weighted(t["es"], t["xc"] - t["zc"]).sum(-1) / t["sum_s"] * (1.0 / scale)
-        return dict(D=kl + t["log_sum_u"] - t["log_sum_s"])
+    a, b = "s", "u"
 
     def dense_grad(self, s, u, lse_s, lse_u, row, temperature: float, beta: float) -> torch.Tensor:
         """Taken on halves and doubled once (bit-identical where nothing overflows): ``log p - log q`` can
@@ -155,12 +166,6 @@ class ReverseKL(Divergence):
 
     def grad(self, p, logp, q, logq, row, beta: float) -> torch.Tensor:
         return weighted(p, logp - logq - row)
-
-    def shard_partial(self, xs, zs, es, eu) -> torch.Tensor:
-        return weighted(es, xs - zs).sum(-1)
-
-    def shard_rows(self, B: torch.Tensor, g: Rows) -> Rows:
-        return dict(D=(g["cs"] * (B + g["part_sum_s"] * (g["ds"] - g["du"]))).sum(0) / g["sum_s"] + g["LU"] - g["LS"])
 
 
 class PointwiseDivergence(Divergence):
@@ -225,5 +230,5 @@ class JensenShannon(PointwiseDivergence):
 
 DIVERGENCES: Dict[str, Divergence] = {d.name: d for d in (ForwardKL(), ReverseKL(), JensenShannon())}
 
-__all__ = ["DIVERGENCES", "Divergence", "ForwardKL", "JensenShannon", "PointwiseDivergence", "ReverseKL",
-           "log_mixture", "log_probs", "minus_lse", "weighted", "write_gradient"]
+__all__ = ["DIVERGENCES", "ClosedFormKL", "Divergence", "ForwardKL", "JensenShannon", "PointwiseDivergence",
+           "ReverseKL", "log_mixture", "log_probs", "minus_lse", "weighted", "write_gradient"]

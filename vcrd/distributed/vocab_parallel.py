@@ -23,7 +23,8 @@ Steps 1, 2 and 4 are this backend's chunk pair (:class:`ShardPair`); the chunk l
 (:func:`vcrd.backends.chunk_loop.run_chunks`) runs step 3 between them, as for every backend.
 
 JSD (any divergence given by element-wise terms, :class:`vcrd.backends.divergences.PointwiseDivergence`)
-needs both global LSEs first: a second all-reduce per chunk sums the shards' sums of its terms. Before any sweep, one ``all_gather_object`` of each rank's
+needs both global LSEs first: a second all-reduce per chunk sums the shards' sums of its terms.
+Before any sweep, one ``all_gather_object`` of each rank's
 metadata (its columns, ``V``, the row count, the config, chunking, a checksum of labels/step ids,
 any local input error) lets every rank refuse a bad layout with the same ``ValueError``: no rank
 is left waiting in a collective.
