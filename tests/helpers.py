@@ -1,18 +1,44 @@
-"""Shared test helpers: realistic logits, layouts, and the three-way parity rule of DESIGN.md.
+"""The suite's shared helpers, in one module (tests import them from here, never from another test module).
+
+- realistic logits, step ids, ignored rows and the three-way parity rule of DESIGN.md (``parity_check``:
+  ``|impl - truth| <= 2·|base - truth| + tol[dtype]·max|truth|``), on the loss and every gradient;
+- the logits-level batch and configs the CPU path, Triton and parity-helper tests share;
+- starting multi-process tests without a port race (:func:`spawn`, :func:`torchrun`), vocabulary shard
+  layouts and a collective counter;
+- counting the bytes Triton kernels load and store under the interpreter (:class:`TrafficCounter`).
 
 The suite runs vcrd's default settings (``torch.compile`` of the CPU path's per-chunk math, 64-row
 chunks): nothing here sets a ``VCRD_*`` variable. A test that means the eager path sets
 ``VCRD_COMPILE=0`` itself (``monkeypatch.setenv``), and says so.
+
+Multi-process tests: :func:`spawn` runs ``worker(rank, world, *args)`` in ``world`` spawned processes whose
+gloo process group is already initialised through a rendezvous FILE in a fresh temporary folder
+(``init_method="file://..."``): no port is picked in one process and bound later in another. The torchrun
+environment variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``) are set, so the Hugging
+Face Trainer / accelerate adopt the group as they would under torchrun. :func:`torchrun` runs ``torchrun
+--standalone --nproc_per_node N -m MODULE ARGS`` as a subprocess (the standalone rendezvous binds port 0
+itself, and the workers reuse its store: race-free too).
+
+Traffic: every load and store of the interpreter goes through ``InterpreterBuilder.create_masked_load`` /
+``create_masked_store`` (the unmasked forms call them), so wrapping those two and summing mask-true
+elements × item size gives exact counts, attributed to named tensors by address.
 """
 
 from __future__ import annotations
 
+import datetime
+import os
+import subprocess
+import sys
+import tempfile
+from collections import Counter
 from typing import Callable, Dict, List, Optional, Sequence
 
-import pytest
+import numpy as np
 import torch
 
-# tol[dtype] of the three-way rule, relative to max|truth| (Cut Cross-Entropy's values)
+from vcrd import VCRDConfig
+
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float64: 1e-10}
 
 
@@ -79,7 +105,7 @@ def parity_check(impl: torch.Tensor, base: torch.Tensor, truth: torch.Tensor, dt
     ``tol[dtype]`` scales with ``max|truth|``: an absolute tolerance lets an all-zero gradient pass
     whenever the gradient is smaller than the tolerance (it did, for bf16, in the first version).
     Non-finite entries must match exactly (same NaN positions, same infinities); the bound is
-    checked on the finite ones. ``tests/test_parity_helper.py`` proves this rejects a zeroed and a
+    checked on the finite ones. ``tests/core/test_parity_helper.py`` proves this rejects a zeroed and a
     halved gradient for every dtype.
     """
     if impl.shape != truth.shape or base.shape != truth.shape:
@@ -156,6 +182,147 @@ def logits_three_way(s: torch.Tensor, u: torch.Tensor, y: torch.Tensor, cfg, *, 
     return out
 
 
-@pytest.fixture
-def seeded():
-    torch.manual_seed(0)
+LOGITS_CONFIGS = {  # the configs of the logits-level parity tests (CPU path, Triton, helper)
+    "kd": VCRDConfig.preset("kd"),
+    "discord": VCRDConfig.preset("discord"),
+    "vcrd": VCRDConfig.preset("vcrd"),
+    "rkl-expected": VCRDConfig(divergence="rkl", validity="expected"),
+    "jsd0.3-T2-ce": VCRDConfig(divergence="jsd", beta=0.3, temperature=2.0, ce_weight=0.5),
+    "fkl-T2-tokens": VCRDConfig(temperature=2.0, normalize="tokens", window_steps=1),
+}
+
+
+def batch(N=63, V=1271, std=10.0, agreement=0.8, dtype=torch.float32, B=None, seed=0):
+    s, u, y = realistic_logits(N, V, std=std, agreement=agreement, seed=seed)
+    y = ignore_some(y, seed=seed)
+    steps = step_ids_for(N, seed=seed)
+    if B:
+        s, u, y = s.reshape(B, N // B, V), u.reshape(B, N // B, V), y.reshape(B, N // B)
+        steps = torch.stack([step_ids_for(N // B, seed=seed + b) for b in range(B)])
+    return s.to(dtype), u.to(dtype), y, steps
+
+
+def three_way(s, u, y, steps, cfg, reduction="mean", upstream="random", impl="torch", **kw):
+    """Loss and gradient: ``impl`` in the input dtype vs the reference in fp64 (truth) and fp32
+    (base), random upstream gradient (:func:`parity_check` documents the rule)."""
+    return logits_three_way(s, u, y, cfg, step_ids=steps, reduction=reduction, upstream=upstream, impl=impl, **kw)
+
+
+TIMEOUT_S = 120  # a collective waiting longer than this fails the test instead of hanging it
+
+
+def _spawned_entry(rank: int, worker: Callable, world: int, init_method: str, args: tuple) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      VCRD_COMPILE="0")  # the eager CPU path: no torch.compile in every worker
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    try:
+        worker(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(worker: Callable, world: int, *args) -> None:
+    """Run ``worker(rank, world, *args)`` (a module-level function) on ``world`` gloo ranks; raises if any
+    rank fails."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="vcrd-rdzv-") as folder:
+        init = f"file://{os.path.join(folder, 'rendezvous')}"
+        mp.start_processes(_spawned_entry, args=(worker, world, init, args), nprocs=world, join=True,
+                           start_method="spawn")
+
+
+def torchrun(nproc: int, module: str, args: Sequence[str], *, env: Optional[Dict[str, str]] = None,
+             timeout: float = 300, cwd: Optional[str] = None) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node nproc -m module *args`` with this interpreter; its output
+    captured (text). One torch thread per worker; ``env`` adds variables."""
+    full = {**os.environ, "OMP_NUM_THREADS": "1", "VCRD_COMPILE": "0", "PYTHONUNBUFFERED": "1", **(env or {})}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", module, *args]
+    return subprocess.run(command, env=full, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def shard_layout(world: int, V: int, mode: str):
+    """``[(start, width)]`` per rank: ``"even"`` splits (first shards one wider), ``"reversed"`` gives rank 0
+    the last columns, ``"padded"`` gives every shard ceil(V/world) columns (the last runs past V)."""
+    if mode == "padded":
+        w = -(-V // world)
+        return [(r * w, w) for r in range(world)]
+    sizes = [V // world + (r < V % world) for r in range(world)]
+    starts = [sum(sizes[:r]) for r in range(world)]
+    spans = list(zip(starts, sizes))
+    return spans[::-1] if mode == "reversed" else spans
+
+
+class CollectiveCounter:
+    """Wraps ``dist.all_reduce`` and ``dist.all_gather_object`` and counts the calls."""
+
+    def __init__(self, dist):
+        self.dist, self.counts = dist, {"all_reduce": 0, "all_gather_object": 0}
+        self.orig = {name: getattr(dist, name) for name in self.counts}
+        for name in self.counts:
+            setattr(dist, name, self._wrap(name))
+
+    def _wrap(self, name):
+        def call(*args, **kwargs):
+            self.counts[name] += 1
+            return self.orig[name](*args, **kwargs)
+        return call
+
+    def reset(self):
+        for name in self.counts:
+            self.counts[name] = 0
+
+    def restore(self):
+        for name, fn in self.orig.items():
+            setattr(self.dist, name, fn)
+
+
+class TrafficCounter:
+    """``with TrafficCounter(s=s, u=u, grad=g) as t: ...`` then ``t.read["s"]``, ``t.written["grad"]`` (bytes)."""
+
+    def __init__(self, **tensors: torch.Tensor) -> None:
+        self.regions: Dict[str, tuple] = {
+            name: (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for name, t in tensors.items()
+        }
+        self.read: Counter = Counter()
+        self.written: Counter = Counter()
+
+    def _count(self, counter: Counter, ptrs, mask, itemsize: int) -> None:
+        addr = np.asarray(ptrs.data).astype(np.uint64)
+        live = np.broadcast_to(np.asarray(mask.data, dtype=bool), addr.shape)
+        counter["total"] += int(live.sum()) * itemsize
+        for name, (lo, hi) in self.regions.items():
+            counter[name] += int((live & (addr >= lo) & (addr < hi)).sum()) * itemsize
+
+    def __enter__(self) -> TrafficCounter:
+        from triton.runtime import interpreter
+
+        builder = interpreter.InterpreterBuilder
+        self._saved = builder.create_masked_load, builder.create_masked_store
+        load, store = self._saved
+        counter = self
+
+        def itemsize(ptrs) -> int:
+            return np.dtype(interpreter._get_np_dtype(ptrs.get_element_ty())).itemsize
+
+        def masked_load(b, ptrs, mask, other, cache_policy, is_volatile):
+            counter._count(counter.read, ptrs, mask, itemsize(ptrs))
+            return load(b, ptrs, mask, other, cache_policy, is_volatile)
+
+        def masked_store(b, ptrs, value, mask, cache_policy):
+            counter._count(counter.written, ptrs, mask, itemsize(ptrs))
+            return store(b, ptrs, value, mask, cache_policy)
+
+        builder.create_masked_load, builder.create_masked_store = masked_load, masked_store
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from triton.runtime import interpreter
+
+        builder = interpreter.InterpreterBuilder
+        builder.create_masked_load, builder.create_masked_store = self._saved

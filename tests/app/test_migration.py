@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "migration.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "migration.md"
 
 
 def sections():

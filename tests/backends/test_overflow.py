@@ -16,7 +16,7 @@ import torch
 
 from vcrd import VCRDConfig, fused_linear_vcrd_loss, vcrd_loss
 
-from .conftest import realistic_logits, upstream_gradient
+from ..helpers import realistic_logits, upstream_gradient
 
 FMAX = torch.finfo(torch.float32).max
 RTOL = 1e-5  # relative to the row's reference (loss) or to the row's largest reference entry (gradient)

@@ -19,7 +19,7 @@ import torch
 
 from vcrd import VCRDConfig, vcrd_loss
 
-from .conftest import ignore_some, realistic_logits, step_ids_for
+from ..helpers import ignore_some, realistic_logits, step_ids_for
 
 HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "nonzero")
 

@@ -10,38 +10,14 @@ import torch
 
 from vcrd import VCRDConfig, vcrd_loss
 
-from .conftest import ignore_some, logits_three_way, realistic_logits, step_ids_for
-
-CONFIGS = {
-    "kd": VCRDConfig.preset("kd"),
-    "discord": VCRDConfig.preset("discord"),
-    "vcrd": VCRDConfig.preset("vcrd"),
-    "rkl-expected": VCRDConfig(divergence="rkl", validity="expected"),
-    "jsd0.3-T2-ce": VCRDConfig(divergence="jsd", beta=0.3, temperature=2.0, ce_weight=0.5),
-    "fkl-T2-tokens": VCRDConfig(temperature=2.0, normalize="tokens", window_steps=1),
-}
-
-
-def batch(N=63, V=1271, std=10.0, agreement=0.8, dtype=torch.float32, B=None, seed=0):
-    s, u, y = realistic_logits(N, V, std=std, agreement=agreement, seed=seed)
-    y = ignore_some(y, seed=seed)
-    steps = step_ids_for(N, seed=seed)
-    if B:
-        s, u, y = s.reshape(B, N // B, V), u.reshape(B, N // B, V), y.reshape(B, N // B)
-        steps = torch.stack([step_ids_for(N // B, seed=seed + b) for b in range(B)])
-    return s.to(dtype), u.to(dtype), y, steps
-
-
-def three_way(s, u, y, steps, cfg, reduction="mean", upstream="random", impl="torch", **kw):
-    """Loss and gradient: ``impl`` in the input dtype vs the reference in fp64 (truth) and fp32
-    (base), random upstream gradient (conftest.parity_check documents the rule)."""
-    return logits_three_way(s, u, y, cfg, step_ids=steps, reduction=reduction, upstream=upstream, impl=impl, **kw)
+from ..helpers import LOGITS_CONFIGS as CONFIGS
+from ..helpers import batch, three_way
 
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     """Chunks of 16 rows, so windows and steps straddle chunk boundaries at these small sizes
-    (tests/test_large_n.py runs the default 64-row chunks at realistic sizes)."""
+    (tests/backends/test_large_n.py runs the default 64-row chunks at realistic sizes)."""
     monkeypatch.setenv("VCRD_CHUNK_ROWS", "16")
 
 

@@ -10,8 +10,8 @@ import torch
 
 from vcrd import VCRDConfig, vcrd_loss
 
-from .conftest import realistic_logits
-from .test_torch_path import CONFIGS, batch, three_way
+from ..helpers import LOGITS_CONFIGS as CONFIGS
+from ..helpers import batch, realistic_logits, three_way
 
 RUNNABLE = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 pytestmark = [
@@ -119,7 +119,7 @@ def test_label_logprob_kernel(dtype):
 
 @pytest.mark.parametrize("name", ["vcrd", "jsd-T2-ce-expected"])
 def test_fused_linear_on_the_kernels(name):
-    from . import test_fused_linear as fl
+    from ..loss import test_fused_linear as fl
 
     fl.three_way(fl.heads(N=30, V=600), fl.CONFIGS[name], impl="triton", chunk_size=7)
 

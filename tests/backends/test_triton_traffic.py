@@ -1,6 +1,6 @@
-"""Counted memory traffic of the Triton kernels under the interpreter (see tests/traffic.py).
+"""Counted memory traffic of the Triton kernels under the interpreter (see ``TrafficCounter`` in tests/helpers.py).
 
-    TRITON_INTERPRET=1 python -m pytest -m triton tests/test_triton_traffic.py -s   # prints the table
+    TRITON_INTERPRET=1 python -m pytest -m triton tests/backends/test_triton_traffic.py -s   # prints the table
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ import triton.language as tl
 
 from vcrd import VCRDConfig, vcrd_loss
 
-from .test_torch_path import batch
-from .traffic import TrafficCounter
+from ..helpers import TrafficCounter, batch
 
 pytestmark = [
     pytest.mark.triton,

@@ -1,4 +1,4 @@
-"""vcrd/inputs.py: the row view never copies the logits, whatever their layout."""
+"""vcrd/core/checks.py: the row view never copies the logits, whatever their layout."""
 
 from __future__ import annotations
 

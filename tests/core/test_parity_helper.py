@@ -13,8 +13,8 @@ import torch
 
 from vcrd import VCRDConfig
 
-from .conftest import assert_parity, logits_three_way, parity_check
-from .test_torch_path import CONFIGS, batch
+from ..helpers import LOGITS_CONFIGS as CONFIGS
+from ..helpers import assert_parity, batch, logits_three_way, parity_check
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NAMES = ["kd", "vcrd", "rkl-expected", "jsd0.3-T2-ce"]
@@ -92,7 +92,7 @@ def test_shape_and_missing_gradients_are_rejected(cases):
     impl, base, truth = r["impl"][1], r["base"][1], r["truth"][1]
     assert not parity_check(impl[:-1], base, truth, torch.float32)[0]
     assert not parity_check(impl.flatten(), base, truth, torch.float32)[0]
-    from .conftest import assert_parities
+    from ..helpers import assert_parities
 
     with pytest.raises(AssertionError, match="missing"):
         assert_parities(("loss", "grad"), r["impl"][:1], r["base"], r["truth"], torch.float32)
@@ -112,7 +112,7 @@ def test_the_bound_scales_with_the_values():
 def test_fused_linear_wrong_gradients_are_rejected():
     """The fused-linear three-way rule (hidden, weight, bias) rejects a zeroed or halved gradient of
     each, while the real one passes."""
-    from . import test_fused_linear as fl
+    from ..loss import test_fused_linear as fl
 
     r = fl.three_way(fl.heads(N=40, V=301), VCRDConfig(), chunk_size=13)
     for i in (1, 2, 3):

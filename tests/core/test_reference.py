@@ -1,4 +1,4 @@
-"""Tier 1: the reference (vcrd/reference.py) against per-element formulas written out in float64,
+"""Tier 1: the reference (vcrd/core/reference.py) against per-element formulas written out in float64,
 and against the JSD conventions of TRL and Liger."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from vcrd import VCRDConfig
 from vcrd.core.reference import vcrd_loss as reference_loss
 
-from .conftest import ignore_some, realistic_logits, step_ids_for
+from ..helpers import ignore_some, realistic_logits, step_ids_for
 
 
 def sigmoid(x: float) -> float:

@@ -1,4 +1,4 @@
-"""vcrd/windows.py (prefix sums, streaming) against the window definition written as a loop."""
+"""vcrd/core/windows.py (prefix sums, streaming) against the window definition written as a loop."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from vcrd.core.windows import CausalWindowMean, positions_in_sequence, sequence_ids, window_means, window_starts
 
-from .conftest import step_ids_for
+from ..helpers import step_ids_for
 
 
 def naive_means(values, valid, seq, steps, k):

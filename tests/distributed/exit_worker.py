@@ -1,5 +1,5 @@
-"""Run by tests/test_distributed_ranks.py under ``torchrun``, as a user's script would be: its own gloo group,
-a DDP step and an ``all_gather_object`` (the collectives whose gloo worker threads outlive the group), an
+"""Run by tests/distributed/test_distributed_ranks.py under ``torchrun``, as a user's script would be: its own gloo
+group, a DDP step and an ``all_gather_object`` (the collectives whose gloo worker threads outlive the group), an
 exit handler, then ``exit_without_teardown(0)``."""
 
 import atexit

@@ -6,7 +6,7 @@ uneven shards, ranks holding columns out of rank order, a padded last shard), an
 the float64 reference): the loss on every rank and each rank's gradient of its columns. It counts
 the collectives (``dist.all_reduce`` / ``dist.all_gather_object`` wrapped) and checks that bad
 layouts raise the same ``ValueError`` on every rank and leave the group usable (no hang: the
-group's timeout is 120 s). Workers start through tests/distributed_helpers.py.
+group's timeout is 120 s). Workers start through ``spawn`` (tests/helpers.py).
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from vcrd.core.reference import vcrd_loss as reference_loss
 from vcrd.distributed import vocab_parallel_vcrd_loss
 from vcrd.loss.functional import vcrd_loss
 
-from .conftest import ignore_some, realistic_logits, step_ids_for
-from .distributed_helpers import spawn
+from ..helpers import CollectiveCounter, ignore_some, realistic_logits, shard_layout, spawn, step_ids_for
 
 V = 37
 N = 24
@@ -31,18 +30,6 @@ CONFIGS = {
     "jsd": VCRDConfig.preset("vcrd", divergence="jsd", beta=0.3, temperature=2.0),
     "rkl_ce": VCRDConfig.preset("vcrd", divergence="rkl", ce_weight=0.5, temperature=1.5, validity="expected"),
 }
-
-
-def shard_layout(world: int, V: int, mode: str):
-    """``[(start, width)]`` per rank: ``"even"`` splits (first shards one wider), ``"reversed"`` gives rank 0
-    the last columns, ``"padded"`` gives every shard ceil(V/world) columns (the last runs past V)."""
-    if mode == "padded":
-        w = -(-V // world)
-        return [(r * w, w) for r in range(world)]
-    sizes = [V // world + (r < V % world) for r in range(world)]
-    starts = [sum(sizes[:r]) for r in range(world)]
-    spans = list(zip(starts, sizes))
-    return spans[::-1] if mode == "reversed" else spans
 
 
 def _inputs(seed: int, shape3d: bool = False):
@@ -61,30 +48,6 @@ def _shard(x: torch.Tensor, start: int, width: int) -> torch.Tensor:
     if pad:
         cols = torch.cat([cols, torch.full((*x.shape[:-1], pad), 7.0, dtype=x.dtype)], -1)
     return cols.contiguous()
-
-
-class _Counter:
-    """Wraps ``dist.all_reduce`` and ``dist.all_gather_object`` and counts the calls."""
-
-    def __init__(self, dist):
-        self.dist, self.counts = dist, {"all_reduce": 0, "all_gather_object": 0}
-        self.orig = {name: getattr(dist, name) for name in self.counts}
-        for name in self.counts:
-            setattr(dist, name, self._wrap(name))
-
-    def _wrap(self, name):
-        def call(*args, **kwargs):
-            self.counts[name] += 1
-            return self.orig[name](*args, **kwargs)
-        return call
-
-    def reset(self):
-        for name in self.counts:
-            self.counts[name] = 0
-
-    def restore(self):
-        for name, fn in self.orig.items():
-            setattr(self.dist, name, fn)
 
 
 def _check_case(rank, world, cfg, mode, shape3d, seed, counter=None, dtype=torch.float32):
@@ -121,7 +84,7 @@ def _check_case(rank, world, cfg, mode, shape3d, seed, counter=None, dtype=torch
 def _worker(rank: int, world: int) -> None:
     import torch.distributed as dist
 
-    counter = _Counter(dist)
+    counter = CollectiveCounter(dist)
     try:
         losses = []
         for i, (name, cfg) in enumerate(CONFIGS.items()):

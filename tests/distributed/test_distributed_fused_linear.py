@@ -4,7 +4,7 @@ Every worker builds the same hidden states and LM heads (``heads`` of test_fused
 std-10 logits, ignored rows, step ids), keeps its rows of both heads (V divisible by neither 2 nor 3:
 uneven shards, ranks holding rows out of rank order, a padded last shard) and checks
 :func:`vcrd.distributed.fused_linear_vocab_parallel_vcrd_loss` with the three-way rule of
-tests/conftest.py: the loss, ``grad_hidden`` and this rank's rows of ``grad_weight`` / ``grad_bias``
+tests/helpers.py: the loss, ``grad_hidden`` and this rank's rows of ``grad_weight`` / ``grad_bias``
 against the float64 reference (truth) and the single-process ``fused_linear_vcrd_loss`` (base), with
 a random upstream gradient. It counts the collectives and checks that bad layouts raise the same
 ``ValueError`` on every rank and leave the group usable.
@@ -20,10 +20,8 @@ import torch
 from vcrd import VCRDConfig, fused_linear_vcrd_loss
 from vcrd.distributed import fused_linear_vocab_parallel_vcrd_loss
 
-from .conftest import assert_parity, run_with_grads, step_ids_for
-from .distributed_helpers import spawn
-from .test_distributed import _Counter, shard_layout
-from .test_fused_linear import heads
+from ..helpers import CollectiveCounter, assert_parity, run_with_grads, shard_layout, spawn, step_ids_for
+from ..loss.test_fused_linear import heads
 
 CONFIGS = {
     "kd": VCRDConfig.preset("kd"),
@@ -78,7 +76,7 @@ def _three_way(d, cfg, start: int, width: int, V: int, counter=None, **kw):
 def _worker(rank: int, world: int) -> None:
     import torch.distributed as dist
 
-    counter = _Counter(dist)
+    counter = CollectiveCounter(dist)
     try:
         V, N, chunk = 301, 200, 45
         for i, (name, cfg) in enumerate(CONFIGS.items()):

@@ -10,7 +10,7 @@ import torch
 
 from vcrd.distributed.ranks import agreed, from_rank0, gather, launch_info, parameter_checksum, raised_together
 
-from .distributed_helpers import spawn, torchrun
+from ..helpers import spawn, torchrun
 
 
 def _worker(rank: int, world: int) -> None:
@@ -58,7 +58,7 @@ def test_a_launched_process_exits_cleanly_after_its_exit_handlers():
     # sys.exit instead aborted (-6, at interpreter teardown) in 5 of 15 runs here, so this fails ~87 % of
     # the time if the abort comes back.
     for _ in range(5):
-        run = torchrun(2, "tests.exit_worker", [])
+        run = torchrun(2, "tests.distributed.exit_worker", [])
         text = run.stdout + run.stderr
         assert run.returncode == 0, text[-3000:]
         assert sorted(re.findall(r"rank (\d): exit handler ran", text)) == ["0", "1"], text[-3000:]

@@ -1,6 +1,6 @@
 """``score_responses(..., shard=(rank, world))``: each response scored by exactly one rank, bitwise as
 unsharded (the unit of work, a group of responses, is formed from the whole input); the deal; the checks.
-The multi-process run (``vcrd score`` under ``torchrun``) is tests/test_score_torchrun.py."""
+The multi-process run (``vcrd score`` under ``torchrun``) is tests/distributed/test_score_torchrun.py."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from vcrd.app.synthetic import make_dataset
 from vcrd.app.tokenizer import build_char_tokenizer
 from vcrd.select.naturalness import ResponseScore, _deal, score_responses
 
-from .test_naturalness import tiny
-from .test_trainer import tiny_llama
+from ..select.test_naturalness import tiny
+from ..train.test_trainer import tiny_llama
 
 TOKEN_BUDGET = 512  # batches of up to 512 tokens, groups of up to 2048 suffix tokens: 20 responses form 3 groups
 

@@ -9,7 +9,7 @@ import vcrd
 from vcrd import VCRDConfig, VCRDLoss, backends, vcrd_loss
 from vcrd.loss import functional
 
-from .conftest import realistic_logits
+from ..helpers import realistic_logits
 
 
 @pytest.fixture

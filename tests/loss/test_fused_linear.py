@@ -7,7 +7,7 @@ import torch
 
 from vcrd import FusedLinearVCRDLoss, VCRDConfig, fused_linear_vcrd_loss, vcrd_loss
 
-from .conftest import TOL, assert_parities, base_dtype, ignore_some, run_with_grads, step_ids_for
+from ..helpers import TOL, assert_parities, base_dtype, ignore_some, run_with_grads, step_ids_for
 
 
 def heads(N=47, Hs=31, Ht=40, V=1271, Vt=None, bias=True, seed=0, dtype=torch.float32):

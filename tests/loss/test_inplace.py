@@ -12,7 +12,7 @@ import torch
 from benches.memory import allocations
 from vcrd import VCRDConfig, VCRDLoss, vcrd_loss
 
-from .conftest import assert_parities, base_dtype, ignore_some, realistic_logits, run_with_grads, upstream_gradient
+from ..helpers import assert_parities, base_dtype, ignore_some, realistic_logits, run_with_grads, upstream_gradient
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TRITON = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),

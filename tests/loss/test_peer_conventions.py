@@ -7,7 +7,7 @@ import torch
 
 from vcrd import FusedLinearVCRDLoss, VCRDConfig, VCRDLoss, fused_linear_vcrd_loss, vcrd_loss
 
-from .conftest import realistic_logits
+from ..helpers import realistic_logits
 
 
 def trl_jsd(s, u, labels=None, beta=0.5, temperature=1.0, reduction="batchmean"):

@@ -18,7 +18,7 @@ from vcrd import (
 )
 from vcrd.core import sparse_teacher as sparse_module
 
-from .conftest import assert_parity, ignore_some, realistic_logits, step_ids_for
+from ..helpers import assert_parity, ignore_some, realistic_logits, step_ids_for
 
 CONFIGS = {
     "kd": VCRDConfig.preset("kd"),

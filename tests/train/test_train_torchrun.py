@@ -17,7 +17,7 @@ from vcrd.app.cli import main
 from vcrd.distributed.ranks import parameter_checksum
 from vcrd.train.checkpoints import verify_checkpoint
 
-from .distributed_helpers import torchrun
+from ..helpers import torchrun
 from .test_train_cli import config, make_workspace, weights
 
 WORLD = 2
