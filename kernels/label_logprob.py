@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .stats import LOWEST_LOGIT, launch_config, online_lane_update
+from .tl_utils import LOWEST_LOGIT, launch_config, online_lane_update
 
 
 @triton.jit
@@ -20,9 +20,9 @@ def label_logprob_kernel(
     x_ptr, labels_ptr, out_ptr,
     # strides (elements)
     stride_x,
-    # sizes and scalars
+    # shapes and scalars
     V, inv_T,
-    # meta
+    # constants
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)

@@ -172,9 +172,10 @@ def test_stats_columns_ties_masked_vocab_nan(div):
     col = {name: stats[:, i].double() for i, name in enumerate(STAT_NAMES)}
     want = _stats_float64(s, u, labels, T)
     if div == "jsd":
-        want["D"] = _jsd_float64(s, u, T, 0.4)
+        want["D"], want["kl_pm"] = _jsd_float64(s, u, T, 0.4), _jsd_float64(s, u, T, 0.4, kl_pm=True)
     else:
-        want["D"] = want[div]
+        want["D"], want["kl_pm"] = want[div], torch.zeros(N, dtype=torch.float64)
+    want["zf"] = want["qf"] = torch.zeros(N, dtype=torch.float64)  # a sparse teacher's columns
     finite = [0, 1, 2, 6]
     for name in STAT_NAMES:
         torch.testing.assert_close(col[name][finite], want[name][finite], rtol=1e-5, atol=1e-4, msg=name)
@@ -188,12 +189,13 @@ def test_stats_columns_ties_masked_vocab_nan(div):
                 assert torch.isnan(col[name][row]), (row, name)
 
 
-def _jsd_float64(s, u, T, beta):
+def _jsd_float64(s, u, T, beta, kl_pm=False):
+    """JSD's D, or (``kl_pm``) its ``KL(p‖m)``, in float64."""
     lps, lpu = torch.log_softmax(s.double() / T, -1), torch.log_softmax(u.double() / T, -1)
     p, q = lps.exp(), lpu.exp()
     lm = torch.log(beta * q + (1 - beta) * p)
     kl = lambda w, lw: torch.where(w > 0, w * (lw - lm), torch.zeros_like(w)).sum(-1)  # noqa: E731
-    return beta * kl(q, lpu) + (1 - beta) * kl(p, lps)
+    return kl(p, lps) if kl_pm else beta * kl(q, lpu) + (1 - beta) * kl(p, lps)
 
 
 @pytest.mark.parametrize("div", ["fkl", "rkl", "jsd"])

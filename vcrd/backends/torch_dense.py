@@ -16,6 +16,7 @@ recompile limit.
 from __future__ import annotations
 
 import functools
+import types
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -90,7 +91,15 @@ def chunk_functions(divergence: Divergence) -> Tuple[Callable, Callable]:
         grad_D = divergence.dense_grad(s, u, lse_s, lse_u, grad_row, temperature, beta)
         write_gradient(out, s, y, valid, grad_D, lse_untempered, coef_kd, coef_ce, temperature, with_ce)
 
-    return stats, grad
+    return with_own_code(stats, f"dense_stats_{divergence.name}"), with_own_code(grad, f"dense_grad_{divergence.name}")
+
+
+def with_own_code(fn: Callable, name: str) -> Callable:
+    """``fn`` under a code object of its own named ``name``: dynamo keeps its compiled graphs and counts its
+    recompile limit per code object, so the chunk functions each divergence builds from one ``def`` must
+    not share one (they would share the limit, and a sweep over divergences would fall back to eager)."""
+    code = fn.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
 
 
 @functools.cache
@@ -124,4 +133,4 @@ class TorchDensePair:
                      self.cfg.temperature, self.cfg.beta, self.with_ce)
 
 
-__all__ = ["TorchDensePair", "chunk_functions", "common_stats", "compiled_pair"]
+__all__ = ["TorchDensePair", "chunk_functions", "common_stats", "compiled_pair", "with_own_code"]

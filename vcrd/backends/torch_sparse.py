@@ -37,7 +37,7 @@ from ..core.sparse_teacher import SparseRowBatch, lowest_absent
 from ..core.weights import Rows
 from .chunk_loop import Chunk
 from .divergences import DIVERGENCES, Divergence, weighted, write_gradient
-from .torch_dense import compiled_pair
+from .torch_dense import compiled_pair, with_own_code
 
 Teacher = Dict[str, torch.Tensor]
 
@@ -130,7 +130,8 @@ def chunk_functions(divergence: Divergence) -> Tuple[Callable, Callable]:
         write_gradient(out, s, y, valid, off.scatter(1, ids, at_ids), lse_untempered, coef_kd, coef_ce,
                        temperature, with_ce)
 
-    return stats, grad
+    name = divergence.name
+    return with_own_code(stats, f"sparse_stats_{name}"), with_own_code(grad, f"sparse_grad_{name}")
 
 
 class TorchSparsePair:

@@ -14,6 +14,7 @@ import torch
 
 from ..core.checks import RowBatch
 from ..core.config import VCRDConfig
+from ..core.stat_columns import STAT_COLUMNS
 from ..core.weights import Rows, label_log_ratio
 from .chunk_loop import Chunk
 
@@ -33,9 +34,10 @@ def kernel_labels(chunk: Chunk) -> torch.Tensor:
     return torch.where(chunk.valid, chunk.labels, -1)
 
 
-def stat_rows(stats: torch.Tensor, names) -> Rows:
-    """``[C]`` views of the kernel's statistics columns (a column written later shows through)."""
-    rows = {name: stats[:, i] for i, name in enumerate(names)}
+def stat_rows(stats: torch.Tensor) -> Rows:
+    """``[C]`` views of a statistics kernel's columns (:data:`vcrd.core.stat_columns.STAT_COLUMNS`; a column
+    written later shows through)."""
+    rows = {name: stats[:, i] for i, name in enumerate(STAT_COLUMNS)}
     rows["agree"] = rows["agree"] > 0.5
     return rows
 
@@ -54,14 +56,14 @@ class TritonDensePair:
         self.need_ce = cfg.ce_weight > 0
 
     def stats(self, chunk: Chunk) -> Rows:
-        from vcrd.kernels.stats import STAT_NAMES, launch_stats
+        from vcrd.kernels.stats import launch_stats
 
         T = self.cfg.temperature
         s, u = unit_stride(chunk.s), unit_stride(chunk.u)
         chunk.s, chunk.u = s, u
         stats = launch_stats(s, u, kernel_labels(chunk), T, self.cfg.effective_divergence,
                              need_lse_untempered=self.need_ce and T != 1.0)
-        rows = stat_rows(stats, STAT_NAMES)  # views: JSD's D appears once the gradient kernel runs
+        rows = stat_rows(stats)  # views: JSD's D appears once the gradient kernel runs
         rows["stats"] = stats
         # s[y], u[y] are read before the gradient kernel, which may write over s (the fused-linear loss does)
         y = chunk.labels[:, None]

@@ -31,7 +31,7 @@ class TritonSparsePair:
         self.need_ce = cfg.ce_weight > 0
 
     def stats(self, chunk: Chunk) -> Rows:
-        from vcrd.kernels.sparse import SPARSE_STAT_NAMES, launch_sparse_stats
+        from vcrd.kernels.sparse import launch_sparse_stats
 
         T = self.cfg.temperature
         chunk.s = s = unit_stride(chunk.s)
@@ -39,7 +39,7 @@ class TritonSparsePair:
         stats = launch_sparse_stats(s, ids, top, tail, lowest_absent(ids), kernel_labels(chunk), T,
                                     self.cfg.effective_divergence, self.cfg.beta,
                                     need_lse_untempered=self.need_ce and T != 1.0)
-        rows = stat_rows(stats, SPARSE_STAT_NAMES)
+        rows = stat_rows(stats)
         rows["stats"] = stats
         rows["s_y"] = s.gather(1, chunk.labels[:, None]).squeeze(1).float()  # read before the gradient may write s
         return rows
