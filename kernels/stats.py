@@ -62,6 +62,28 @@ STAT_NAMES = STAT_COLUMNS  # the columns of the [N, NUM_STATS] output, by name
 
 
 @triton.jit
+def _kl_lane_update(acc, rescale_a, shift_a, shift_b, sum_a, e_a, a, b):
+    """A lane's ``c·Σ e_a (a' - b')`` (fkl: ``a`` the teacher; rkl: the student), rescaled when its maxima grow."""
+    return rescale_a * (acc - (shift_a - shift_b) * sum_a) + weighted_or_zero(e_a, a - b)
+
+
+@triton.jit
+def _kl_of_lanes(acc, lane_scale_a, lane_shift_a, lane_shift_b, sum_a, total_a, log_total_a, log_total_b, inv_scale):
+    """``KL(a‖b)`` of the row from the lanes' :func:`_kl_lane_update` sums, shifted to the row maxima."""
+    kl = tl.sum(lane_scale_a * (acc - (lane_shift_a - lane_shift_b) * sum_a), 0)
+    return kl / total_a * inv_scale + log_total_b - log_total_a
+
+
+@triton.jit
+def _store_label_columns(out, s_y, u_y, u_at_as, max_s, max_u, log_total_s, log_total_u, inv_T):
+    """``lp_s, lp_u, lq_as, lq_au``: log-probs relative to the row maxima (-inf only below fp32's range)."""
+    tl.store(out + COL_LP_S, (s_y * inv_T - max_s * inv_T) - log_total_s)
+    tl.store(out + COL_LP_U, (u_y * inv_T - max_u * inv_T) - log_total_u)
+    tl.store(out + COL_LQ_AS, (u_at_as * inv_T - max_u * inv_T) - log_total_u)
+    tl.store(out + COL_LQ_AU, -log_total_u)
+
+
+@triton.jit
 def stats_kernel(
     # pointers
     s_ptr, u_ptr, labels_ptr, out_ptr,
@@ -81,9 +103,8 @@ def stats_kernel(
         s_y = tl.load(s_row + y, mask=y < V, other=0.0).to(tl.float32)
         u_y = tl.load(u_row + y, mask=y < V, other=0.0).to(tl.float32)
         lanes = tl.arange(0, BLOCK_V)
-        # per-lane accumulators, combined once after the loop: running maxima (raw), the index of the
-        # lane's first maximum, Σe relative to the lane maximum, and sums of e·(scaled differences) c·Σ e·d:
-        # c·Σ e_u z' (H_u), c·Σ e_s z' (CE_su), fkl c·Σ e_u (z' - x') / rkl c·Σ e_s (x' - z') (D)
+        # per-lane accumulators, combined once after the loop: running maxima (raw), the lane's first argmax,
+        # Σe relative to the lane maximum, c·Σ e_u z' (H_u), c·Σ e_s z' (CE_su), c·Σ e_a (a' - b') (fkl/rkl D)
         max_s = tl.full([BLOCK_V], 0.0, tl.float32) + LOWEST_LOGIT
         max_u = tl.full([BLOCK_V], 0.0, tl.float32) + LOWEST_LOGIT
         arg_s = tl.zeros([BLOCK_V], tl.int32)
@@ -107,11 +128,9 @@ def stats_kernel(
             entropy_acc = rescale_u * (entropy_acc - shift_u * sum_u) + weighted_or_zero(e_u, zs)
             cross_acc = rescale_s * (cross_acc - shift_u * sum_s) + weighted_or_zero(e_s, zs)
             if DIVERGENCE == FKL:
-                divergence_acc = rescale_u * (divergence_acc - (shift_u - shift_s) * sum_u) + \
-                    weighted_or_zero(e_u, zs - xs)
+                divergence_acc = _kl_lane_update(divergence_acc, rescale_u, shift_u, shift_s, sum_u, e_u, zs, xs)
             if DIVERGENCE == RKL:
-                divergence_acc = rescale_s * (divergence_acc - (shift_s - shift_u) * sum_s) + \
-                    weighted_or_zero(e_s, xs - zs)
+                divergence_acc = _kl_lane_update(divergence_acc, rescale_s, shift_s, shift_u, sum_s, e_s, xs, zs)
             sum_s_untempered = untempered_lane_sum(s, max_s, sum_s_untempered, NEED_LSE_UNTEMPERED)
             sum_s = rescale_s * sum_s + e_s
             sum_u = rescale_u * sum_u + e_u
@@ -128,21 +147,17 @@ def stats_kernel(
         log_total_s = tl.log(total_s)
         log_total_u = tl.log(total_u)
         store_lse_columns(out, row_max_s, log_total_s, row_max_u, log_total_u, inv_T)
-        # log-probs relative to the row maxima (-inf only below fp32's range)
-        tl.store(out + COL_LP_S, (s_y * inv_T - row_max_s * inv_T) - log_total_s)
-        tl.store(out + COL_LP_U, (u_y * inv_T - row_max_u * inv_T) - log_total_u)
-        tl.store(out + COL_LQ_AS, (u_at_as * inv_T - row_max_u * inv_T) - log_total_u)
-        tl.store(out + COL_LQ_AU, -log_total_u)
+        _store_label_columns(out, s_y, u_y, u_at_as, row_max_s, row_max_u, log_total_s, log_total_u, inv_T)
         # divided by Σe first, then unscaled: inf only where the true value is beyond fp32's range
         tl.store(out + COL_H_U, log_total_u - entropy / total_u * inv_scale)
         tl.store(out + COL_CE_SU, log_total_u - cross / total_s * inv_scale)
         D = tl.zeros([], tl.float32)  # a divergence given by terms: written by the gradient kernel's first loop
         if DIVERGENCE == FKL:
-            kl = tl.sum(lane_scale_u * (divergence_acc - (lane_shift_u - lane_shift_s) * sum_u), 0)
-            D = kl / total_u * inv_scale + log_total_s - log_total_u
+            D = _kl_of_lanes(divergence_acc, lane_scale_u, lane_shift_u, lane_shift_s, sum_u, total_u, log_total_u,
+                             log_total_s, inv_scale)
         if DIVERGENCE == RKL:
-            kl = tl.sum(lane_scale_s * (divergence_acc - (lane_shift_s - lane_shift_u) * sum_s), 0)
-            D = kl / total_s * inv_scale + log_total_u - log_total_s
+            D = _kl_of_lanes(divergence_acc, lane_scale_s, lane_shift_s, lane_shift_u, sum_s, total_s, log_total_s,
+                             log_total_u, inv_scale)
         tl.store(out + COL_D, D)
         tl.store(out + COL_AGREE, (a_s == a_u).to(tl.float32))
         store_untempered_columns(out, max_s, row_max_s, sum_s_untempered, log_total_s, inv_T, NEED_LSE_UNTEMPERED)
