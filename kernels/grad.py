@@ -24,10 +24,7 @@ import triton.language as tl
 from .tl_utils import (
     COL_D,
     COL_KL_PM,
-    COL_LOG_SUM_S,
     COL_LOG_SUM_U,
-    COL_LOG_SUM_UNTEMPERED,
-    COL_MAX_S,
     COL_MAX_U,
     DIVERGENCE_CODES,
     POINTWISE,
@@ -36,7 +33,10 @@ from .tl_utils import (
     launch_config,
     pointwise_finish,
     pointwise_terms,
+    program_row,
+    row_coefficients,
     store_zero_grad,
+    student_lse_parts,
 )
 
 
@@ -80,20 +80,16 @@ def grad_kernel(
     # constants
     DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    y = tl.load(labels_ptr + row)
+    row, y = program_row(labels_ptr)
     g_row = grad_ptr + row * stride_grad
     if y >= 0:
         s_row = s_ptr + row * stride_s
         u_row = u_ptr + row * stride_u
         stats = stats_ptr + row * stride_stats
-        max_s = tl.load(stats + COL_MAX_S)
+        max_s, log_sum_s, log_sum_1 = student_lse_parts(stats)
         max_u = tl.load(stats + COL_MAX_U)
-        log_sum_s = tl.load(stats + COL_LOG_SUM_S)
         log_sum_u = tl.load(stats + COL_LOG_SUM_U)
-        log_sum_1 = tl.load(stats + COL_LOG_SUM_UNTEMPERED)
-        coef_kd = tl.load(coef_ptr + 2 * row) * inv_T
-        coef_ce = tl.load(coef_ptr + 2 * row + 1)
+        coef_kd, coef_ce = row_coefficients(coef_ptr, row, inv_T)
         grad_row = tl.load(stats + COL_D)  # the row ∂D/∂(s/T) needs: D, or a divergence's own (jsd: KL(p‖m))
         if DIVERGENCE >= POINTWISE:
             grad_row = _pointwise_rows(s_row, u_row, stats, V, max_s, max_u, log_sum_s, log_sum_u, inv_T, beta,

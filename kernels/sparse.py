@@ -38,14 +38,11 @@ from .tl_utils import (
     COL_D,
     COL_H_U,
     COL_KL_PM,
-    COL_LOG_SUM_S,
-    COL_LOG_SUM_UNTEMPERED,
     COL_LP_S,
     COL_LP_U,
     COL_LQ_AS,
     COL_LQ_AU,
     COL_LSE_U,
-    COL_MAX_S,
     COL_QF,
     COL_ZF,
     DIVERGENCE_CODES,
@@ -62,10 +59,13 @@ from .tl_utils import (
     online_lane_update,
     pointwise_finish,
     pointwise_terms,
+    program_row,
+    row_coefficients,
     store_lse_columns,
     store_untempered_columns,
     store_zero_grad,
     store_zero_stats,
+    student_lse_parts,
     untempered_lane_sum,
     weighted_or_zero,
 )
@@ -225,8 +225,7 @@ def sparse_stats_kernel(
     # constants
     DIVERGENCE: tl.constexpr, NEED_LSE_UNTEMPERED: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    y = tl.load(labels_ptr + row)
+    row, y = program_row(labels_ptr)
     out = out_ptr + row * stride_out
     if y >= 0:
         s_row = s_ptr + row * stride_s
@@ -292,8 +291,7 @@ def sparse_grad_kernel(
     # constants
     DIVERGENCE: tl.constexpr, HAS_CE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    y = tl.load(labels_ptr + row)
+    row, y = program_row(labels_ptr)
     g_row = grad_ptr + row * stride_grad
     if y >= 0:
         s_row = s_ptr + row * stride_s
@@ -301,17 +299,14 @@ def sparse_grad_kernel(
         top_row = top_ptr + row * stride_top
         scratch_row = scratch_ptr + row * stride_scratch
         stats = stats_ptr + row * stride_stats
-        max_s = tl.load(stats + COL_MAX_S)
-        log_sum_s = tl.load(stats + COL_LOG_SUM_S)
-        log_sum_1 = tl.load(stats + COL_LOG_SUM_UNTEMPERED)
+        max_s, log_sum_s, log_sum_1 = student_lse_parts(stats)
         lse_u = tl.load(stats + COL_LSE_U)
         zf = tl.load(stats + COL_ZF)
         if DIVERGENCE >= POINTWISE:
             grad_row = tl.load(stats + COL_KL_PM)  # the gradient of a divergence given by terms needs its own row
         else:
             grad_row = tl.load(stats + COL_D)
-        coef_kd = tl.load(coef_ptr + 2 * row) * inv_T
-        coef_ce = tl.load(coef_ptr + 2 * row + 1)
+        coef_kd, coef_ce = row_coefficients(coef_ptr, row, inv_T)
         k_lanes = tl.arange(0, BLOCK_K)
         for k0 in range(0, K, BLOCK_K):  # the K columns, from the logits before anything is written
             offs = k0 + k_lanes

@@ -51,6 +51,7 @@ from .tl_utils import (
     lane_argmax,
     launch_config,
     online_lane_update,
+    program_row,
     store_lse_columns,
     store_untempered_columns,
     store_zero_stats,
@@ -94,8 +95,7 @@ def stats_kernel(
     # constants
     DIVERGENCE: tl.constexpr, NEED_LSE_UNTEMPERED: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    y = tl.load(labels_ptr + row)
+    row, y = program_row(labels_ptr)
     out = out_ptr + row * stride_out
     if y >= 0:
         s_row = s_ptr + row * stride_s

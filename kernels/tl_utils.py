@@ -70,6 +70,26 @@ def launch_config(V: int) -> dict:
 
 
 @triton.jit
+def program_row(labels_ptr):
+    """This program's row (int64: a row offset times a row stride exceeds 2³¹) and its label (negative: an
+    ignored row, which reads no logits)."""
+    row = tl.program_id(0).to(tl.int64)
+    return row, tl.load(labels_ptr + row)
+
+
+@triton.jit
+def student_lse_parts(stats):
+    """The student's LSE of a row in parts, from its statistics: ``(raw row maximum, log Σe at T, log Σe at 1)``."""
+    return tl.load(stats + COL_MAX_S), tl.load(stats + COL_LOG_SUM_S), tl.load(stats + COL_LOG_SUM_UNTEMPERED)
+
+
+@triton.jit
+def row_coefficients(coef_ptr, row, inv_T):
+    """``(coef_kd / T, coef_ce)`` of a row (``coef [N, 2]``)."""
+    return tl.load(coef_ptr + 2 * row) * inv_T, tl.load(coef_ptr + 2 * row + 1)
+
+
+@triton.jit
 def online_lane_update(v, lane_max, inv_T, scale, inv_scale):
     """One element per lane into running (max, Σ exp((v - max)/T)) accumulators, with one exp.
 
