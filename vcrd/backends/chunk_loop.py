@@ -25,7 +25,9 @@ from ..core.windows import CausalWindowMean
 class Chunk:
     """Rows ``[r0, r1)`` of a batch: ``s, u [C, V]`` detached views of the student's and teacher's logits
     (``u`` unused for a sparse teacher), safe ``labels [C]`` (ignored rows: an in-range label), ``valid [C]``;
-    ``batch`` for a pair that reads more of the batch's rows (a sparse teacher's top-K)."""
+    ``batch`` for a pair that reads more of the batch's rows (a sparse teacher's top-K). A pair whose
+    sweeps need rows contiguous along the vocabulary (the kernels) may replace ``s``/``u`` by such copies
+    in ``stats``; a gradient written over the logits has unit stride already, so it keeps the same view."""
 
     r0: int
     r1: int

@@ -59,8 +59,7 @@ class TritonDensePair:
         from vcrd.kernels.stats import launch_stats
 
         T = self.cfg.temperature
-        s, u = unit_stride(chunk.s), unit_stride(chunk.u)
-        chunk.s, chunk.u = s, u
+        chunk.s, chunk.u = s, u = unit_stride(chunk.s), unit_stride(chunk.u)  # what the kernels read (Chunk)
         stats = launch_stats(s, u, kernel_labels(chunk), T, self.cfg.effective_divergence,
                              need_lse_untempered=self.need_ce and T != 1.0)
         rows = stat_rows(stats)  # views: JSD's D appears once the gradient kernel runs
