@@ -33,17 +33,13 @@ from vcrd.core.overflow import overflow_scale
 from vcrd.core.stat_columns import STAT_COLUMNS
 
 from .tl_utils import (
-    COL_AGREE,
-    COL_CE_SU,
     COL_D,
-    COL_H_U,
     COL_KL_PM,
     COL_LP_S,
     COL_LP_U,
     COL_LQ_AS,
     COL_LQ_AU,
     COL_LSE_U,
-    COL_QF,
     COL_ZF,
     DIVERGENCE_CODES,
     FKL,
@@ -62,6 +58,7 @@ from .tl_utils import (
     program_row,
     row_coefficients,
     store_lse_columns,
+    store_row_columns,
     store_untempered_columns,
     store_zero_grad,
     store_zero_stats,
@@ -256,13 +253,7 @@ def sparse_stats_kernel(
         s_y = tl.load(s_row + y, mask=y < V, other=0.0).to(tl.float32)
         store_lse_columns(out, max_s, log_sum_s, 0.0, lse_u, inv_T)  # the teacher's LSE is lse_u itself
         tl.store(out + COL_LP_S, (s_y * inv_T - max_s * inv_T) - log_sum_s)
-        tl.store(out + COL_H_U, H_u)
-        tl.store(out + COL_CE_SU, CE_su)
-        tl.store(out + COL_D, D)
-        tl.store(out + COL_AGREE, (a_s == a_u).to(tl.float32))
-        tl.store(out + COL_ZF, zf)
-        tl.store(out + COL_QF, qf)
-        tl.store(out + COL_KL_PM, kl_pm)
+        store_row_columns(out, H_u, CE_su, D, a_s, a_u, zf, qf, kl_pm)
         store_untempered_columns(out, lane_max_s, max_s, sum_1, log_sum_s, inv_T, NEED_LSE_UNTEMPERED)
     else:
         store_zero_stats(out)

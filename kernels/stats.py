@@ -31,17 +31,10 @@ from vcrd.core.overflow import overflow_scale
 from vcrd.core.stat_columns import STAT_COLUMNS
 
 from .tl_utils import (
-    COL_AGREE,
-    COL_CE_SU,
-    COL_D,
-    COL_H_U,
-    COL_KL_PM,
     COL_LP_S,
     COL_LP_U,
     COL_LQ_AS,
     COL_LQ_AU,
-    COL_QF,
-    COL_ZF,
     DIVERGENCE_CODES,
     FKL,
     LOWEST_LOGIT,
@@ -53,6 +46,7 @@ from .tl_utils import (
     online_lane_update,
     program_row,
     store_lse_columns,
+    store_row_columns,
     store_untempered_columns,
     store_zero_stats,
     untempered_lane_sum,
@@ -148,9 +142,6 @@ def stats_kernel(
         log_total_u = tl.log(total_u)
         store_lse_columns(out, row_max_s, log_total_s, row_max_u, log_total_u, inv_T)
         _store_label_columns(out, s_y, u_y, u_at_as, row_max_s, row_max_u, log_total_s, log_total_u, inv_T)
-        # divided by Σe first, then unscaled: inf only where the true value is beyond fp32's range
-        tl.store(out + COL_H_U, log_total_u - entropy / total_u * inv_scale)
-        tl.store(out + COL_CE_SU, log_total_u - cross / total_s * inv_scale)
         D = tl.zeros([], tl.float32)  # a divergence given by terms: written by the gradient kernel's first loop
         if DIVERGENCE == FKL:
             D = _kl_of_lanes(divergence_acc, lane_scale_u, lane_shift_u, lane_shift_s, sum_u, total_u, log_total_u,
@@ -158,12 +149,10 @@ def stats_kernel(
         if DIVERGENCE == RKL:
             D = _kl_of_lanes(divergence_acc, lane_scale_s, lane_shift_s, lane_shift_u, sum_s, total_s, log_total_s,
                              log_total_u, inv_scale)
-        tl.store(out + COL_D, D)
-        tl.store(out + COL_AGREE, (a_s == a_u).to(tl.float32))
+        # H_u, CE_su divided by Σe first, then unscaled: inf only where the true value is beyond fp32's range
+        store_row_columns(out, log_total_u - entropy / total_u * inv_scale, log_total_u - cross / total_s * inv_scale,
+                          D, a_s, a_u, 0.0, 0.0, 0.0)
         store_untempered_columns(out, max_s, row_max_s, sum_s_untempered, log_total_s, inv_T, NEED_LSE_UNTEMPERED)
-        tl.store(out + COL_ZF, 0.0)
-        tl.store(out + COL_QF, 0.0)
-        tl.store(out + COL_KL_PM, 0.0)
     else:
         store_zero_stats(out)
 

@@ -189,6 +189,19 @@ def store_lse_columns(out, max_s, log_sum_s, max_u, log_sum_u, inv_T):
 
 
 @triton.jit
+def store_row_columns(out, H_u, CE_su, D, a_s, a_u, zf, qf, kl_pm):
+    """``H_u, CE_su, D``, ``agree`` (``a_s == a_u``), a sparse teacher's ``zf, qf`` (0 for a dense one) and
+    ``kl_pm`` (the row a divergence given by terms needs for its gradient; 0 until it is known)."""
+    tl.store(out + COL_H_U, H_u)
+    tl.store(out + COL_CE_SU, CE_su)
+    tl.store(out + COL_D, D)
+    tl.store(out + COL_AGREE, (a_s == a_u).to(tl.float32))
+    tl.store(out + COL_ZF, zf)
+    tl.store(out + COL_QF, qf)
+    tl.store(out + COL_KL_PM, kl_pm)
+
+
+@triton.jit
 def store_untempered_columns(out, lane_max, row_max, lane_sum_1, log_sum_s, inv_T, NEED: tl.constexpr):
     """``logsumexp(s)`` (the CE term's LSE) and its ``log Σe`` part: from the untempered lane sums when
     ``NEED`` (T != 1), else the tempered ones (equal at T = 1)."""
