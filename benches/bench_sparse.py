@@ -9,9 +9,10 @@ Providers, alternated in one process (median of ``--repeats`` after a warm-up; w
 - ``dense``: the teacher's full logits (``logits`` level: ``vcrd_loss(s, u)``; ``fused`` level:
   ``fused_linear_vcrd_loss`` with the teacher's hidden states and LM head, i.e. its GEMM);
 - ``sparse K=..``: :func:`sparse_vcrd_loss` / :func:`fused_linear_sparse_vcrd_loss` on CPU, the O(K)
-  path (:mod:`vcrd.loss.sparse_chunks`);
+  path (:mod:`vcrd.backends.torch_sparse`);
 - ``densified K=..``: the same losses through the dense CPU backend on the completed teacher
-  densified per chunk (the Triton path's strategy, and vcrd's CPU path before the O(K) one).
+  densified (logits level: the whole ``[N, V]`` completed teacher, built inside the call; fused level:
+  per chunk), as vcrd's CPU path was before the O(K) one.
 
 Memory: peak RSS during one call minus RSS before it (``benches/memory.py``). Each provider's
 timed gradient is checked against the float64 reference (``vcrd.core.reference``, ``benches/gradcheck.py``
@@ -38,19 +39,15 @@ from memory import peak_rss_delta
 from vcrd import SparseTeacher, fused_linear_sparse_vcrd_loss, fused_linear_vcrd_loss, sparse_vcrd_loss, vcrd_loss
 from vcrd.core.checks import RowBatch, check_labels, check_rows
 from vcrd.core.config import resolve_config
-from vcrd.loss.functional import loss_from_batch
 from vcrd.loss.fused_linear import loss_from_hidden
-from vcrd.loss.sparse import _SparseRowBatch
 
 PRESET = "vcrd"
 
 
 def densified_logits_loss(s, teacher: SparseTeacher, y, steps):
-    """``sparse_vcrd_loss`` through the dense CPU backend, the completed teacher densified per chunk."""
-    cfg = resolve_config(PRESET)
-    layout = check_rows(check_labels(y, s.shape[:-1], s.device, cfg), s.shape[:-1], s.device, steps, None, cfg,
-                        s.shape[-1])
-    return loss_from_batch(s, _SparseRowBatch(s, s, layout, *teacher.flat()), cfg, "torch", "mean", None, False)
+    """``sparse_vcrd_loss`` through the dense CPU backend on the completed teacher, densified whole."""
+    dense = teacher.completed_logprobs(slice(None), s.shape[-1], torch.float32).view_as(s)
+    return vcrd_loss(s, dense, y, step_ids=steps, config=PRESET, impl="torch")
 
 
 def densified_fused_loss(h, w, teacher: SparseTeacher, y, steps):

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .stats import LOWEST_LOGIT, launch_config, online_lane_update
+from .tl_utils import LOWEST_LOGIT, launch_config, online_lane_update, program_row
 
 
 @triton.jit
@@ -20,13 +20,12 @@ def label_logprob_kernel(
     x_ptr, labels_ptr, out_ptr,
     # strides (elements)
     stride_x,
-    # sizes and scalars
+    # shapes and scalars
     V, inv_T,
-    # meta
+    # constants
     BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    y = tl.load(labels_ptr + row)
+    row, y = program_row(labels_ptr)
     x_row = x_ptr + row * stride_x
     x_y = tl.load(x_row + y, mask=(y >= 0) & (y < V), other=0.0).to(tl.float32) * inv_T
     lanes = tl.arange(0, BLOCK_V)

@@ -91,11 +91,11 @@ def _variants():
 
 def _sparse_variants():
     """The sparse-teacher kernels (SPEC §10) on a cache's teacher (int32 ids, fp16 log-probs, K = K_CACHE)."""
-    from vcrd.kernels.sparse import _block_k, sparse_grad_kernel, sparse_stats_kernel
+    from vcrd.kernels.sparse import block_k, sparse_grad_kernel, sparse_stats_kernel
     from vcrd.kernels.stats import DIVERGENCE_CODES, launch_config
 
     config = launch_config(V_LM)
-    blocks = {"BLOCK_V": config["BLOCK_V"], "BLOCK_K": _block_k(K_CACHE)}
+    blocks = {"BLOCK_V": config["BLOCK_V"], "BLOCK_K": block_k(K_CACHE)}
     teacher = {"ids_ptr": "*i32", "top_ptr": "*fp16"}
     for dtype in DTYPES:
         t = f"*{dtype}"

@@ -1,64 +1,23 @@
-"""Backends: one interface, several implementations of the loss's sweeps over the logits.
+"""Backends: one chunk loop (:mod:`.chunk_loop`), several pairs of sweeps over the logits, one registry.
 
-Every backend has the same contract, ``loss_and_grad(batch, cfg, grad_out, grad_scale, window)``:
-per-row outputs (:data:`vcrd.core.weights.OUTPUT_ROWS`) for a checked :class:`~vcrd.core.checks.RowBatch`,
-with ``grad_scale · ∂(Σ_r loss_r)/∂s`` written into ``grad_out``. :func:`run_backend` is the one
-dispatch every loss uses (logits, fused-linear). ``impl="auto"`` picks Triton for CUDA tensors (and
-for CPU tensors under ``TRITON_INTERPRET=1``), else the CPU fast path ``"torch"``.
+A backend is its pair ``stats(chunk)`` / ``grad(chunk, rows, out)``: the CPU fast path for a dense
+(:mod:`.torch_dense`) or a top-K teacher (:mod:`.torch_sparse`), the Triton kernels for either
+(:mod:`.triton_dense`, :mod:`.triton_sparse`). :func:`run_backend` finds the pair in the registry
+(:mod:`.registry`, keyed by implementation and teacher kind) and runs the chunk loop; every loss uses
+it (logits, fused-linear, sparse). Each divergence's CPU formulas live in :mod:`.divergences`.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict
 
 import torch
 
-from ..core import settings
-from ..core.checks import RowBatch
-from ..core.config import VCRDConfig
-from ..core.windows import CausalWindowMean
-from . import torch_chunks, triton_kernels
+from .registry import BACKENDS, IMPLS, TEACHER_KINDS, resolve_impl, run_backend, teacher_kind, triton_unavailable
 
-IMPLS = ("auto", "triton", "torch", "reference")  # "reference": vcrd.core.reference, in the loss layer
-
-
-def triton_unavailable(student_logits: torch.Tensor) -> List[str]:
-    """Every reason the Triton kernels cannot run on this input (empty when they can)."""
-    reasons = []
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        reasons.append("triton is not installed (pip install triton)")
-    if student_logits.device.type != "cuda" and not settings.triton_interpreter():
-        reasons.append(f"tensors are on {student_logits.device.type}, not CUDA, and TRITON_INTERPRET=1 is not set")
-    if student_logits.dtype == torch.float64:
-        reasons.append("float64 logits (the kernels take float32, bfloat16 or float16)")
-    return reasons
-
-
-def resolve_impl(impl: str, student_logits: torch.Tensor) -> str:
-    """``auto`` → ``triton`` when it can run, else ``torch``; a forced ``triton`` that cannot run raises."""
-    if impl in ("torch", "reference"):
-        return impl
-    reasons = triton_unavailable(student_logits)
-    if impl == "triton" and reasons:
-        raise NotImplementedError("impl='triton' cannot run: " + "; ".join(reasons))
-    return "torch" if reasons else "triton"
-
-
-# ``backend(impl, batch, cfg, grad_out, grad_scale, window=None) -> rows``: :func:`run_backend`, or the
-# sparse teacher's (vcrd.loss.sparse.sparse_backend)
+# ``backend(impl, batch, cfg, grad_out, grad_scale, window=None) -> rows``: :func:`run_backend`, or a
+# caller's own (the vocab-parallel fused-linear loss runs its shard pair through the same chunk loop)
 Backend = Callable[..., Dict[str, torch.Tensor]]
 
-
-def run_backend(impl: str, batch: RowBatch, cfg: VCRDConfig, grad_out: Optional[torch.Tensor], grad_scale: float,
-                  window: Optional[CausalWindowMean] = None) -> Dict[str, torch.Tensor]:
-    """Run the backend ``impl`` (``"torch"`` or ``"triton"``) on a checked batch: ``[N]`` rows, and
-    ``grad_scale · ∂(Σ_r loss_r)/∂s`` written into ``grad_out`` (the contract of
-    :func:`vcrd.backends.torch_chunks.loss_and_grad`)."""
-    if impl == "triton":
-        return triton_kernels.loss_and_grad(batch, cfg, grad_out, grad_scale, window=window)
-    if impl == "torch":
-        return torch_chunks.loss_and_grad(batch, cfg, grad_out, grad_scale, settings.chunk_rows(),
-                                          settings.compile_enabled(), window=window)
-    raise ValueError(f"impl: expected 'torch' or 'triton' for a backend, got {impl!r}")
+__all__ = ["BACKENDS", "IMPLS", "TEACHER_KINDS", "Backend", "resolve_impl", "run_backend", "teacher_kind",
+           "triton_unavailable"]

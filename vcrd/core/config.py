@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
+DIVERGENCE_NAMES = ("fkl", "rkl", "jsd")  # every divergence (formulas: reference.divergence, backends.divergences)
 Divergence = Literal["fkl", "rkl", "jsd"]
 Validity = Optional[Literal["argmax", "expected"]]
 
@@ -45,8 +46,8 @@ class VCRDConfig:
         def bad(name: str, expected: str) -> ValueError:
             return ValueError(f"VCRDConfig.{name}: expected {expected}, got {getattr(self, name)!r}")
 
-        if self.divergence not in ("fkl", "rkl", "jsd"):
-            raise bad("divergence", "'fkl', 'rkl' or 'jsd'")
+        if self.divergence not in DIVERGENCE_NAMES:
+            raise bad("divergence", "one of " + ", ".join(map(repr, DIVERGENCE_NAMES)))
         if self.validity not in ("argmax", "expected", None):
             raise bad("validity", "'argmax', 'expected' or None")
         if self.normalize not in ("tokens", "weights"):

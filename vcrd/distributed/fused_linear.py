@@ -5,13 +5,13 @@ vocabulary ``V`` are padding and ignored) and the full hidden states of both mod
 ``C`` kept rows (rows with ``ignore_index`` never reach a GEMM), in row order:
 
 1. this shard's logits ``x = h_s W_s,r^T (+ b_s,r)``, ``z = h_t W_t,r^T (+ b_t,r)``: ``[C, W]``, fp32;
-2. :func:`vcrd.distributed.vocab_parallel.shard_rows`: the partial statistics, ONE all-reduce (two for
+2. :class:`vcrd.distributed.vocab_parallel.ShardPair` in the chunk loop: the partial statistics, ONE all-reduce (two for
    JSD), the global weights, and ``g = ∂loss/∂x`` written over ``x``;
 3. ``grad_W_s,r += g^T h_s``, ``grad_b_s,r += Σ g`` (this rank's rows only, no communication) and
    ``grad_h_s[chunk] = g W_s,r`` (this shard's share of the hidden gradient).
 
 This is the single-process orchestration (:func:`vcrd.loss.fused_linear.loss_from_hidden`) on this
-shard's rows, with :func:`shard_rows` as its backend. The hidden states enter through
+shard's rows, with the shard pair as its backend. The hidden states enter through
 :class:`SumGradOverRanks` (identity forward; backward: ONE all-reduce of the ranks' shares of
 ``grad_h_s``, Megatron's "copy to tensor-parallel region"). Collectives per call: one
 ``all_gather_object`` of metadata (bad layouts and configs are refused on every rank with the same
@@ -24,6 +24,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from ..backends.chunk_loop import run_chunks
 from ..core import settings
 from ..core.checks import (
     FLOAT_DTYPES,
@@ -39,7 +40,7 @@ from ..core.stats import VCRDStats
 from ..core.windows import CausalWindowMean
 from ..loss.fused_linear import auto_chunk_size, loss_from_hidden
 from .agreement import agree_on_layout, config_fields, describe, local_meta
-from .vocab_parallel import _all_reduce, group_info, rows_checksum, shard_rows
+from .vocab_parallel import ShardPair, _all_reduce, group_info, rows_checksum
 
 CALLER = "fused_linear_vocab_parallel_vcrd_loss"
 
@@ -172,8 +173,8 @@ def fused_linear_vocab_parallel_vcrd_loss(
 
     def backend(impl: str, chunk: RowBatch, cfg: VCRDConfig, grad_out: Optional[torch.Tensor], grad_scale: float,
                 window: CausalWindowMean):
-        return shard_rows(chunk.s, chunk.u, chunk.labels, chunk.valid, v0, window, cfg, grad_scale, rank, world, group,
-                          out=grad_out)
+        pair = ShardPair(cfg, v0, rank, world, group, max(1, chunk.s.shape[0]), dtype)
+        return run_chunks(pair, chunk, cfg, grad_out, grad_scale, window, dtype=dtype)
 
     return loss_from_hidden(SumGradOverRanks.apply(student_hidden, group), student_weight_shard, student_bias_shard,
                             chunk_batch, width, layout, cfg, "torch", reduction, num_items_in_batch, C, return_stats,

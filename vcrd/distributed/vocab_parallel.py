@@ -16,11 +16,15 @@ order:
    another rank's numbers in the reduction itself);
 3. :func:`vcrd.core.weights.weigh_rows` turns the global statistics into the weights and gradient
    coefficients (replicated: the same on every rank);
-4. each shard writes the gradient of its own columns (the CPU path's per-divergence gradient
-   functions, fed the global LSEs).
+4. each shard writes the gradient of its own columns (the divergence's CPU gradient,
+   :mod:`vcrd.backends.divergences`, fed the global LSEs).
 
-JSD needs both global LSEs before its ``log m``: a second all-reduce per chunk sums the shards'
-partial ``KL(q‖m)`` and ``KL(p‖m)``. Before any sweep, one ``all_gather_object`` of each rank's
+Steps 1, 2 and 4 are this backend's chunk pair (:class:`ShardPair`); the chunk loop
+(:func:`vcrd.backends.chunk_loop.run_chunks`) runs step 3 between them, as for every backend.
+
+JSD (any divergence given by element-wise terms, :class:`vcrd.backends.divergences.PointwiseDivergence`)
+needs both global LSEs first: a second all-reduce per chunk sums the shards' sums of its terms.
+Before any sweep, one ``all_gather_object`` of each rank's
 metadata (its columns, ``V``, the row count, the config, chunking, a checksum of labels/step ids,
 any local input error) lets every rank refuse a bad layout with the same ``ValueError``: no rank
 is left waiting in a collective.
@@ -36,14 +40,14 @@ import torch
 import torch.distributed as dist
 
 from ..backends.autograd import attach_grads
-from ..backends.torch_chunks import CHUNK_FUNCTIONS, _log_mixture, _weighted
+from ..backends.chunk_loop import Chunk, run_chunks
+from ..backends.divergences import DIVERGENCES, Divergence, weighted, write_gradient
 from ..core import settings
 from ..core.checks import FLOAT_DTYPES, RowBatch, check_labels, check_options, check_rows
 from ..core.config import VCRDConfig, resolve_config
 from ..core.reduction import reduce_rows, row_normalizer
 from ..core.stats import VCRDStats
-from ..core.weights import Rows, concat_rows, poison_gradient, row_loss, weigh_rows
-from ..core.windows import CausalWindowMean
+from ..core.weights import Rows
 from .agreement import agree_on_layout, config_fields, describe, local_meta
 
 # per-row partials each shard contributes (one slot per rank in the exchanged buffer)
@@ -111,7 +115,7 @@ def _local_error(student, teacher, vocab_start, vocab_size) -> Optional[str]:
     return None
 
 
-def _partials(x: torch.Tensor, z: torch.Tensor, y: torch.Tensor, v0: int, T: float, divergence: str,
+def _partials(x: torch.Tensor, z: torch.Tensor, y: torch.Tensor, v0: int, T: float, divergence: Divergence,
               untempered: bool) -> torch.Tensor:
     """``[C, K]`` partial statistics of this shard's columns ``x, z [C, Vl]`` (fp32/fp64)."""
     C, Vl = x.shape
@@ -127,22 +131,18 @@ def _partials(x: torch.Tensor, z: torch.Tensor, y: torch.Tensor, v0: int, T: flo
     own = (yl >= 0) & (yl < Vl)
     yl = yl.clamp(0, Vl - 1)[:, None]
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    if divergence == "fkl":
-        B = _weighted(eu, zs - xs).sum(-1)
-    elif divergence == "rkl":
-        B = _weighted(es, xs - zs).sum(-1)
-    else:
-        B = torch.zeros_like(mx)
+    B = divergence.shard_partial(xs, zs, es, eu)
     sum_raw = (x - sh_s[:, None]).exp().sum(-1) if untempered else torch.zeros_like(mx)
     cols = dict(mx=mx, mz=mz, sum_s=es.sum(-1), sum_u=eu.sum(-1), a_s=(ia_s + v0).to(x.dtype),
                 a_u=(ia_u + v0).to(x.dtype), z_as=z.gather(1, ia_s[:, None]).squeeze(1),
                 x_y=torch.where(own, x.gather(1, yl).squeeze(1), zero),
                 z_y=torch.where(own, z.gather(1, yl).squeeze(1), zero), own=own.to(x.dtype),
-                A_uz=_weighted(eu, zs).sum(-1), A_sz=_weighted(es, zs).sum(-1), B=B, sum_raw=sum_raw)
+                A_uz=weighted(eu, zs).sum(-1), A_sz=weighted(es, zs).sum(-1),
+                B=torch.zeros_like(mx) if B is None else B, sum_raw=sum_raw)
     return torch.stack([cols[k] for k in FIELDS], -1)
 
 
-def _combine(P: torch.Tensor, T: float, divergence: str, untempered: bool) -> Rows:
+def _combine(P: torch.Tensor, T: float, divergence: Divergence, untempered: bool) -> Rows:
     """Global SPEC §2 statistics ``[C]`` from every shard's partials ``P [world, C, K]``."""
     f = lambda name: P[..., _F[name]]  # noqa: E731  [world, C]
     mx, mz = f("mx"), f("mz")
@@ -169,60 +169,64 @@ def _combine(P: torch.Tensor, T: float, divergence: str, untempered: bool) -> Ro
         lq_as=(z_as - MZ) / T - LU, lq_au=(MZ - MZ) / T - LU, agree=a_s == a_u,
         H_u=LU - (cu * (f("A_uz") + f("sum_u") * du)).sum(0) / sum_u,
         CE_su=LU - (cs * (f("A_sz") + f("sum_s") * du)).sum(0) / sum_s,
-        x_y=x_y,
+        # the CE term: (max s - s[y]) + log Σ exp(s - max s) (untempered: equal to LS at T = 1)
+        max_s=MX, s_y=x_y, log_sum_untempered=LS,
     )
-    if divergence == "fkl":
-        rows["D"] = (cu * (f("B") + f("sum_u") * (du - ds))).sum(0) / sum_u + LS - LU
-    elif divergence == "rkl":
-        rows["D"] = (cs * (f("B") + f("sum_s") * (ds - du))).sum(0) / sum_s + LU - LS
+    if divergence.one_shard_sweep:
+        rows.update(divergence.shard_rows(f("B"), dict(cs=cs, cu=cu, ds=ds, du=du, part_sum_s=f("sum_s"),
+                                                       part_sum_u=f("sum_u"), sum_s=sum_s, sum_u=sum_u, LS=LS, LU=LU)))
     if untempered:
         c1 = torch.where(mx == -torch.inf, 0.0, (mx - MX).exp())
-        rows["lse_untempered"] = MX + (c1 * f("sum_raw")).sum(0).log()
+        rows["log_sum_untempered"] = (c1 * f("sum_raw")).sum(0).log()
     return rows
 
 
-def _jsd_partials(x, z, lse_s, lse_u, T: float, beta: float) -> torch.Tensor:
-    logp, logq = x / T - lse_s[:, None], z / T - lse_u[:, None]
-    p, q = logp.exp(), logq.exp()
-    logm = _log_mixture(p, q, beta)
-    return torch.stack([_weighted(q, logq - logm).sum(-1), _weighted(p, logp - logm).sum(-1)], -1)
+class ShardPair:
+    """The chunk pair of a vocab-parallel loss: this shard's columns ``[v0, v0 + Vl)`` of both logits → the
+    global statistics (the same on every rank) with ONE all-reduce (two for a divergence given by
+    element-wise terms), and the gradient of this shard's columns."""
 
+    def __init__(self, cfg: VCRDConfig, v0: int, rank: int, world: int, group, chunk_rows: int,
+                 dtype: torch.dtype) -> None:
+        self.cfg, self.v0, self.rank, self.world, self.group = cfg, v0, rank, world, group
+        self.chunk_rows, self.dtype = chunk_rows, dtype
+        self.divergence = DIVERGENCES[cfg.effective_divergence]
+        self.with_ce = cfg.ce_weight > 0
+        self.untempered = self.with_ce and cfg.temperature != 1.0
 
-def shard_rows(x: torch.Tensor, z: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, v0: int,
-               window: CausalWindowMean, cfg: VCRDConfig, grad_scale: float, rank: int, world: int, group,
-               out: Optional[torch.Tensor] = None) -> Rows:
-    """One chunk of rows of a vocab-parallel loss: this shard's columns ``x, z [C, Vl]`` (fp32/fp64, global
-    columns ``[v0, v0 + Vl)``) → the global per-row outputs (:data:`vcrd.core.weights.OUTPUT_ROWS`, the same
-    on every rank) with ONE all-reduce (two for JSD); writes ``∂loss/∂x`` (times ``grad_scale``, ignored
-    rows 0) into ``out [C, Vl]`` when given (``out`` may be ``x`` itself: x is read before it is written)."""
-    divergence, T, beta = cfg.effective_divergence, cfg.temperature, cfg.beta
-    with_ce = cfg.ce_weight > 0
-    untempered = with_ce and T != 1.0
-    _, grad_fn, grad_row = CHUNK_FUNCTIONS[divergence]
-    rows = _combine(_exchange(_partials(x, z, y, v0, T, divergence, untempered), rank, world, group), T, divergence,
-                    untempered)
-    if divergence == "jsd":
-        J = _exchange(_jsd_partials(x, z, rows["lse_s"], rows["lse_u"], T, beta), rank, world, group).sum(0)
-        rows["D"], rows["kl_pm"] = beta * J[:, 0] + (1 - beta) * J[:, 1], J[:, 1]
-    lse_untempered = rows.get("lse_untempered", rows["lse_s"])
-    ce = (lse_untempered - rows["x_y"]) if with_ce else 0.0
-    weigh_rows(rows, valid, window, cfg, grad_scale)
-    rows["per_row"] = row_loss(rows, ce, valid, cfg)
-    poison_gradient(rows, valid)  # SPEC §6: never a finite gradient beside a non-finite loss
-    if out is None:
+    def _logits(self, chunk: Chunk) -> Tuple[torch.Tensor, torch.Tensor]:
+        return chunk.s.to(self.dtype), chunk.u.to(self.dtype)
+
+    def stats(self, chunk: Chunk) -> Rows:
+        x, z = self._logits(chunk)
+        T, div = self.cfg.temperature, self.divergence
+        local = _partials(x, z, chunk.labels, self.v0, T, div, self.untempered)
+        rows = _combine(_exchange(local, self.rank, self.world, self.group), T, div, self.untempered)
+        if not div.one_shard_sweep:  # its terms need both global LSEs first: a second exchange
+            local = div.shard_terms(x, z, rows["lse_s"], rows["lse_u"], T, self.cfg.beta)
+            sums = _exchange(local, self.rank, self.world, self.group).sum(0)
+            rows.update(div.finish(sums.unbind(-1), self.cfg.beta))
         return rows
-    soft = None
-    if with_ce:  # coef_ce·(softmax(s) - onehot(y)) on this shard's columns (read before `out` may overwrite x)
-        Vl = x.shape[1]
-        soft = rows["coef_ce"][:, None] * (x - lse_untempered[:, None]).exp()
-        yl = y - v0
-        own = valid & (yl >= 0) & (yl < Vl)
-        soft = soft.scatter_add(1, yl.clamp(0, Vl - 1)[:, None], torch.where(own, -rows["coef_ce"], 0.0)[:, None])
-    grad_fn(out, x, z, y, valid, rows[grad_row], rows["lse_s"], rows["lse_u"], lse_untempered,
-            rows["coef_kd"], rows["coef_ce"], T, beta, False)
-    if soft is not None:
-        out.add_(torch.where(valid[:, None], soft, 0.0).to(out.dtype))
-    return rows
+
+    def grad(self, chunk: Chunk, rows: Rows, out: Optional[torch.Tensor]) -> None:
+        """``out`` may be the chunk's logits themselves: every read of them comes before the write."""
+        if out is None:
+            return
+        x, z = self._logits(chunk)
+        T, y, valid = self.cfg.temperature, chunk.labels, chunk.valid
+        soft = None
+        if self.with_ce:  # coef_ce·(softmax(s) - onehot(y)) on this shard's columns (y may be another shard's)
+            Vl = x.shape[1]
+            lse_untempered = rows["max_s"] + rows["log_sum_untempered"]
+            soft = rows["coef_ce"][:, None] * (x - lse_untempered[:, None]).exp()
+            yl = y - self.v0
+            own = valid & (yl >= 0) & (yl < Vl)
+            soft = soft.scatter_add(1, yl.clamp(0, Vl - 1)[:, None], torch.where(own, -rows["coef_ce"], 0.0)[:, None])
+        grad_D = self.divergence.dense_grad(x, z, rows["lse_s"], rows["lse_u"], rows[self.divergence.grad_row], T,
+                                            self.cfg.beta)
+        write_gradient(out, x, y, valid, grad_D, None, rows["coef_kd"], rows["coef_ce"], T, False)
+        if soft is not None:
+            out.add_(torch.where(valid[:, None], soft, 0.0).to(out.dtype))
 
 
 def vocab_parallel_vcrd_loss(
@@ -310,15 +314,9 @@ def vocab_parallel_vcrd_loss(
         grad = torch.zeros_like(s_full, memory_format=torch.contiguous_format)
         grad_rows = grad.view(-1, grad.shape[-1])[:, :Vl]
     dtype = torch.promote_types(s_full.dtype, torch.float32)
-    window = CausalWindowMean(layout.starts, 2)
-    parts = []
+    pair = ShardPair(cfg, v0, rank, world, group, chunk, dtype)
     with torch.no_grad():
-        for r0, r1, sc, uc in batch.chunks(chunk):
-            x, z = sc.detach().to(dtype), uc.detach().to(dtype)
-            out = grad_rows[r0:r1] if grad_rows is not None else None
-            parts.append(shard_rows(x, z, layout.labels[r0:r1], layout.valid[r0:r1], v0, window, cfg, 1.0 / Z,
-                                    rank, world, group, out))
-        rows = concat_rows(parts, dtype, s_full.device)
+        rows = run_chunks(pair, batch, cfg, grad_rows, 1.0 / Z, dtype=dtype)
         value, post_scale = reduce_rows(rows["per_row"], rows["w"], reduction, cfg, Z, layout.shape, layout.n_valid,
                                         num_items_in_batch)
     loss = attach_grads(value, [(s_full, grad)], post_scale) if want_grad else value
@@ -327,4 +325,4 @@ def vocab_parallel_vcrd_loss(
     return loss
 
 
-__all__ = ["vocab_parallel_vcrd_loss", "agree_on_layout", "group_info", "rows_checksum", "shard_rows", "FIELDS"]
+__all__ = ["vocab_parallel_vcrd_loss", "agree_on_layout", "group_info", "rows_checksum", "ShardPair", "FIELDS"]

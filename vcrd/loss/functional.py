@@ -12,7 +12,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch.autograd.graph import increment_version
 
-from ..backends import IMPLS, Backend, resolve_impl, run_backend
+from ..backends import IMPLS, resolve_impl, run_backend
 from ..backends.autograd import attach_grads
 from ..backends.memory import advise_huge_pages
 from ..core import reference
@@ -118,10 +118,10 @@ def check_inplace_grad(inplace_grad: bool, student_logits: torch.Tensor, teacher
 
 
 def loss_from_batch(student_logits: torch.Tensor, batch: RowBatch, cfg: VCRDConfig, impl: str, reduction: str,
-                    num_items_in_batch, return_stats: bool, inplace_grad: bool = False, backend: Backend = run_backend):
+                    num_items_in_batch, return_stats: bool, inplace_grad: bool = False):
     """The loss of a checked batch on a resolved backend (``"torch"`` or ``"triton"``): the gradient
-    buffer, the sweeps, the reduction and the autograd glue (shared with the sparse-teacher loss, whose
-    ``backend`` reads the teacher's top-K). ``inplace_grad``: the gradient is written over
+    buffer, the sweeps, the reduction and the autograd glue (shared with the sparse-teacher loss: the
+    registry picks the backend from the batch's teacher kind). ``inplace_grad``: the gradient is written over
     ``student_logits`` (checked by :func:`check_inplace_grad`)."""
     want_grad = torch.is_grad_enabled() and student_logits.requires_grad
     Z = row_normalizer(reduction, cfg, num_items_in_batch, batch.rows)
@@ -139,7 +139,7 @@ def loss_from_batch(student_logits: torch.Tensor, batch: RowBatch, cfg: VCRDConf
             grad_rows[:, batch.vocab:] = 0
         grad_rows = grad_rows[:, :batch.vocab]
     with torch.no_grad():
-        rows = backend(impl, batch, cfg, grad_rows, 1.0 / Z)
+        rows = run_backend(impl, batch, cfg, grad_rows, 1.0 / Z)
         if want_grad and inplace_grad:  # a kernel's write is invisible to autograd: say the logits changed
             increment_version(grad)
         value, post_scale = reduce_rows(rows["per_row"], rows["w"], reduction, cfg, Z, batch.shape, batch.n_valid,

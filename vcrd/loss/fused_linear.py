@@ -152,12 +152,14 @@ ChunkBatch = Callable[[torch.Tensor, torch.Tensor, RowLayout], RowBatch]
 
 def loss_from_hidden(student_hidden: torch.Tensor, student_weight: torch.Tensor, student_bias: Optional[torch.Tensor],
                      chunk_batch: ChunkBatch, V: int, layout: RowLayout, cfg: VCRDConfig, impl: str, reduction: str,
-                     num_items_in_batch, chunk_size, return_stats: bool, backend: Backend = run_backend):
+                     num_items_in_batch, chunk_size, return_stats: bool, backend: Backend = run_backend,
+                     teacher: str = "dense"):
     """The fused-linear loss of checked inputs: ``chunk_batch(idx, s, rows)`` pairs the student's logits
     ``s [C, V]`` of flat rows ``idx`` (layout ``rows``) with the teacher's rows — logits from a GEMM, or
-    a sparse teacher's top-K read by its own ``backend`` (shared with :mod:`vcrd.loss.sparse`)."""
+    a sparse teacher's top-K (``teacher="sparse"``, shared with :mod:`vcrd.loss.sparse`). ``backend``
+    runs each chunk (:func:`vcrd.backends.run_backend`, or the vocab-parallel loss's shard pair)."""
     h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
-    impl = resolve_impl(impl, h_s)
+    impl = resolve_impl(impl, h_s, teacher)
     student = (student_hidden, student_weight, student_bias)
     needs_grad = tuple(x is not None and x.requires_grad and torch.is_grad_enabled() for x in student)
     Z = row_normalizer(reduction, cfg, num_items_in_batch, layout)
