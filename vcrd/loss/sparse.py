@@ -32,6 +32,7 @@ from ..core.checks import (
     check_options,
     check_rows,
     check_tensor,
+    check_vocab,
     rows_view,
 )
 from ..core.config import VCRDConfig, resolve_config
@@ -49,15 +50,18 @@ def sparse_vcrd_loss(
     cu_seqlens: Optional[torch.Tensor] = None,
     config: Union[VCRDConfig, str, None] = None,
     num_items_in_batch: Optional[Union[int, torch.Tensor]] = None,
+    vocab_size: Optional[int] = None,
     reduction: str = "mean",
     impl: str = "auto",
     return_stats: bool = False,
 ):
     """:func:`vcrd.vcrd_loss` with the teacher given as a :class:`SparseTeacher` (SPEC §10).
 
-    ``student_logits [N, V]`` or ``[B, T, V]``; the teacher's rows match the student's. Every other
-    argument as in :func:`vcrd.vcrd_loss`. ``impl="reference"`` densifies the whole completed teacher
-    and runs the reference (tests, small inputs).
+    ``student_logits [N, V_s]`` or ``[B, T, V_s]``; the teacher's rows match the student's. The
+    vocabulary is ``V = vocab_size`` (default ``V_s``): a student whose logits are padded beyond the
+    teacher's vocabulary passes ``vocab_size``; its columns ``>= V`` are left out (gradient 0) and the
+    tail is completed over ``V``. Every other argument as in :func:`vcrd.vcrd_loss`.
+    ``impl="reference"`` densifies the whole completed teacher and runs the reference (tests, small inputs).
     """
     cfg = resolve_config(config)
     check_options(reduction, impl, num_items_in_batch, cfg, IMPLS)
@@ -66,7 +70,8 @@ def sparse_vcrd_loss(
         raise ValueError(f"student_logits: expected shape [N, V] or [B, T, V], got {tuple(student_logits.shape)}")
     if not isinstance(teacher, SparseTeacher):
         raise TypeError(f"teacher: expected a vcrd.SparseTeacher, got {type(teacher).__name__}")
-    V, lead, device = student_logits.shape[-1], student_logits.shape[:-1], student_logits.device
+    V_s, lead, device = student_logits.shape[-1], student_logits.shape[:-1], student_logits.device
+    V = check_vocab(V_s, V_s, vocab_size)
     teacher.check_against(V, lead, device)
     layout = check_rows(check_labels(labels, lead, device, cfg), lead, device, step_ids, cu_seqlens, cfg, V)
     if impl == "reference":
@@ -74,10 +79,10 @@ def sparse_vcrd_loss(
         dense = teacher.completed_logprobs(slice(None), V, dtype).reshape(*lead, V)
         return reference.vcrd_loss(student_logits, dense, labels, step_ids=step_ids, cu_seqlens=cu_seqlens,
                                    config=cfg, num_items_in_batch=num_items_in_batch, reduction=reduction,
-                                   return_stats=return_stats)
+                                   return_stats=return_stats, vocab_size=V if V != V_s else None)
     impl = resolve_impl(impl, student_logits, "sparse")
     s = rows_view(student_logits, V)
-    s = s if s is not None else student_logits
+    s = s if s is not None else student_logits[..., :V]
     batch = SparseRowBatch(s, s, layout, *teacher.flat())
     return loss_from_batch(student_logits, batch, cfg, impl, reduction, num_items_in_batch, return_stats)
 
@@ -93,6 +98,7 @@ def fused_linear_sparse_vcrd_loss(
     cu_seqlens: Optional[torch.Tensor] = None,
     config: Union[VCRDConfig, str, None] = None,
     num_items_in_batch: Optional[Union[int, torch.Tensor]] = None,
+    vocab_size: Optional[int] = None,
     reduction: str = "mean",
     chunk_size: Union[int, str] = "auto",
     impl: str = "auto",
@@ -100,7 +106,9 @@ def fused_linear_sparse_vcrd_loss(
 ):
     """:func:`vcrd.fused_linear_vcrd_loss` with a :class:`SparseTeacher`: three GEMMs (student logits,
     grad of hidden, grad of weight), no teacher forward or GEMM. ``student_hidden [N, H]`` or
-    ``[B, T, H]``, ``student_weight [V, H]``; the teacher's rows match the hidden states' rows."""
+    ``[B, T, H]``, ``student_weight [V_s, H]``; the teacher's rows match the hidden states' rows.
+    ``vocab_size=V`` (default ``V_s``): only the head's first ``V`` rows take part, as in
+    :func:`sparse_vcrd_loss`."""
     cfg = resolve_config(config)
     check_fused_options(reduction, chunk_size)
     check_options(reduction, impl, num_items_in_batch, cfg, IMPLS)
@@ -113,7 +121,8 @@ def fused_linear_sparse_vcrd_loss(
                          f"got {tuple(student_weight.shape)}")
     if not isinstance(teacher, SparseTeacher):
         raise TypeError(f"teacher: expected a vcrd.SparseTeacher, got {type(teacher).__name__}")
-    V, lead, device = student_weight.shape[0], student_hidden.shape[:-1], student_hidden.device
+    lead, device = student_hidden.shape[:-1], student_hidden.device
+    V = check_vocab(student_weight.shape[0], student_weight.shape[0], vocab_size)
     teacher.check_against(V, lead, device)
     layout = check_rows(check_labels(labels, lead, device, cfg), lead, device, step_ids, cu_seqlens, cfg, V)
     if impl == "reference":
@@ -121,8 +130,8 @@ def fused_linear_sparse_vcrd_loss(
         if student_bias is not None:
             s = s + student_bias.double()
         return sparse_vcrd_loss(s, teacher, labels, step_ids=step_ids, cu_seqlens=cu_seqlens, config=cfg,
-                                num_items_in_batch=num_items_in_batch, reduction=reduction, impl="reference",
-                                return_stats=return_stats)
+                                num_items_in_batch=num_items_in_batch, vocab_size=vocab_size, reduction=reduction,
+                                impl="reference", return_stats=return_stats)
     ids, top, tail = teacher.flat()
 
     def chunk_batch(idx: torch.Tensor, s: torch.Tensor, rows: RowLayout) -> SparseRowBatch:
