@@ -44,3 +44,21 @@ def in_dtype(model, dtype: Optional[torch.dtype]):
     import copy
 
     return copy.deepcopy(model).to(dtype)
+
+
+def chat_prompt(tokenizer, messages) -> str:
+    """The text of ``messages`` (``[{"role", "content"}]``, or one user message as a string) rendered by the
+    tokenizer's chat template with the assistant's turn opened (``add_generation_prompt``), for the scorer and
+    the collator, which tokenise a prompt with ``add_special_tokens=False`` and put the tokenizer's BOS first:
+    a template that itself starts with the BOS text (SmolLM2: ``<|im_start|>``) loses that one copy here, so
+    ``[bos] + ids(text)`` are exactly the template's ids. ``ValueError`` when the tokenizer has no template."""
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"tokenizer: expected a chat template (tokenizer.chat_template), got none "
+                         f"({type(tokenizer).__name__})")
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and tokenizer.bos_token_id is not None and text.startswith(bos):
+        text = text[len(bos):]
+    return text
