@@ -267,6 +267,20 @@ def fetch_model_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_real(args: argparse.Namespace) -> int:
+    from .bench_real import LalpSettings, run_lalp
+
+    command = "vcrd " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench-real"] else None
+    teachers = tuple(t.strip() for t in args.teachers.split(",")) if args.teachers else None
+    settings = LalpSettings(model=args.model, out=args.out, problems=args.problems, variant=args.variant,
+                            window=args.window, drop_first=args.drop_first, dtype=args.dtype, threads=args.threads,
+                            seed=args.seed, bootstrap=args.bootstrap, extra={"command": command})
+    if teachers:
+        settings.teachers = teachers
+    run_lalp(settings)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vcrd", description="Validity-calibrated reasoning distillation losses.")
     parser.add_argument("--version", action="version", version=f"vcrd {__version__}")
@@ -385,6 +399,26 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--progress-interval", type=float, default=5.0,
                    help="seconds between progress lines when stdout is not a terminal (default 5; 0: none)")
     f.set_defaults(func=fetch_model_command)
+    r = sub.add_parser("bench-real", help="LALP on real teachers (CHAMP) under a real student (SmolLM2)",
+                       description="lalp: score CHAMP's four teachers' recorded solutions with a local student "
+                                   "(vcrd fetch-model smollm2), rank the teachers (mean LALP, GALP, win rate) beside "
+                                   "their final-answer accuracy, and compare per-problem response selection by LALP, "
+                                   "GALP, LALP with drop_first and a random pick, with 95 percent bootstrap intervals "
+                                   "over problems (results.json, results.md in --out; docs/real.md). Needs make real.")
+    r.add_argument("which", choices=["lalp"], help="the benchmark to run")
+    r.add_argument("--model", required=True, help="local model folder (the student), e.g. from vcrd fetch-model")
+    r.add_argument("--out", default="runs/real-lalp", help="output folder (default runs/real-lalp)")
+    r.add_argument("--problems", type=int, default=20, help="gradable CHAMP problems, drawn with --seed (default 20)")
+    r.add_argument("--teachers", default="", help="comma-separated subset of the four teachers (default: all)")
+    r.add_argument("--variant", default="0-Shot", help="CHAMP prompt variant (default 0-Shot)")
+    r.add_argument("--window", type=int, default=4, help="previous steps in context (default 4)")
+    r.add_argument("--drop-first", type=int, default=2, help="ids not scored at the start of each step in the "
+                                                                 "drop_first arm (default 2, as ASLEC)")
+    r.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="default bfloat16")
+    r.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's default)")
+    r.add_argument("--seed", type=int, default=0, help="problem draw and bootstrap seed (default 0)")
+    r.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    r.set_defaults(func=bench_real)
     return parser
 
 
