@@ -71,7 +71,7 @@ def run_lalp(s: LalpSettings, log=print) -> Dict[str, object]:
     """The benchmark (see the module docstring); returns what ``results.json`` holds."""
     import torch
 
-    from ..select.champ import load_champ
+    from ..select.champ import accuracy_by_teacher, gradable_count, load_champ
     from ..select.model_io import DTYPES, chat_prompt
     from ..select.naturalness import score_responses
     from ..select.selection import rank_teachers
@@ -89,6 +89,7 @@ def run_lalp(s: LalpSettings, log=print) -> Dict[str, object]:
                                 f"smollm2 --out DIR), got {str(model_dir)!r}")
     check_writable(out, "--out")
     problems = load_champ(s.problems, variant=s.variant, teachers=s.teachers, seed=s.seed)  # refusals before loading
+    everything = load_champ(gradable_count(s.variant, s.teachers), variant=s.variant, teachers=s.teachers)
     check_model_folder(model_dir, "--model")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -160,6 +161,7 @@ def run_lalp(s: LalpSettings, log=print) -> Dict[str, object]:
     result = dict(settings={k: v for k, v in asdict(s).items() if k != "extra"}, n_problems=len(problems),
                   n_responses=len(flat), response_tokens=n_tokens, times_s=times, teachers=teacher_rows,
                   selection=selection, differences=differences,
+                  accuracy_all_gradable=dict(problems=len(everything), by_teacher=accuracy_by_teacher(everything)),
                   problems=[p.identifier for p in problems], per_problem=per_problem, **s.extra)
     md = format_markdown(result)
     out.mkdir(parents=True, exist_ok=True)
@@ -181,6 +183,10 @@ def format_markdown(r: Dict[str, object]) -> str:
         lines.append(f"| {t['teacher']} | {t['mean_lalp']:.4f} | {t['mean_galp']:.4f} | {t['win_rate']:.0%} | "
                      f"{t['mean_lalp_drop_first']:.4f} | {t['right']}/{t['responses']} ({t['accuracy']:.0%}) | "
                      f"{t['unparsed']} |")
+    a = r.get("accuracy_all_gradable")
+    if a:
+        lines += ["", f"Final answers on all {a['problems']} gradable problems (no scoring needed): " + "; ".join(
+            f"{t} {v['right']}/{a['problems']} right ({v['unparsed']} unparsed)" for t, v in a["by_teacher"].items())]
     lines += ["", "| selection per problem | selected response right | 95 % bootstrap CI | picks per teacher |",
               "|---|---|---|---|"]
     for m in r["selection"]:

@@ -165,3 +165,21 @@ def load_champ(n_problems: int, *, variant: str = "0-Shot", teachers: Sequence[s
             problem.responses.append(r)
         out.append(problem)
     return out
+
+
+def gradable_count(variant: str = "0-Shot", teachers: Sequence[str] = TEACHERS,
+                   path: Union[None, str, Path] = None) -> int:
+    """How many problems :func:`load_champ` can draw from (numeric answer, every teacher under ``variant``)."""
+    problems = json.loads(Path(path or champ_file()).read_text(encoding="utf-8"))["problems"]
+    return sum(1 for p in problems.values() if answer_value(p["_answer"]) is not None
+               and all(f"{t}|{variant}" in p["conversations"] for t in teachers))
+
+
+def accuracy_by_teacher(problems: Sequence[ChampProblem]) -> Dict[str, Dict[str, int]]:
+    """Per teacher: ``right``, ``wrong`` and ``unparsed`` final answers over ``problems``."""
+    out: Dict[str, Dict[str, int]] = {}
+    for p in problems:
+        for r in p.responses:
+            row = out.setdefault(r.teacher, {"right": 0, "wrong": 0, "unparsed": 0})
+            row["unparsed" if r.correct is None else "right" if r.correct else "wrong"] += 1
+    return out
