@@ -185,7 +185,7 @@ def convert_gguf(gguf_path: Union[str, Path], out: Union[str, Path], *, progress
         model = type(gguf_model)(config).eval()  # the same architecture, plain parameters
         missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
         tied = set(getattr(model, "_tied_weights_keys", None) or ())
-        if unexpected or [k for k in missing if k not in tied and not config.tie_word_embeddings]:
+        if unexpected or [k for k in missing if k not in tied]:  # a tied head may be absent: it is the embedding
             raise RuntimeError(f"the GGUF model's weights do not fit its own architecture: missing {missing}, "
                                f"unexpected {unexpected}")
     out.parent.mkdir(parents=True, exist_ok=True)
