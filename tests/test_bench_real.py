@@ -28,10 +28,11 @@ def test_end_to_end_on_a_tiny_student(tmp_path):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tests.test_real_tokenizer import tok as make_tok
     from vcrd.app.cli import main
 
-    tok = make_tok.__wrapped__()
+    from .tiny_gguf import build_tokenizer
+
+    tok = build_tokenizer()
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(vocab_size=263, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,

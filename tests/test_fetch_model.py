@@ -20,8 +20,9 @@ import torch
 pytest.importorskip("gguf", reason="the gguf package (the real extra: make real) is not installed")
 pytest.importorskip("accelerate", reason="accelerate (the real extra) is not installed")
 
-from tests.tiny_gguf import CHAT_TEMPLATE, CONFIG, write_tiny_gguf  # noqa: E402
 from vcrd.train.fetch_model import MANIFEST, Progress, convert_gguf, verify_model_folder  # noqa: E402
+
+from .tiny_gguf import CHAT_TEMPLATE, CONFIG, write_tiny_gguf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

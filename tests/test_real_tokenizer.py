@@ -11,10 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.tiny_gguf import CHAT_TEMPLATE, MERGES, SPECIALS, vocabulary
 from vcrd.select.model_io import chat_prompt
 from vcrd.select.naturalness import split_steps
 from vcrd.train.data import DistillCollator, Example
+
+from .tiny_gguf import build_tokenizer
 
 
 def b(text: str):
@@ -31,16 +32,7 @@ STEP_2 = b("is 4") + [2]  # i s | Ġ 4 | EOS
 
 @pytest.fixture(scope="module")
 def tok():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(vocabulary())}
-    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in MERGES]))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.add_special_tokens(SPECIALS)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   pad_token="<|im_end|>", unk_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
+    return build_tokenizer()
 
 
 def test_tokenizer_is_the_hand_written_one(tok):

@@ -41,6 +41,22 @@ def vocabulary():
     return SPECIALS + [symbols[b] for b in range(256)] + [m.replace(" ", "") for m in MERGES]
 
 
+def build_tokenizer():
+    """The same tokenizer built in memory with ``tokenizers`` (no GGUF): byte-level BPE over :func:`vocabulary`
+    with :data:`MERGES`, SmolLM2's special tokens (BOS ``<|im_start|>``, EOS = pad ``<|im_end|>``) and chat
+    template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(vocabulary())}
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in MERGES]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.add_special_tokens(SPECIALS)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>", unk_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
+
+
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's ``convert_hf_to_gguf`` permutation of a q/k projection (rotary halves interleaved)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
