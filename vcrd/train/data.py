@@ -156,16 +156,24 @@ class DistillCollator:
     response split by SPEC §8's splitter), each piece tokenised on its own, and an EOS (if any) at
     the end of the last step. ``labels`` are the ids with ``-100`` on the prompt and the padding;
     ``step_ids`` number the steps from 1 (0 on the prompt; padding repeats the last step, so ids
-    never decrease). Sequences longer than ``max_length`` are cut at the end.
+    never decrease). Sequences longer than ``max_length`` are cut at the end. Padding is always on the
+    right (whatever ``tokenizer.padding_side`` says: the step ids and labels are laid out from the left).
+    ``chat_template=True``: the prompt is the user turn of the tokenizer's chat template with the
+    assistant's turn opened (:func:`vcrd.select.model_io.chat_prompt`; BOS once), the response its
+    answer, ended by the EOS (SmolLM2's ``<|im_end|>``).
     ``with_sources=True`` adds ``batch["sources"]``: each example's ``FILE:LINE`` (a list of strings,
     so only for loops that ignore non-tensor keys, as :class:`VCRDTrainer` does); the trainer's
     non-finite-loss stop names them.
     """
 
     def __init__(self, tokenizer, max_length: int = 512, max_step_tokens: int = 256,
-                 with_sources: bool = False) -> None:
+                 with_sources: bool = False, chat_template: bool = False) -> None:
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"max_length: expected an int >= 2, got {max_length!r}")
+        if chat_template and not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"chat_template: expected a tokenizer with a chat template, got "
+                             f"{type(tokenizer).__name__} without one")
+        self.chat_template = bool(chat_template)
         self.tokenizer, self.max_length, self.max_step_tokens = tokenizer, max_length, max_step_tokens
         self.with_sources = with_sources
 
@@ -178,8 +186,13 @@ class DistillCollator:
         from ..select.naturalness import split_steps
 
         tok = self.tokenizer
+        prompt = example.prompt
+        if self.chat_template:
+            from ..select.model_io import chat_prompt
+
+            prompt = chat_prompt(tok, prompt)
         ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + \
-            list(tok(example.prompt, add_special_tokens=False)["input_ids"])
+            list(tok(prompt, add_special_tokens=False)["input_ids"])
         labels, steps = [-100] * len(ids), [0] * len(ids)
         pieces = example.steps if example.steps is not None else split_steps(example.response, tok,
                                                                              self.max_step_tokens)
