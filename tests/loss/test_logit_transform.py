@@ -19,8 +19,14 @@ from typing import Optional
 import pytest
 import torch
 
-from vcrd import (SparseTeacher, VCRDConfig, fused_linear_sparse_vcrd_loss, fused_linear_vcrd_loss,
-                  sparse_vcrd_loss, vcrd_loss)
+from vcrd import (
+    SparseTeacher,
+    VCRDConfig,
+    fused_linear_sparse_vcrd_loss,
+    fused_linear_vcrd_loss,
+    sparse_vcrd_loss,
+    vcrd_loss,
+)
 from vcrd.core import reference
 from vcrd.distributed.vocab_parallel import vocab_parallel_vcrd_loss
 
