@@ -262,3 +262,26 @@ def test_triton_sparse_and_fused_linear():
                                  impl="triton", chunk_size=300)
     got.backward()
     assert_matches("triton fused", got, want, [h.grad, w.grad], [h64.grad, w64.grad])
+
+
+def half_precision_case(impl: str, n: int):
+    """bf16 logits with only one model's options set (the other model's logits reach the pair as given)."""
+    _, s, u, y, steps = data(6)
+    s, u, y, steps = s[:n].bfloat16(), u[:n].bfloat16(), y[:n], steps[:n]
+    for opts in (dict(student_logit_scale=0.125), dict(teacher_softcap=30.0)):
+        want, want_grad = oracle(s.double(), u.double(), y, steps, "vcrd", opts)
+        x = s.clone().requires_grad_()
+        got = vcrd_loss(x, u, y, step_ids=steps, config=VCRDConfig(**opts), impl=impl)
+        got.backward()
+        assert x.grad.dtype == torch.bfloat16
+        assert_matches(f"{impl} bf16 {opts}", got, want, [x.grad], [want_grad], tol=1e-2)
+        assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item())
+
+
+def test_bf16_logits_with_one_models_options():
+    half_precision_case("torch", N)
+
+
+@pytest.mark.triton
+def test_triton_bf16_logits_with_one_models_options():
+    half_precision_case("triton", 256)

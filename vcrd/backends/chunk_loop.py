@@ -102,10 +102,11 @@ def run_chunks(pair: ChunkPair, batch: RowBatch, cfg: VCRDConfig, grad_out: Opti
         rows["per_row"] = row_loss(rows, ce, chunk.valid, cfg)
         poison_gradient(rows, chunk.valid)  # SPEC §6: never a finite gradient beside a non-finite loss
         # written over the logits: the one chunk view as both input and output, never two views of one buffer
-        out = None if grad_out is None else raw_s if in_place else grad_out[r0:r1]
+        out = None if grad_out is None else chunk.s if in_place else grad_out[r0:r1]
         if out is None or transform is None or transform.student.is_identity:
             pair.grad(chunk, rows, out)
         else:  # ∂L/∂s' over the processed buffer, then times ∂s'/∂s read from the raw rows before out is written
+            out = raw_s if in_place else out
             pair.grad(chunk, rows, chunk.s)
             out.copy_(transform.student.chain_(chunk.s, raw_s))
         rows["per_row"] = row_loss(rows, ce, chunk.valid, cfg)  # D may have been completed by grad
