@@ -75,18 +75,32 @@ def test_bad_values_are_refused():
         logit_processing(SimpleNamespace(logit_scale="2"))
 
 
-def test_distill_loss_refuses_a_scaled_student_naming_the_attribute():
+@pytest.mark.parametrize("student_name,teacher_name", [("granite", "llama"), ("cohere", "gemma2")])
+def test_distill_loss_trains_on_the_models_own_distribution(student_name, teacher_name):
+    """distill_loss reads each model's scale and soft-cap from its config: its loss equals the float64
+    reference (default options) on the models' own logits, ``model(ids).logits``."""
+    from vcrd.core import reference
     from vcrd.train.trainer import distill_loss
 
     torch.manual_seed(0)
-    student, _, _ = family("granite")
-    teacher, _, _ = family("llama")
-    teacher.requires_grad_(False)
+    student, _, _ = family(student_name)
+    teacher, _, _ = family(teacher_name)
+    with torch.no_grad():
+        for model in (student, teacher):
+            model.lm_head.weight.mul_(40.0)
+    teacher.eval().requires_grad_(False)
     ids = torch.randint(0, 61, (2, 9))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    with pytest.raises(ValueError, match=r"student: GraniteForCausalLM post-processes its logits "
-                                         r"\(config.logits_scaling=8.0 \(logits divided by it\)\)"):
-        distill_loss(student, teacher, batch, "kd")
+    labels = ids.clone()
+    labels[0, :3] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    got, _ = distill_loss(student, teacher, batch, "kd")
+    with torch.no_grad():
+        s, u = student(ids).logits.double(), teacher(ids).logits.double()
+    want = reference.vcrd_loss(s[:, :-1], u[:, :-1], labels[:, 1:], config="kd")
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    raw = reference.vcrd_loss(student(ids, output_hidden_states=True).hidden_states[-1].double()[:, :-1]
+                              @ student.lm_head.weight.double().T, u[:, :-1], labels[:, 1:], config="kd")
+    assert abs(raw.item() - want.item()) > 1e-2 * want.item()  # ignoring the student's scale would fail
 
 
 def test_the_scorer_refuses_a_post_processing_model_naming_the_attribute():

@@ -312,3 +312,32 @@ def test_a_full_cache_trains_like_the_online_teacher(ws):
     torch.testing.assert_close(cached_stats.lp_u[valid], online_stats.lp_u[valid], rtol=0, atol=1e-2)
     shifted = dict(batch, teacher_topk_ids=batch["teacher_topk_ids"].roll(1, dims=1))  # one position off
     assert not torch.allclose(distill_loss(student, None, shifted, "vcrd")[0], online, rtol=2e-3)
+
+
+def test_a_soft_capped_teacher_is_stored_after_its_own_post_processing(ws, tmp_path):
+    """A Gemma-2 teacher (soft-cap 30, its head scaled so the cap bends): the cache holds the top-K of its
+    own logits ``model(ids).logits``, not of the raw LM head's output (SPEC §1, §10)."""
+    from .test_trainer import tiny_family
+
+    root, tok, _, _ = ws
+    gemma = tiny_family(tok, "gemma2", 8).eval()
+    gemma.save_pretrained(tmp_path / "gemma")
+    tok.save_pretrained(tmp_path / "gemma")
+    out = tc.build_cache(tmp_path / "gemma", root / "data.jsonl", tmp_path / "cache", K, batch_size=2, shard_rows=40,
+                         max_length=64, progress=False, say=lambda _: None)
+    cache = tc.TeacherCache(out)
+    bent = False
+    for i, e in enumerate(read_jsonl(root / "data.jsonl")):
+        ids, labels, _ = collator(tok).encode(e)
+        with torch.no_grad():
+            out_i = gemma(torch.tensor([ids]), output_hidden_states=True)
+            raw = (out_i.hidden_states[-1] @ gemma.lm_head.weight.T)[0]
+        rows = tc.loss_rows(labels)
+        want = SparseTeacher.from_logits(out_i.logits[0][rows], K)
+        got = cache.rows_for(i)
+        assert torch.equal(got.topk_ids.long(), want.topk_ids)
+        torch.testing.assert_close(got.topk_logprobs.float(), want.topk_logprobs, atol=2e-3, rtol=1e-3)
+        torch.testing.assert_close(got.tail_logprob, want.tail_logprob, atol=1e-4, rtol=1e-4)
+        unprocessed = SparseTeacher.from_logits(raw[rows], K)
+        bent |= bool((unprocessed.topk_logprobs - want.topk_logprobs).abs().max() > 0.1)
+    assert bent  # the raw head's log-probs differ: storing them would fail the check above

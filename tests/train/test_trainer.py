@@ -253,29 +253,88 @@ def test_model_whose_hidden_states_are_not_the_head_input_is_refused(setup):
         distill_loss(student, teacher, collate(examples[:2]), KD)
 
 
-def test_softcapping_model_is_refused(setup, tmp_path):
-    from transformers import Gemma2Config, Gemma2ForCausalLM, TrainingArguments
+def tiny_family(tok, family: str, seed: int):
+    """A tiny Gemma-2 (final_logit_softcapping=30, its LM head scaled up so the cap bends its logits) or a
+    tiny Granite (logits_scaling=8, logits divided by 8, head scaled up so the scaled logits stay peaked)."""
+    import transformers as tr
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=1, pad_token_id=tok.pad_token_id,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, max_position_embeddings=512)
+    if family == "gemma2":
+        model = tr.Gemma2ForCausalLM(tr.Gemma2Config(**common, head_dim=16, final_logit_softcapping=30.0))
+        boost = 150.0
+    else:
+        model = tr.GraniteForCausalLM(tr.GraniteConfig(**common, logits_scaling=8.0))
+        boost = 200.0
+    with torch.no_grad():
+        model.lm_head.weight.mul_(boost)
+    return model
+
+
+@pytest.mark.parametrize("pair", [("gemma2", "granite"), ("granite", "gemma2")], ids=["gemma2-student",
+                                                                                       "granite-student"])
+@pytest.mark.parametrize("cfg", [KD, WEIGHTED], ids=["kd", "vcrd"])
+def test_softcapped_and_scaled_models_train_on_their_own_distribution(setup, pair, cfg):
+    """A Gemma-2 (soft-cap 30) and a Granite (logits / 8) as student and teacher: distill_loss reads each
+    model's post-processing from its config, and its loss and the gradient of every student parameter
+    equal the float64 reference (default options) on the models' OWN logits, ``model(ids).logits``."""
+    tok, examples, _, collate = setup
+    student = tiny_family(tok, pair[0], 5).train()
+    teacher = tiny_family(tok, pair[1], 6).eval().requires_grad_(False)
+    batch = collate(examples[:4])
+    with torch.no_grad():  # the post-processing really changes these logits (the cap bends, the scale shrinks)
+        for model in (student, teacher):
+            out = model(input_ids=batch["input_ids"], output_hidden_states=True)
+            raw = out.hidden_states[-1] @ model.lm_head.weight.T
+            assert (out.logits - raw).abs().max() > 0.2 * raw.abs().max()
+            if getattr(model.config, "final_logit_softcapping", None) is not None:
+                assert raw.abs().max() > 45.0
+
+    loss, _ = distill_loss(student, teacher, batch, cfg)
+    loss.backward()
+    ours = grads_of(student)
+    student.zero_grad(set_to_none=True)
+    ref = reference_through_logits(student, teacher, batch, cfg)  # default options on the models' own logits
+    ref.backward()
+    truth = grads_of(student)
+
+    assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item()), (loss.item(), ref.item())
+    for name, g in truth.items():
+        assert g is not None and g.abs().max() > 0, name
+        assert rel_err(ours[name], g) <= 1e-4, f"{name}: relative error {rel_err(ours[name], g):.2e}"
+        assert rel_err(0.5 * g, g) > 1e-4  # the check is sharp: a halved gradient fails it
+
+    # an explicit option equal to the model's is accepted; one that disagrees is refused naming both
+    cap = "student_softcap" if pair[0] == "gemma2" else "teacher_softcap"
+    scale = "teacher_logit_scale" if pair[0] == "gemma2" else "student_logit_scale"
+    same, _ = distill_loss(student, teacher, batch, cfg.replace(**{cap: 30.0, scale: 0.125}))
+    assert same.item() == loss.item()
+    with pytest.raises(ValueError, match=rf"{cap}=50.0 disagrees with the .* model Gemma2ForCausalLM: its config "
+                                         r"gives config.final_logit_softcapping=30.0"):
+        distill_loss(student, teacher, batch, cfg.replace(**{cap: 50.0}))
+    with pytest.raises(ValueError, match=rf"{scale}=0.5 disagrees with the .* model GraniteForCausalLM: its config "
+                                         r"gives config.logits_scaling=8.0 \(logits divided by it\)"):
+        distill_loss(student, teacher, batch, cfg.replace(**{scale: 0.5}))
+
+
+def test_trainer_takes_the_models_post_processing(setup, tmp_path):
+    """VCRDTrainer accepts a soft-capped teacher and refuses, at construction, a config that disagrees with it."""
+    from transformers import TrainingArguments
 
     tok, examples, teacher, collate = setup
-    torch.manual_seed(0)
-    cfg = Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=30.0,
-                       pad_token_id=tok.pad_token_id)
-    gemma = Gemma2ForCausalLM(cfg)
-    batch = collate(examples[:2])
-    with pytest.raises(ValueError, match=r"student: Gemma2ForCausalLM post-processes its logits "
-                                         r"\(config.final_logit_softcapping=30.0\)"):
-        distill_loss(gemma, teacher, batch, KD)
-    with pytest.raises(ValueError, match=r"teacher: Gemma2ForCausalLM post-processes its logits "
-                                         r"\(config.final_logit_softcapping=30.0\)"):
-        distill_loss(teacher, gemma.requires_grad_(False), batch, KD)
+    gemma = tiny_family(tok, "gemma2", 7).requires_grad_(False)
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, remove_unused_columns=False)
-    with pytest.raises(ValueError, match=r"teacher_model: Gemma2ForCausalLM post-processes its logits "
-                                         r"\(config.final_logit_softcapping"):
-        VCRDTrainer(model=teacher, teacher_model=gemma, args=args, train_dataset=examples, data_collator=collate)
-    gemma.config.final_logit_softcapping = None  # the same architecture without capping is fine
-    loss, _ = distill_loss(gemma.requires_grad_(True), teacher, batch, KD)
-    assert math.isfinite(loss.item())
+    student = student_like(teacher, 4)
+    VCRDTrainer(model=student, teacher_model=gemma, args=args, train_dataset=examples, data_collator=collate)
+    with pytest.raises(ValueError, match=r"teacher_softcap=20.0 disagrees with the teacher model Gemma2ForCausalLM"):
+        VCRDTrainer(model=student, teacher_model=gemma, args=args, train_dataset=examples, data_collator=collate,
+                    vcrd_config=KD.replace(teacher_softcap=20.0))
+    with pytest.raises(ValueError, match=r"student_logit_scale=0.5 disagrees with the student model LlamaForCausalLM: "
+                                         r"its config gives neither a scale nor a soft-cap attribute"):
+        VCRDTrainer(model=student, teacher_model=gemma, args=args, train_dataset=examples, data_collator=collate,
+                    vcrd_config=KD.replace(student_logit_scale=0.5))
 
 
 def test_bad_inputs_raise_clear_errors(setup):

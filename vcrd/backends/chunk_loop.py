@@ -6,6 +6,10 @@ the loop runs the ``[C]``-sized work every backend shares, in row order: the wei
 through the causal window (:func:`vcrd.core.weights.weigh_rows`; the window is causal, so a chunk's
 weights are final once its own rows are in), the hard-label CE term, the unnormalised row loss and
 the NaN rule of SPEC §6. The chunk is still in cache when its gradient is written.
+
+Each model's logit post-processing (SPEC §1, :mod:`vcrd.core.logit_transform`) is applied here, for
+every pair: with options other than the defaults the pair sees each chunk's processed logits, and its
+gradient is chained to the raw student logits before it is written.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import torch
 
 from ..core.checks import RowBatch
 from ..core.config import VCRDConfig
+from ..core.logit_transform import chunk_transform
+from ..core.sparse_teacher import SparseRowBatch
 from ..core.weights import Rows, concat_rows, poison_gradient, row_loss, weigh_rows
 from ..core.windows import CausalWindowMean
 
@@ -78,10 +84,18 @@ def run_chunks(pair: ChunkPair, batch: RowBatch, cfg: VCRDConfig, grad_out: Opti
     """
     in_place = grad_out is batch.s
     window = window if window is not None else CausalWindowMean(batch.starts, 2)
+    # SPEC §1 logit post-processing: None with the defaults (the loop below is then exactly as without it)
+    transform = chunk_transform(cfg, sparse=isinstance(batch, SparseRowBatch))
     parts = []
     for r0, r1, s, u in batch.chunks(pair.chunk_rows):
         # detached views: the student logits may require grad
         chunk = Chunk(r0, r1, s.detach(), u.detach(), batch.labels[r0:r1], batch.valid[r0:r1], batch)
+        raw_s = chunk.s
+        if transform is not None:  # the pair sweeps the processed logits, in chunk-sized buffers
+            if not transform.student.is_identity:
+                chunk.s = transform.student.apply(raw_s)
+            if not transform.teacher.is_identity:  # never for a sparse teacher (its u is the student's rows)
+                chunk.u = transform.teacher.apply(chunk.u)
         rows = pair.stats(chunk)
         ce: Union[torch.Tensor, float] = label_cross_entropy(rows) if cfg.ce_weight > 0 else 0.0
         weigh_rows(rows, chunk.valid, window, cfg, grad_scale)
@@ -89,7 +103,12 @@ def run_chunks(pair: ChunkPair, batch: RowBatch, cfg: VCRDConfig, grad_out: Opti
         poison_gradient(rows, chunk.valid)  # SPEC §6: never a finite gradient beside a non-finite loss
         # written over the logits: the one chunk view as both input and output, never two views of one buffer
         out = None if grad_out is None else chunk.s if in_place else grad_out[r0:r1]
-        pair.grad(chunk, rows, out)
+        if out is None or transform is None or transform.student.is_identity:
+            pair.grad(chunk, rows, out)
+        else:  # ∂L/∂s' over the processed buffer, then times ∂s'/∂s read from the raw rows before out is written
+            out = raw_s if in_place else out
+            pair.grad(chunk, rows, chunk.s)
+            out.copy_(transform.student.chain_(chunk.s, raw_s))
         rows["per_row"] = row_loss(rows, ce, chunk.valid, cfg)  # D may have been completed by grad
         parts.append(rows)
     dtype = dtype if dtype is not None else torch.promote_types(batch.s.dtype, torch.float32)

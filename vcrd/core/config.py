@@ -7,6 +7,7 @@ Invalid values raise ``ValueError`` when the config is built, before any tensor 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
@@ -23,7 +24,9 @@ class VCRDConfig:
 
     ``divergence`` picks D_r (§3), ``validity`` the validity gap g_r (§4), ``correction`` and
     ``window_steps`` the distribution-correction weight over the causal local window (§5),
-    ``kd_weight``/``ce_weight``/``normalize`` the final sum (§6).
+    ``kd_weight``/``ce_weight``/``normalize`` the final sum (§6); ``student_logit_scale``,
+    ``teacher_logit_scale``, ``student_softcap``, ``teacher_softcap`` each model's logit post-processing
+    (§1: the softmax sees ``c·tanh(a·z/c)``, ``a·z`` without a cap).
     """
 
     divergence: Divergence = "fkl"
@@ -41,6 +44,10 @@ class VCRDConfig:
     ce_weight: float = 0.0
     normalize: Literal["tokens", "weights"] = "weights"
     ignore_index: int = -100
+    student_logit_scale: float = 1.0
+    teacher_logit_scale: float = 1.0
+    student_softcap: Optional[float] = None
+    teacher_softcap: Optional[float] = None
 
     def __post_init__(self) -> None:
         def bad(name: str, expected: str) -> ValueError:
@@ -77,6 +84,15 @@ class VCRDConfig:
             raise bad("window_steps", "an int >= 0 or None")
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             raise bad("ignore_index", "an int")
+        for name in ("student_logit_scale", "teacher_logit_scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise bad(name, "a finite number > 0")
+        for name in ("student_softcap", "teacher_softcap"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not 0 < value < math.inf):
+                raise bad(name, "None or a finite number > 0")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> VCRDConfig:

@@ -40,6 +40,15 @@ def divergence(logp: torch.Tensor, logq: torch.Tensor, divergence: str, beta: fl
     return beta * _plogr(q, logq - logm).sum(-1) + (1 - beta) * _plogr(p, logp - logm).sum(-1)
 
 
+def process_logits(z: torch.Tensor, scale: float, cap: Optional[float], dtype: torch.dtype) -> torch.Tensor:
+    """``cap·tanh(scale·z/cap)`` (``scale·z`` without a cap) in ``dtype`` (SPEC §1); ``z`` itself for the
+    defaults."""
+    if scale == 1.0 and cap is None:
+        return z
+    z = scale * z.to(dtype)
+    return z if cap is None else cap * torch.tanh(z / cap)
+
+
 def rows_layout(shape: torch.Size, step_ids: Optional[torch.Tensor],
                 cu_seqlens: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """Sequence index and step index of every row, both ``[N]``, for rows shaped ``shape``."""
@@ -103,6 +112,9 @@ def vcrd_loss(
     u = torch.where(valid[:, None], u, torch.zeros((), dtype=u.dtype, device=u.device))
     dtype = torch.promote_types(s.dtype, torch.float32)
     T = cfg.temperature
+    # SPEC §1 logit post-processing: every formula below sees s' and u' (autograd gives the exact gradient)
+    s = process_logits(s, cfg.student_logit_scale, cfg.student_softcap, dtype)
+    u = process_logits(u, cfg.teacher_logit_scale, cfg.teacher_softcap, dtype)
 
     logp = torch.log_softmax(s.to(dtype) / T, dim=-1)
     logq = torch.log_softmax(u.to(dtype) / T, dim=-1)

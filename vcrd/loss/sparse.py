@@ -36,6 +36,7 @@ from ..core.checks import (
     rows_view,
 )
 from ..core.config import VCRDConfig, resolve_config
+from ..core.logit_transform import check_sparse_teacher
 from ..core.sparse_teacher import TAIL_TOLERANCE, SparseRowBatch, SparseTeacher, complete
 from .functional import loss_from_batch
 from .fused_linear import loss_from_hidden
@@ -64,6 +65,7 @@ def sparse_vcrd_loss(
     ``impl="reference"`` densifies the whole completed teacher and runs the reference (tests, small inputs).
     """
     cfg = resolve_config(config)
+    check_sparse_teacher(cfg)
     check_options(reduction, impl, num_items_in_batch, cfg, IMPLS)
     check_tensor("student_logits", student_logits, "float")
     if student_logits.dim() not in (2, 3):
@@ -110,6 +112,7 @@ def fused_linear_sparse_vcrd_loss(
     ``vocab_size=V`` (default ``V_s``): only the head's first ``V`` rows take part, as in
     :func:`sparse_vcrd_loss`."""
     cfg = resolve_config(config)
+    check_sparse_teacher(cfg)
     check_fused_options(reduction, chunk_size)
     check_options(reduction, impl, num_items_in_batch, cfg, IMPLS)
     for name, x, dims in (("student_hidden", student_hidden, (2, 3)), ("student_weight", student_weight, (2,))):

@@ -1,16 +1,20 @@
 """A causal LM as the fused-linear loss sees it: final hidden states and LM head through the model's
 own ``forward`` (so DDP, FSDP2, autocast and other wrappers take effect), with the checks that the
-logits are ``h @ W^T + b`` (no soft-cap, no scale after the head: :mod:`vcrd.core.logit_processing`)."""
+logits are ``h @ W^T + b`` after the family's own scale and soft-cap (:mod:`vcrd.core.logit_processing`;
+:func:`config_for_models` passes them to the loss)."""
 
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ..core.logit_processing import logit_processing
+from ..core.config import VCRDConfig
+from ..core.logit_processing import LogitProcessing, logit_processing
+from ..core.logit_transform import ModelTransform
 
 # |model logits - h @ W^T - b| must stay within this fraction of max |h @ W^T + b| (bf16 autocast: ~1 %)
 _HEAD_CHECK_RTOL = 0.05
@@ -36,6 +40,44 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def model_processing(model: nn.Module) -> LogitProcessing:
+    """The scale and soft-cap the (unwrapped) model applies to its LM head's output, from its config by
+    TRL's rules (:func:`vcrd.core.logit_processing.logit_processing`)."""
+    return logit_processing(getattr(unwrap_model(model), "config", None))
+
+
+def config_for_models(cfg: VCRDConfig, student: nn.Module, teacher: Optional[nn.Module] = None) -> VCRDConfig:
+    """``cfg`` with each model's own logit post-processing (SPEC §1) in ``student_logit_scale``,
+    ``student_softcap``, ``teacher_logit_scale``, ``teacher_softcap`` (``teacher=None``: a cached teacher,
+    stored after its own). A field left at its default takes the model's value; a field set to another
+    value than the model's raises ``ValueError`` naming both (the loss would train another distribution
+    than the model's own)."""
+    changes: Dict[str, Any] = {}
+    for role, model in (("student", student), ("teacher", teacher)):
+        if model is None:
+            continue
+        p, name = model_processing(model), type(unwrap_model(model)).__name__
+        for field, value, source, default in ((f"{role}_logit_scale", p.scale, p.scale_source, 1.0),
+                                              (f"{role}_softcap", p.softcap, p.softcap_source, None)):
+            given = getattr(cfg, field)
+            if given == value or (given is not None and value is not None and math.isclose(given, value,
+                                                                                          rel_tol=1e-12)):
+                continue
+            if given != default:
+                raise ValueError(f"{field}={given!r} disagrees with the {role} model {name}: its config gives "
+                                 f"{source or 'neither a scale nor a soft-cap attribute'}, so its own "
+                                 f"distribution uses {value!r}; leave {field} at its default ({default!r}) to take "
+                                 f"the model's value")
+            changes[field] = value
+    if not changes:
+        return cfg
+    try:
+        return cfg.replace(**changes)
+    except ValueError as e:
+        raise ValueError(f"{e} (read from the model's config: {', '.join(f'{k}={v!r}' for k, v in changes.items())})") \
+            from None
+
+
 def check_causal_lm(model: nn.Module, role: str = "model") -> Tuple[nn.Module, Dict[str, Any]]:
     """Check that ``model`` (possibly wrapped) is a causal LM the fused-linear loss can reproduce.
 
@@ -43,19 +85,14 @@ def check_causal_lm(model: nn.Module, role: str = "model") -> Tuple[nn.Module, D
     ``[V, H]`` ``weight`` and an optional ``[V]`` ``bias``) and the keyword arguments that make its
     ``forward`` return the final hidden states without full logits. Raises ``TypeError`` for a
     non-module, ``ValueError`` for a model without an LM head, whose ``forward`` cannot limit the
-    logits, or whose logits are not ``h @ W^T + b`` (``config.final_logit_softcapping``, Gemma-2 style).
+    logits, or whose config holds a malformed logit scale or soft-cap. A model that scales or soft-caps
+    its logits (:func:`model_processing`) is accepted: the loss applies the same post-processing (SPEC §1).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"{role}: expected a torch.nn.Module (a causal LM), got {type(model).__name__}")
     inner = unwrap_model(model)
     name = type(inner).__name__
-    processing = logit_processing(getattr(inner, "config", None))
-    if not processing.is_identity:
-        raise ValueError(
-            f"{role}: {name} post-processes its logits ({processing.describe()}): its distribution is "
-            f"softmax(c·tanh(a·h·W/c)), not the LM head's softmax(h·W) that vcrd's loss computes from hidden "
-            f"states, so the loss would silently train another objective. Models with a logit scale or a "
-            f"final-logit soft-cap are not supported yet (expected scale 1 and no soft-cap)")
+    logit_processing(getattr(inner, "config", None))  # a malformed scale or soft-cap is refused here, naming it
     get_head = getattr(inner, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     weight = getattr(head, "weight", None)
@@ -102,7 +139,8 @@ def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: Opti
     The model is asked for its hidden states and the logits of the last position only; those logits
     must equal ``hidden[:, -1] @ weight^T + bias`` (to 5 % of their scale: autocast rounds them),
     which catches models whose ``hidden_states[-1]`` is not the LM head's input or whose logits are
-    scaled after the head. ``checked``: the result of :func:`check_causal_lm` if already computed.
+    scaled or capped otherwise than its config declares. ``checked``: the result of
+    :func:`check_causal_lm` if already computed.
     """
     head, kwargs = checked if checked is not None else check_causal_lm(model, role)
     with _decoder_output(model) as captured:
@@ -120,7 +158,7 @@ def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: Opti
                          f"got {tuple(hidden.shape)}")
     logits = getattr(outputs, "logits", None)
     if isinstance(logits, torch.Tensor) and logits.dim() == 3 and logits.shape[-1] == head.weight.shape[0]:
-        _check_head(role, name, hidden, head, logits)
+        _check_head(role, name, hidden, head, logits, model_processing(model))
     return hidden, head.weight, getattr(head, "bias", None)
 
 
@@ -233,18 +271,22 @@ class _decoder_output:
 
 
 @torch.no_grad()
-def _check_head(role: str, name: str, hidden: torch.Tensor, head: nn.Module, logits: torch.Tensor) -> None:
-    """The model's own last-position logits against ``hidden[:, -1] @ W^T + b``, in the head's dtype
-    (no fp32 copy of a bf16 head: its rounding is far inside the tolerance)."""
+def _check_head(role: str, name: str, hidden: torch.Tensor, head: nn.Module, logits: torch.Tensor,
+                processing: LogitProcessing) -> None:
+    """The model's own last-position logits against ``hidden[:, -1] @ W^T + b`` after the model's own scale
+    and soft-cap (``processing``), in the head's dtype (no fp32 copy of a bf16 head: its rounding is far
+    inside the tolerance)."""
     weight = head.weight
     with torch.autocast(hidden.device.type, enabled=False):
         ref = (hidden[:, -1].to(weight.dtype) @ weight.T).float()
         if getattr(head, "bias", None) is not None:
             ref = ref + head.bias.float()
+        if not processing.is_identity:
+            ref = ModelTransform(processing.scale, processing.softcap).apply(ref)
     err = (logits[:, -1].float() - ref).abs().max()
     tol = _HEAD_CHECK_RTOL * ref.abs().max() + 1e-4
     if bool(err > tol):  # NaN compares False: a diverged model is reported by the loss, not here
         raise ValueError(f"{role}: {name}'s logits are not hidden_states[-1] @ lm_head.weight^T (+ bias): max "
                          f"difference {float(err):.3g} at the last position, expected <= {float(tol):.3g}. vcrd needs "
-                         f"the LM head applied to the final hidden states as is (no logit scaling or capping, "
-                         f"hidden_states[-1] after the final norm)")
+                         f"the LM head applied to the final hidden states (hidden_states[-1] after the final norm), "
+                         f"then only the scale and soft-cap its config declares ({processing.describe()})")

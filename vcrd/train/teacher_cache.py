@@ -133,8 +133,11 @@ def _read_json(path: Path, what: str) -> Any:
 # ------------------------------------------------------------------------------------------ writing
 def _teacher_rows(model, checked, batch: Dict[str, torch.Tensor], k: int, chunk: int = 1024) -> List[SparseTeacher]:
     """One :class:`SparseTeacher` per example of the batch: its loss rows, in order of position."""
-    from .models import final_hidden
+    from ..core.logit_transform import ModelTransform
+    from .models import final_hidden, model_processing
 
+    processing = model_processing(model)  # stored after the model's own scale and soft-cap (SPEC §1, §10)
+    transform = ModelTransform(processing.scale, processing.softcap)
     with torch.no_grad():
         h, w, b = final_hidden(model, batch["input_ids"], batch["attention_mask"], "teacher", checked)
         out = []
@@ -146,6 +149,8 @@ def _teacher_rows(model, checked, batch: Dict[str, torch.Tensor], k: int, chunk:
                 logits = rows[r0:r0 + chunk].float() @ w.float().T
                 if b is not None:
                     logits = logits + b.float()
+                if not transform.is_identity:
+                    logits = transform.apply(logits)
                 parts.append(SparseTeacher.from_logits(logits, k))
             if not parts:  # an example without a loss row
                 parts = [SparseTeacher(torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k), torch.zeros(0))]

@@ -25,7 +25,7 @@ from ..core.config import VCRDConfig, resolve_config
 from ..core.stats import ROW_FIELDS, VCRDStats
 from ..loss.fused_linear import FusedLinearVCRDLoss
 from ..loss.sparse import SparseTeacher, fused_linear_sparse_vcrd_loss
-from .models import check_causal_lm, final_hidden, reshard_head, unwrap_model
+from .models import check_causal_lm, config_for_models, final_hidden, reshard_head, unwrap_model
 
 BATCH_KEYS = ("input_ids", "attention_mask", "labels", "step_ids")
 # logged means: stats field -> log name
@@ -76,6 +76,15 @@ def _loss_module(loss_fn, name: str = "loss_fn") -> FusedLinearVCRDLoss:
     return FusedLinearVCRDLoss(resolve_config(loss_fn))
 
 
+def _with_models(loss_fn: FusedLinearVCRDLoss, student: nn.Module, teacher: Optional[nn.Module]) -> FusedLinearVCRDLoss:
+    """``loss_fn`` with each model's logit scale and soft-cap read from its config (TRL's rules:
+    :func:`vcrd.train.models.config_for_models`); ``loss_fn`` itself when they are the identity."""
+    cfg = config_for_models(loss_fn.config, student, teacher)
+    if cfg is loss_fn.config:
+        return loss_fn
+    return FusedLinearVCRDLoss(cfg, reduction=loss_fn.reduction, chunk_size=loss_fn.chunk_size, impl=loss_fn.impl)
+
+
 def _check_count(num_items_in_batch: Count) -> Count:
     if num_items_in_batch is None:
         return None
@@ -119,7 +128,11 @@ def distill_loss(student: nn.Module, teacher: nn.Module, batch: Mapping,
 
     Raises:
         TypeError / ValueError naming the argument for a malformed batch, an unsupported model
-        (no LM head, final-logit softcapping, logits that are not ``h @ W^T + b``) or a bad count.
+        (no LM head, logits that are not ``h @ W^T + b`` after the scale and soft-cap its config
+        declares), a config whose ``student_*``/``teacher_*`` post-processing options disagree with a
+        model's own, or a bad count. Each model's logit scale and soft-cap (Cohere, Granite, Gemma 2/3,
+        ...) are read from its config with TRL's rules and applied by the loss (SPEC §1), so the
+        student is trained on the models' own distributions.
     """
     loss_fn = _loss_module(loss_fn)
     input_ids, mask, labels, steps = _check_batch(batch)
@@ -128,6 +141,7 @@ def distill_loss(student: nn.Module, teacher: nn.Module, batch: Mapping,
         return _distill_from_cache(student, batch, loss_fn, input_ids, mask, labels, steps, num_items_in_batch)
     teacher_lm = check_causal_lm(teacher, "teacher")  # refused before the student's forward runs
     student_lm = check_causal_lm(student, "student")
+    loss_fn = _with_models(loss_fn, student, teacher)  # each model's own scale and soft-cap (SPEC §1)
     h_s, w_s, b_s = final_hidden(student, input_ids, mask, "student", student_lm)
     with torch.no_grad():
         h_t, w_t, b_t = final_hidden(teacher, input_ids, mask, "teacher", teacher_lm)
@@ -156,6 +170,7 @@ def _distill_from_cache(student, batch, loss_fn, input_ids, mask, labels, steps,
         raise ValueError(f"batch: a cached teacher needs {list(CACHE_KEYS)}, missing {missing}")
     teacher = SparseTeacher(*(batch[k][:, :-1] for k in CACHE_KEYS))
     student_lm = check_causal_lm(student, "student")
+    loss_fn = _with_models(loss_fn, student, None)  # the cache holds the teacher after its own post-processing
     h_s, w_s, b_s = final_hidden(student, input_ids, mask, "student", student_lm)
     return fused_linear_sparse_vcrd_loss(
         h_s[:, :-1], w_s, teacher, labels[:, 1:], student_bias=b_s, step_ids=None if steps is None else steps[:, 1:],
@@ -252,6 +267,8 @@ class VCRDTrainer(Trainer):
             check_causal_lm(teacher_model, "teacher_model")
         super().__init__(*args, **kwargs)
         check_causal_lm(self.model, "model")
+        # a config that disagrees with a model's own scale or soft-cap is refused now, not at the first step
+        config_for_models(loss.config, self.model, teacher_model)
         if self.args.n_gpu > 1:
             raise ValueError(f"VCRDTrainer: torch.nn.DataParallel over n_gpu={self.args.n_gpu} GPUs is not supported "
                              f"(its token count is split per GPU); launch with torchrun or accelerate (DDP) instead")
