@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence, Union
 
+from .steps import split_steps
+
 Response = Union[str, Sequence[str]]
 SHOW = 5  # offending responses named in a message
 
@@ -30,8 +32,6 @@ def sequence_lengths(tokenizer, prompts: Sequence[str], responses: Sequence[Resp
                      max_step_tokens: int) -> List[int]:
     """The length in ids of each response's longest scored sequence (BOS + prompt + every step), the steps
     split exactly as :func:`vcrd.select.naturalness.score_responses` splits them."""
-    from .naturalness import split_steps
-
     bos = 1 if getattr(tokenizer, "bos_token_id", None) is not None else 0
     texts, owners = [], []
     for r, (prompt, response) in enumerate(zip(prompts, responses)):

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import bisect
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -65,6 +64,7 @@ from ..core.progress import progress as progress_bar
 from .limits import check_lengths, model_positions
 from .model_io import in_dtype, parse_dtype
 from .packed_forward import packed_forward, packed_forward_supported
+from .steps import split_steps
 from .threads import map_batches
 
 Response = Union[str, Sequence[str]]
@@ -97,31 +97,6 @@ class ResponseScore:
     step_scores: List[float] = field(default_factory=list)
     n_steps: int = 0
     n_tokens: int = 0
-
-
-def _sentences(text: str) -> List[str]:
-    """Split after sentence ends (``.``, ``!``, ``?`` followed by whitespace), keeping the whitespace."""
-    return [p for p in re.split(r"(?<=[.!?])(?=\s)", text) if p]
-
-
-def split_steps(response: str, tokenizer, max_step_tokens: int = 256) -> List[str]:
-    """SPEC §8 default splitter: on blank lines, each step keeping its trailing separator; a step
-    longer than ``max_step_tokens`` ids is split further at sentence ends (greedily, sentences
-    kept whole). Concatenating the steps gives back the response."""
-    steps = [m for m in re.findall(r".*?(?:\n\s*\n|$)", response, flags=re.S) if m]
-    out: List[str] = []
-    for step in steps:
-        if len(tokenizer(step, add_special_tokens=False)["input_ids"]) <= max_step_tokens:
-            out.append(step)
-            continue
-        piece = ""
-        for sentence in _sentences(step):
-            if piece and len(tokenizer(piece + sentence, add_special_tokens=False)["input_ids"]) > max_step_tokens:
-                out.append(piece)
-                piece = ""
-            piece += sentence
-        out.append(piece)
-    return out
 
 
 def _ids(tokenizer, text: str) -> List[int]:

@@ -183,7 +183,7 @@ class DistillCollator:
 
     def encode_full(self, example: Example):
         """``(ids, labels, step_ids)`` before the cut at ``max_length``."""
-        from ..select.naturalness import split_steps
+        from ..select.steps import split_steps
 
         tok = self.tokenizer
         prompt = example.prompt
