@@ -2,7 +2,7 @@
 
     python benches/roofline.py            # N=16384, V=151936, bf16, H100 and H200
 
-Bytes per row come from the counted traffic (tests/test_triton_traffic.py): the statistics kernel
+Bytes per row come from the counted traffic (tests/backends/test_triton_traffic.py): the statistics kernel
 reads student and teacher once, the gradient kernel reads both again and writes the gradient once
 (5 units of N·V·itemsize; JSD reads both a third time: 7 units). The minimum is 3 units. Copy
 bandwidths are the measured ones quoted in REFERENCES.md: H100 3.0 TB/s, H200 4.3 TB/s. Exp
