@@ -84,6 +84,28 @@ def window_mean(W: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return total / W.sum(1).clamp_min(1)
 
 
+def reduce_rows_reference(per_row: torch.Tensor, w: torch.Tensor, valid: torch.Tensor, shape: Tuple[int, ...],
+                          reduction: str, normalize: str, num_items_in_batch, has_labels: bool) -> torch.Tensor:
+    """SPEC §6 reductions of the ``[N]`` per-row losses (``w``: the rows' weights, for ``"weights"``)."""
+    if reduction == "none":
+        return per_row.reshape(shape)
+    if reduction == "sum" or not valid.any():
+        return per_row.sum()  # an all-ignored batch: 0, whatever num_items_in_batch is
+    if reduction == "batchmean":  # TRL's: per valid token with labels, per sequence (leading dim) without
+        count = num_items_in_batch if num_items_in_batch is not None else \
+            valid.sum().clamp_min(1) if has_labels else max(shape[0], 1)
+        return per_row.sum() / count
+    if normalize == "weights":
+        n_valid = valid.sum()
+        Z = torch.where(valid, w, 0).sum().clamp_min(1e-6 * n_valid)
+        if num_items_in_batch is not None:
+            Z = Z / n_valid * num_items_in_batch
+        return per_row.sum() / Z
+    if num_items_in_batch is not None:
+        return per_row.sum() / num_items_in_batch
+    return per_row.sum() / valid.sum()
+
+
 def vcrd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -164,27 +186,8 @@ def vcrd_loss(
         per_row = per_row + cfg.ce_weight * CE
     per_row = torch.where(valid, per_row, torch.zeros_like(per_row))
 
-    if reduction == "none":
-        loss = per_row.reshape(shape)
-    elif reduction == "sum":
-        loss = per_row.sum()
-    elif not valid.any():
-        loss = per_row.sum()  # an all-ignored batch: 0, whatever num_items_in_batch is
-    elif reduction == "batchmean":  # TRL's: per valid token with labels, per sequence (leading dim) without
-        count = num_items_in_batch if num_items_in_batch is not None else \
-            valid.sum().clamp_min(1) if labels is not None else max(shape[0], 1)
-        loss = per_row.sum() / count
-    elif cfg.normalize == "weights":
-        n_valid = valid.sum()
-        Z = torch.where(valid, w, 0).sum().clamp_min(1e-6 * n_valid)
-        if num_items_in_batch is not None:
-            Z = Z / n_valid * num_items_in_batch
-        loss = per_row.sum() / Z
-    elif num_items_in_batch is not None:
-        loss = per_row.sum() / num_items_in_batch
-    else:
-        loss = per_row.sum() / valid.sum()
-
+    loss = reduce_rows_reference(per_row, w, valid, shape, reduction, cfg.normalize, num_items_in_batch,
+                                 labels is not None)
     if not return_stats:
         return loss
     rows = dict(D=D, w_val=w_val, w_dc=w_dc, g=g, n=n, lp_s=lp_s, lp_u=lp_u, agree=a_s == a_u)
