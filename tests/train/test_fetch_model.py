@@ -20,7 +20,8 @@ import torch
 pytest.importorskip("gguf", reason="the gguf package (the real extra: make real) is not installed")
 pytest.importorskip("accelerate", reason="accelerate (the real extra) is not installed")
 
-from vcrd.train.fetch_model import MANIFEST, Progress, convert_gguf, verify_model_folder  # noqa: E402
+from vcrd.core.progress import PhaseProgress  # noqa: E402
+from vcrd.train.fetch_model import MANIFEST, convert_gguf, verify_model_folder  # noqa: E402
 
 from ..tiny_gguf import CHAT_TEMPLATE, CONFIG, write_tiny_gguf  # noqa: E402
 
@@ -35,7 +36,7 @@ def converted(tmp_path_factory):
     path = tmp / "tiny.gguf"
     weights = write_tiny_gguf(path)
     stream = io.StringIO()
-    convert_gguf(path, tmp / "model", progress=Progress(stream, interval=0))
+    convert_gguf(path, tmp / "model", progress=PhaseProgress(stream, interval=0))
     return path, weights, tmp / "model", stream.getvalue()
 
 
@@ -135,13 +136,13 @@ def test_failed_check_publishes_nothing(tmp_path, converted, monkeypatch):
 
     monkeypatch.setattr(fm, "_check_reload", broken)
     with pytest.raises(RuntimeError, match="logits differ"):
-        convert_gguf(converted[0], tmp_path / "out", progress=Progress(io.StringIO(), interval=0))
+        convert_gguf(converted[0], tmp_path / "out", progress=PhaseProgress(io.StringIO(), interval=0))
     assert list(tmp_path.iterdir()) == []  # neither the folder nor its temporary twin
 
 
 def test_progress_heartbeat_when_not_a_terminal():
     stream = io.StringIO()
-    p = Progress(stream, interval=0.05)
+    p = PhaseProgress(stream, interval=0.05)
     with p.phase("slow step") as ph:
         ph.detail = lambda: "3 of 9 MiB"
         time.sleep(0.3)

