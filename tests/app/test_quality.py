@@ -45,15 +45,20 @@ def test_summary_pairs_seeds_and_arms_build_valid_configs():
 
 def test_bench_quality_tiny_end_to_end(tmp_path, capsys):
     out = tmp_path / "q"
-    args = ["bench-quality", "--seeds", "2", "--arms", "kd,vcrd,random selection", "--n-train", "8", "--n-trace",
+    args = ["bench-quality", "--seeds", "2", "--arms", "kd,vcrd,random selection,offline vcrd", "--n-train", "8",
+            "--n-trace",
             "4", "--n-eval", "4", "--teacher-steps", "2", "--student-steps", "2", "--max-new-tokens", "8",
             "--out", str(out)]
     assert main(args) == 0
     saved = json.loads((out / "results.json").read_text())
-    assert saved["seeds"] == [0, 1] and set(saved["per_seed"]["1"]) == {"kd", "vcrd", "random selection"}
-    assert [r["arm"] for r in saved["summary"]] == ["kd", "vcrd", "random selection"]
+    arms = ["kd", "vcrd", "random selection", "offline vcrd"]
+    assert saved["seeds"] == [0, 1] and set(saved["per_seed"]["1"]) == set(arms)
+    assert [r["arm"] for r in saved["summary"]] == arms
+    for seed in ("0", "1"):  # the top-64 cache of a 100-token vocabulary keeps nearly all the teacher's mass:
+        live, cached = saved["per_seed"][seed]["vcrd"]["loss"], saved["per_seed"][seed]["offline vcrd"]["loss"]
+        assert cached[0] == pytest.approx(live[0], rel=0.05) and cached[0] != live[0]  # same batches, top-K teacher
     md = (out / "results.md").read_text()
-    assert "Δ vs kd" in md and "| random selection |" in md
+    assert "Δ vs kd" in md and "| random selection |" in md and "teacher's top-64 cache" in md
     assert main(["bench-quality", "--arms", "nope", "--out", str(out)]) == 2
 
 

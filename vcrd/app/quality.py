@@ -8,7 +8,9 @@ initial student on the same batches (the seeds are paired across arms), changing
   window, ``normalize="weights"``, best-LALP trace per problem);
 - loss ablations of ``vcrd``: validity only, correction only, window 1, per-token window,
   ``normalize="tokens"``;
-- selection ablations of ``vcrd``: a random trace per problem, the best-GALP trace.
+- selection ablations of ``vcrd``: a random trace per problem, the best-GALP trace;
+- offline ``vcrd``: the same student distilled from the teacher's top-64 cache of its kept traces
+  (SPEC §10; no teacher runs during distillation), as the demo's offline student.
 
 Reported per arm: held-out exact match, mean ± 95 % confidence interval over seeds (t-distribution),
 and the paired difference to ``kd`` and to ``vcrd`` (mean ± 95 % CI of the per-seed differences).
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -28,6 +31,7 @@ from ..core.config import VCRDConfig
 from .demo import (
     Clock,
     DemoSettings,
+    build_teacher_cache,
     distil,
     eager_loss,
     evaluate,
@@ -50,7 +54,10 @@ ARMS: Dict[str, Tuple[str, Dict[str, object], str]] = {
     "normalize tokens": ("vcrd", {"normalize": "tokens"}, "lalp"),
     "random selection": ("vcrd", {}, "random"),
     "GALP selection": ("vcrd", {}, "galp"),
+    "offline vcrd": ("vcrd", {}, "lalp"),
 }
+# arms distilled from the teacher's top-K cache of their traces instead of the live teacher: name -> K
+OFFLINE_K: Dict[str, int] = {"offline vcrd": 64}
 
 # two-sided 95 % quantiles of Student's t, df = 1..30
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -133,7 +140,9 @@ def summarize(per_seed: Dict[str, Dict[str, float]], arms: Sequence[str], seeds:
 def _describe(arm: str) -> str:
     preset, overrides, sel = ARMS[arm]
     chosen = "random" if sel == "random" else f"best-{sel.upper()}"
-    return ", ".join([f"preset {preset}", *(f"{k}={v!r}" for k, v in overrides.items()), f"{chosen} trace"])
+    source = [f"teacher's top-{OFFLINE_K[arm]} cache"] if arm in OFFLINE_K else []
+    return ", ".join([f"preset {preset}", *(f"{k}={v!r}" for k, v in overrides.items()), f"{chosen} trace",
+                      *source])
 
 
 def format_table(rows: List[Dict[str, object]]) -> List[str]:
@@ -222,9 +231,15 @@ def _run_quality(q: QualitySettings, command: Optional[str], log) -> Dict[str, o
                     data[sel] = select(prep, sel, seed=seed)
                 examples, kept_right = data[sel]
                 student = fresh_student(prep, s)
-                with clock(arm):
-                    curves = distil(student, prep.teacher, prep.tok, examples, arm_config(arm), s, s.student_steps,
-                                    seed + 3)
+                with clock(arm), tempfile.TemporaryDirectory(prefix="vcrd-quality-cache-") as tmp:
+                    teacher, cache = prep.teacher, None
+                    if arm in OFFLINE_K:
+                        with torch.random.fork_rng(devices=[]):
+                            cache = build_teacher_cache(prep.teacher, prep.tok, examples, OFFLINE_K[arm], tmp,
+                                                        batch_size=s.eval_batch)
+                        teacher = None
+                    curves = distil(student, teacher, prep.tok, examples, arm_config(arm), s, s.student_steps,
+                                    seed + 3, cache=cache)
                     acc = evaluate(student, prep.tok, prep.held_out, s)["accuracy"]
                 per_seed[str(seed)][arm] = {"accuracy": acc, "loss": list(head_tail(curves["loss"])),
                                             "kept_right": kept_right, **clock.phases[arm]}
