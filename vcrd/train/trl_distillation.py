@@ -26,8 +26,12 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
-from trl import DistillationTrainer
-from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+try:
+    from trl import DistillationTrainer
+    from trl.trainer.utils import maybe_gather_lm_head_ctx
+except ImportError as e:  # TRL missing, or older than its DistillationTrainer
+    raise ImportError(f"VCRDDistillationTrainer needs TRL's DistillationTrainer (TRL 1.16 is tested): {e}") from e
 
 from ..core.config import VCRDConfig, resolve_config
 from ..loss.fused_linear import fused_linear_vcrd_loss
@@ -104,7 +108,8 @@ class VCRDDistillationTrainer(DistillationTrainer):
                                                        self._get_last_hidden_state, unwrapped_teacher, input_ids,
                                                        attention_mask, logits_to_keep, **multimodal)
 
-        student_head, teacher_head = unwrapped_student.get_output_embeddings(), unwrapped_teacher.get_output_embeddings()
+        student_head = unwrapped_student.get_output_embeddings()
+        teacher_head = unwrapped_teacher.get_output_embeddings()
         device = student_head.weight.device
         if teacher_head.weight.device != device:
             raise ValueError(f"The student `lm_head` is on {device} but the teacher `lm_head` is on "
