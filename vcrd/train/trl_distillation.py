@@ -16,7 +16,9 @@ With ``vcrd_config="kd"`` it trains exactly as TRL does. TRL's ``beta`` and ``te
 divergence (``jsd`` with that beta; vcrd computes beta 0 as ``fkl``, 1 as ``rkl``) and the
 temperature; the logit scale and soft-cap come from each model's config by TRL's rules
 (:func:`vcrd.train.models.config_for_models`). The completion tokens are the labels the vcrd weights
-need. TRL's ``entropy`` metric (the student's entropy) is not computed by vcrd's loss: it logs None.
+need; there are no step ids, so each completion token is a step (the causal window spans the last
+``window_steps`` tokens of its completion). TRL's ``entropy`` metric (the student's entropy) is not
+computed by vcrd's loss: it logs None.
 """
 
 from __future__ import annotations
@@ -46,18 +48,18 @@ def with_trl_options(cfg: VCRDConfig, beta: float, temperature: float) -> VCRDCo
     """``cfg`` with TRL's divergence (``jsd`` with ``beta``: 0 is forward KL, 1 reverse KL) and
     ``temperature``. A field left at its default takes TRL's value; a divergence or temperature set to
     another one than TRL's raises ``ValueError`` naming both (it would train another objective)."""
-    trl = cfg.replace(divergence="jsd", beta=float(beta), temperature=float(temperature))
+    wanted = cfg.replace(divergence="jsd", beta=float(beta), temperature=float(temperature))
     default = VCRDConfig()
-    same_divergence = cfg.effective_divergence == trl.effective_divergence and (
-        trl.effective_divergence != "jsd" or cfg.beta == trl.beta)
+    same_divergence = cfg.effective_divergence == wanted.effective_divergence and (
+        wanted.effective_divergence != "jsd" or cfg.beta == wanted.beta)
     if cfg.divergence != default.divergence and not same_divergence:
         raise ValueError(f"vcrd_config: divergence={cfg.divergence!r} (beta={cfg.beta!r}) disagrees with TRL's "
-                         f"beta={beta!r} ({trl.effective_divergence}); set the divergence with "
+                         f"beta={beta!r} ({wanted.effective_divergence}); set the divergence with "
                          f"DistillationConfig.beta and leave vcrd's at its default")
-    if cfg.temperature not in (default.temperature, trl.temperature):
+    if cfg.temperature not in (default.temperature, wanted.temperature):
         raise ValueError(f"vcrd_config: temperature={cfg.temperature!r} disagrees with TRL's temperature="
                          f"{temperature!r}; set it with DistillationConfig.temperature")
-    return trl
+    return wanted
 
 
 def full_head(head: nn.Module, dtype: torch.dtype) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
