@@ -133,11 +133,12 @@ def tiny(kind: str, tok):
 def test_other_architectures_equal_naive(lm, kind, unpadded, shared):
     """The unpadded path on another supported architecture, and the fallbacks (Hugging Face's padded
     forward, with and without shared prompt caches) on architectures it does not support."""
-    import vcrd.select.naturalness as nat
+    from vcrd.select.packed_forward import packed_forward_supported
+    from vcrd.select.prefix_caches import prompt_sharing_supported
 
     _, tok = lm
     model = tiny(kind, tok)
-    assert nat.packed_forward_supported(model) == unpadded and nat._prompt_sharing_supported(model) == shared
+    assert packed_forward_supported(model) == unpadded and prompt_sharing_supported(model) == shared
     prompts = [prompt_of(1), prompt_of(16), prompt_of(128)]
     for window, drop_first in ((0, 0), (2, 2)):
         got = score_responses(model, tok, prompts, RESPONSES, window=window, drop_first=drop_first, token_budget=500)
@@ -181,9 +182,9 @@ def test_varlen_flash_attention_path_equals_naive():  # pragma: no cover - CUDA 
                       pad_token_id=tok.pad_token_id)
     model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
     model.config._attn_implementation = "flash_attention_2"
-    from vcrd.select.naturalness import _varlen_available
+    from vcrd.select.scoring_forward import varlen_available
 
-    assert _varlen_available(model, torch.device("cuda"))
+    assert varlen_available(model, torch.device("cuda"))
     prompts = [prompt_of(16), prompt_of(128), prompt_of(16, 2)]
     ref = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
     ref.load_state_dict(model.state_dict())
