@@ -187,7 +187,9 @@ def test_stale_temporary_shards_of_every_name_are_removed(tmp_path):
 
 def test_cache_teacher_removes_the_shard_a_killed_run_left(tmp_path):
     from vcrd.app.tokenizer import build_char_tokenizer
-    from vcrd.train import teacher_cache as tc
+    from vcrd.train.teacher_cache import TeacherCache
+    from vcrd.train.teacher_cache_format import CacheError
+    from vcrd.train.teacher_cache_writer import build_cache
 
     from .test_teacher_cache import ROWS, K
     from .test_trainer import tiny_llama
@@ -201,7 +203,7 @@ def test_cache_teacher_removes_the_shard_a_killed_run_left(tmp_path):
     killed = out / f".shard-00000.npy.{os.getpid() + 1}.tmp"
     killed.write_bytes(b"\0" * 4096)
     said = []
-    tc.build_cache(tmp_path / "teacher", tmp_path / "data.jsonl", out, K, max_length=64, progress=False,
+    build_cache(tmp_path / "teacher", tmp_path / "data.jsonl", out, K, max_length=64, progress=False,
                    say=said.append)
     assert not killed.exists(), said
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
@@ -210,8 +212,8 @@ def test_cache_teacher_removes_the_shard_a_killed_run_left(tmp_path):
     raw = bytearray(shard.read_bytes())
     raw[-3] ^= 0x40
     shard.write_bytes(bytes(raw))
-    with pytest.raises(tc.CacheError, match="sha256"):
-        tc.TeacherCache(out)
+    with pytest.raises(CacheError, match="sha256"):
+        TeacherCache(out)
     from transformers import TrainingArguments
 
     from vcrd.train.data import DistillCollator, read_jsonl
@@ -219,7 +221,7 @@ def test_cache_teacher_removes_the_shard_a_killed_run_left(tmp_path):
 
     args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, report_to=[], use_cpu=True,
                              remove_unused_columns=False, save_strategy="no")
-    with pytest.raises(tc.CacheError, match="sha256"):  # the trainer's reader too, before any row is read
+    with pytest.raises(CacheError, match="sha256"):  # the trainer's reader too, before any row is read
         VCRDTrainer(model=tiny_llama(tok, 16, 2, layers=1), teacher_cache=out, args=args,
                     train_dataset=read_jsonl(tmp_path / "data.jsonl"), data_collator=DistillCollator(tok, 64))
 

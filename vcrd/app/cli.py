@@ -113,7 +113,7 @@ def train_command(args: argparse.Namespace) -> int:
 
 def cache_teacher(args: argparse.Namespace) -> int:
     from ..train.checkpoints import signals_exit
-    from ..train.teacher_cache import build_cache
+    from ..train.teacher_cache_writer import build_cache
 
     try:
         with signals_exit():  # SIGTERM/SIGHUP: the half-written shard's temporary file is removed

@@ -11,7 +11,7 @@
 5. evaluate exact-match accuracy by batched greedy decoding (KV cache, left padding) on 500
    held-out problems;
 6. offline (SPEC §10): cache the teacher's top-K (``offline_k``, default 64) on the kept traces with
-   :func:`vcrd.train.teacher_cache.build_cache` (what ``vcrd cache-teacher`` runs) and distil one more
+   :func:`vcrd.train.teacher_cache_writer.build_cache` (what ``vcrd cache-teacher`` runs) and distil one more
    student with preset ``vcrd`` from the cache alone (same initial weights, batches and steps as the
    online ``vcrd`` student), evaluated on the same held-out problems;
 7. print a table and write ``results.json``, ``results.md`` and ``curves.png`` to the output folder.
@@ -41,7 +41,9 @@ from ..core.progress import progress
 from ..select.naturalness import ResponseScore, score_responses
 from ..select.selection import rank_teachers, select_responses
 from ..train.data import DistillCollator, Example, write_jsonl
-from ..train.teacher_cache import TeacherCache, TeacherCacheCollator, build_cache
+from ..train.teacher_cache import TeacherCache
+from ..train.teacher_cache_collator import TeacherCacheCollator
+from ..train.teacher_cache_writer import build_cache
 from ..train.trainer import distill_loss
 from .synthetic import STYLES, Problem, check_answer, make_dataset
 from .tokenizer import build_char_tokenizer

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import re
@@ -39,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from ..distributed.ranks import agreed
-from .files import fsync_dir, open_private_file
+from .files import file_sha256, fsync_dir, open_private_file
 
 MANIFEST = "vcrd_checkpoint.json"
 LOCK_NAME = ".vcrd-train.lock"
@@ -91,14 +90,6 @@ def signals_exit() -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------------------- files
-def file_sha256(path: os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def check_safetensors(path: os.PathLike) -> None:
     """``ValueError`` naming ``path`` unless it is a structurally complete safetensors file (the
     header parses and the file is exactly as long as the header says): catches truncation."""

@@ -13,6 +13,7 @@ write: the one atomic-write mechanism of ``vcrd train``, ``vcrd score`` and ``vc
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import stat
 import tempfile
@@ -25,6 +26,15 @@ TEMP_SUFFIX = ".tmp"
 
 class UnsafeFileError(ValueError):
     """A path that a write would have to follow (a symlink, a hard link, a device): refused, untouched."""
+
+
+def file_sha256(path: PathLike) -> str:
+    """sha256 of a file's bytes, read 1 MiB at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def current_umask() -> int:
@@ -179,5 +189,5 @@ def check_output_file(out: PathLike, inputs: Iterable[PathLike] = (), what: str 
 
 
 
-__all__ = ["UnsafeFileError", "atomic_file", "check_output_file", "current_umask", "fsync_dir", "new_file_mode",
-           "open_private_file", "remove_stale_temps", "temp_glob"]
+__all__ = ["UnsafeFileError", "atomic_file", "check_output_file", "current_umask", "file_sha256", "fsync_dir",
+           "new_file_mode", "open_private_file", "remove_stale_temps", "temp_glob"]

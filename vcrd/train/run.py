@@ -235,8 +235,9 @@ def _trainer_class():
 def _prepare(config_path: str, resume: bool, allow_mismatch: bool, world: int, say: Callable[[str], None]):
     """Every check that needs no model, on this rank: ``(cfg, examples, tokenizer, collator, manifest,
     checkpoint or None)``."""
-    from .checkpoints import ResumeError, checkpoints, file_sha256, find_resume_checkpoint, resume_message
+    from .checkpoints import ResumeError, checkpoints, find_resume_checkpoint, resume_message
     from .data import read_jsonl
+    from .files import file_sha256
 
     cfg = load_config(config_path)
     examples = read_jsonl(cfg["data"])  # every line checked before anything is written
