@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from vcrd.app.cli import main
-from vcrd.train.checkpoints import LOCK_NAME, RunLock, check_writable
-from vcrd.train.files import UnsafeFileError, atomic_file, new_file_mode, remove_stale_temps
+from vcrd.train.files import UnsafeFileError, atomic_file, check_writable, new_file_mode, remove_stale_temps
+from vcrd.train.run_lock import LOCK_NAME, RunLock
 
 VICTIM = "precious data\n"
 
@@ -447,7 +447,8 @@ def _copy_run(root, name):
 
 
 def test_same_size_bit_flip_in_optimizer_state_is_refused_on_resume(trained):
-    from vcrd.train.checkpoints import ResumeError, find_resume_checkpoint
+    from vcrd.train.resume import find_resume_checkpoint
+    from vcrd.train.run_errors import ResumeError
 
     out, _ = _copy_run(trained, "flip")
     for step in (4, 2):

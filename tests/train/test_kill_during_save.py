@@ -21,7 +21,8 @@ import time
 import pytest
 import torch
 
-from vcrd.train.checkpoints import STAGING_RE, find_resume_checkpoint
+from vcrd.train.checkpoint_folders import STAGING_RE
+from vcrd.train.resume import find_resume_checkpoint
 
 from .test_train_cli import config, make_workspace, weights
 

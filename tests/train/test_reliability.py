@@ -18,8 +18,10 @@ import pytest
 import torch
 
 from vcrd.app.cli import main
-from vcrd.train.checkpoints import LOCK_NAME, RunLock, find_resume_checkpoint, signals_exit
 from vcrd.train.data import write_jsonl
+from vcrd.train.resume import find_resume_checkpoint
+from vcrd.train.run_lock import LOCK_NAME, RunLock
+from vcrd.train.signals import signals_exit
 
 from .test_train_cli import config, make_workspace
 from .test_trainer import tiny_llama

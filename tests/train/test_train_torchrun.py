@@ -15,7 +15,7 @@ import pytest
 
 from vcrd.app.cli import main
 from vcrd.distributed.ranks import parameter_checksum
-from vcrd.train.checkpoints import verify_checkpoint
+from vcrd.train.resume import verify_checkpoint
 
 from ..helpers import torchrun
 from .test_train_cli import config, make_workspace, weights

@@ -75,7 +75,8 @@ def run_lalp(s: LalpSettings, log=print) -> Dict[str, object]:
     from ..select.model_io import DTYPES, chat_prompt
     from ..select.naturalness import score_responses
     from ..select.selection import rank_teachers
-    from ..train.checkpoints import check_model_folder, check_writable
+    from ..train.files import check_writable
+    from ..train.model_files import check_model_folder
 
     for name, value, low in (("problems", s.problems, 1), ("window", s.window, 0), ("drop_first", s.drop_first, 1),
                              ("bootstrap", s.bootstrap, 100), ("threads", s.threads, 0)):

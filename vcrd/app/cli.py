@@ -67,8 +67,8 @@ def os_error(command: str, e: OSError) -> int:
 
 
 def score(args: argparse.Namespace) -> int:
-    from ..train.checkpoints import signals_exit
     from ..train.score_file import ScoreSettings, score_file
+    from ..train.signals import signals_exit
 
     settings = ScoreSettings(model=args.model, data=args.data, out=args.out, window=args.window,
                              drop_first=args.drop_first, max_step_tokens=args.max_step_tokens,
@@ -87,8 +87,9 @@ def score(args: argparse.Namespace) -> int:
 def train_command(args: argparse.Namespace) -> int:
     from ..distributed.ranks import launch_info, raised_together, settle
     from ..train.callbacks import NonFiniteLossError
-    from ..train.checkpoints import RunError, signals_exit
     from ..train.run import train
+    from ..train.run_errors import RunError
+    from ..train.signals import signals_exit
 
     try:
         with signals_exit():  # SIGTERM/SIGHUP: partial checkpoint folders and the lock are removed
@@ -112,7 +113,7 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def cache_teacher(args: argparse.Namespace) -> int:
-    from ..train.checkpoints import signals_exit
+    from ..train.signals import signals_exit
     from ..train.teacher_cache_writer import build_cache
 
     try:

@@ -21,10 +21,10 @@ from ..select.limits import check_lengths, check_prompt_lengths, prompt_cap, sco
 from ..select.model_io import DTYPES
 from ..select.naturalness import ResponseScore
 from ..select.selection import rank_teachers, select_responses
-from .checkpoints import check_model_folder, check_writable
 from .data import Example, finite_or_none, read_jsonl, write_jsonl
 from .devices import check_device
-from .files import check_output_file
+from .files import check_output_file, check_writable
+from .model_files import check_model_folder
 
 
 @dataclass

@@ -111,9 +111,12 @@ def build_cache(model_dir: Union[str, Path], data: Union[str, Path], out: Union[
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .checkpoints import LOCK_NAME, RunLock, RunLockedError, check_model_folder, check_writable
     from .data import read_jsonl
+    from .files import check_writable
+    from .model_files import check_model_folder
     from .models import check_causal_lm
+    from .run_errors import RunLockedError
+    from .run_lock import LOCK_NAME, RunLock
 
     for name, value, low in (("--top-k", top_k, 1), ("--batch-size", batch_size, 1), ("--shard-rows", shard_rows, 1),
                              ("--max-length", max_length, 2)):
