@@ -13,8 +13,7 @@ from vcrd.app.tokenizer import build_char_tokenizer
 from vcrd.select.naturalness import ResponseScore, score_responses
 from vcrd.select.scoring_plan import deal_groups
 
-from ..select.test_naturalness import tiny
-from ..train.test_trainer import tiny_llama
+from ..helpers import tiny_llama, tiny_model
 
 TOKEN_BUDGET = 512  # batches of up to 512 tokens, groups of up to 2048 suffix tokens: 20 responses form 3 groups
 
@@ -40,7 +39,7 @@ def bits(score: ResponseScore):
 def test_shards_together_are_bitwise_the_unsharded_scores(setup, world, kind):
     model, tok, prompts, responses = setup
     if kind == "gpt2":
-        model = tiny(kind, tok)
+        model = tiny_model(kind, tok)
     options = dict(window=2, max_step_tokens=64, token_budget=TOKEN_BUDGET)
     full = score_responses(model, tok, prompts, responses, **options)
     parts = [score_responses(model, tok, prompts, responses, shard=(rank, world), **options) for rank in range(world)]

@@ -13,6 +13,8 @@ from vcrd.app.tokenizer import build_char_tokenizer
 from vcrd.select.naturalness import ResponseScore, naive_score, score_responses, split_steps
 from vcrd.select.selection import rank_teachers, select_responses
 
+from ..helpers import tiny_model
+
 PROMPTS = ["Q: 12+7*3=?", "Q: a train goes 60 km in 1.5 h; speed?", "Q: 9-4=?"]
 RESPONSES = [
     "7*3 = 21.\n\n12 + 21 = 33.\n\nThe answer is 33.",
@@ -111,23 +113,6 @@ def test_mixed_and_repeated_prompts_share_caches(lm):
         assert_equal_to_naive(model, tok, prompts, responses, got, window, drop_first)
 
 
-def tiny(kind: str, tok):
-    """A tiny random model of another architecture: ``qwen3`` (q/k norms: the unpadded path), ``gpt2``
-    (learned positions: Hugging Face's padded forward with shared prompt caches), ``mistral-sliding``
-    (a sliding window: each window run with its whole prompt)."""
-    import transformers as hf
-
-    torch.manual_seed(1)
-    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
-    if kind == "qwen3":
-        return hf.Qwen3ForCausalLM(hf.Qwen3Config(head_dim=16, **common)).eval()
-    if kind == "mistral-sliding":
-        return hf.MistralForCausalLM(hf.MistralConfig(sliding_window=4096, **common)).eval()
-    return hf.GPT2LMHeadModel(hf.GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4,
-                                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).eval()
-
-
 @pytest.mark.parametrize("kind,unpadded,shared", [("qwen3", True, True), ("gpt2", False, True),
                                                   ("mistral-sliding", False, False)])
 def test_other_architectures_equal_naive(lm, kind, unpadded, shared):
@@ -137,7 +122,7 @@ def test_other_architectures_equal_naive(lm, kind, unpadded, shared):
     from vcrd.select.prefix_caches import prompt_sharing_supported
 
     _, tok = lm
-    model = tiny(kind, tok)
+    model = tiny_model(kind, tok)
     assert packed_forward_supported(model) == unpadded and prompt_sharing_supported(model) == shared
     prompts = [prompt_of(1), prompt_of(16), prompt_of(128)]
     for window, drop_first in ((0, 0), (2, 2)):

@@ -19,6 +19,8 @@ from vcrd.app.cli import main
 from vcrd.train.files import UnsafeFileError, atomic_file, check_writable, new_file_mode, remove_stale_temps
 from vcrd.train.run_lock import LOCK_NAME, RunLock
 
+from ..helpers import CACHE_K, CACHE_ROWS, make_workspace, tiny_llama, train_config
+
 VICTIM = "precious data\n"
 
 
@@ -64,8 +66,6 @@ def test_cli_train_and_cache_teacher_refuse_a_symlinked_lock(tmp_path, victim, c
     data.write_text('{"prompt": "p", "response": "r"}\n')
     model = tmp_path / "model"  # a real tiny model folder: the refusal must come from the lock, not the model
     from vcrd.app.tokenizer import build_char_tokenizer
-
-    from .test_trainer import tiny_llama
 
     tok = build_char_tokenizer()
     tiny_llama(tok, 16, 0, layers=1).save_pretrained(model)
@@ -191,19 +191,16 @@ def test_cache_teacher_removes_the_shard_a_killed_run_left(tmp_path):
     from vcrd.train.teacher_cache_format import CacheError
     from vcrd.train.teacher_cache_writer import build_cache
 
-    from .test_teacher_cache import ROWS, K
-    from .test_trainer import tiny_llama
-
     tok = build_char_tokenizer()
     tiny_llama(tok, 16, 1, layers=1).save_pretrained(tmp_path / "teacher")
     tok.save_pretrained(tmp_path / "teacher")
-    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS[:2]))
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in CACHE_ROWS[:2]))
     out = tmp_path / "cache"
     out.mkdir()
     killed = out / f".shard-00000.npy.{os.getpid() + 1}.tmp"
     killed.write_bytes(b"\0" * 4096)
     said = []
-    build_cache(tmp_path / "teacher", tmp_path / "data.jsonl", out, K, max_length=64, progress=False,
+    build_cache(tmp_path / "teacher", tmp_path / "data.jsonl", out, CACHE_K, max_length=64, progress=False,
                    say=said.append)
     assert not killed.exists(), said
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
@@ -430,20 +427,17 @@ def test_score_responses_refuses_past_the_position_limit_instead_of_an_index_err
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One tiny 4-step run (checkpoints at 2 and 4) shared by the checkpoint cases, which damage copies."""
-    from .test_train_cli import config, make_workspace
 
     root, _ = make_workspace(tmp_path_factory.mktemp("hostile_run"), 8)
-    assert main(["train", "--config", config(root, "base")]) == 0
+    assert main(["train", "--config", train_config(root, "base")]) == 0
     return root
 
 
 def _copy_run(root, name):
     import shutil
 
-    from .test_train_cli import config
-
     shutil.copytree(root / "base", root / name)
-    return root / name, config(root, name)
+    return root / name, train_config(root, name)
 
 
 def test_same_size_bit_flip_in_optimizer_state_is_refused_on_resume(trained):

@@ -19,11 +19,7 @@ from vcrd.train.teacher_cache_format import CacheError, loss_rows
 from vcrd.train.teacher_cache_writer import build_cache
 from vcrd.train.trainer import distill_loss
 
-from .test_trainer import tiny_llama
-
-K = 8
-ROWS = [{"prompt": f"What is {a}+{b}?", "response": f"First {a}+{b}. So {a + b}."}
-        for a, b in ((1, 2), (13, 4), (7, 7), (20, 5), (3, 9), (11, 11))]
+from ..helpers import CACHE_K, CACHE_ROWS, tiny_family, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +31,8 @@ def ws(tmp_path_factory):
         teacher.lm_head.weight.mul_(20.0)  # peaked distributions, like a trained model's
     teacher.save_pretrained(root / "teacher")
     tok.save_pretrained(root / "teacher")
-    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    built = build_cache(root / "teacher", root / "data.jsonl", root / "full", K, batch_size=2, shard_rows=40,
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in CACHE_ROWS))
+    built = build_cache(root / "teacher", root / "data.jsonl", root / "full", CACHE_K, batch_size=2, shard_rows=40,
                            max_length=64, progress=False, say=lambda _: None)
     return root, tok, teacher.eval(), built
 
@@ -48,16 +44,16 @@ def collator(tok):
 def test_rows_equal_from_logits_of_the_teacher(ws):
     root, tok, teacher, out = ws
     cache = TeacherCache(out)
-    assert len(cache.shards) >= 3 and cache.k == K and cache.vocab == len(tok)
+    assert len(cache.shards) >= 3 and cache.k == CACHE_K and cache.vocab == len(tok)
     examples = read_jsonl(root / "data.jsonl")
     cache.verify(examples, collator(tok), vocab_size=len(tok))
     for i, e in enumerate(examples):
         ids, labels, _ = collator(tok).encode(e)
         with torch.no_grad():  # one example alone, no padding: the teacher's own logits
             logits = teacher(torch.tensor([ids])).logits[0]
-        want = SparseTeacher.from_logits(logits[loss_rows(labels)], K)
+        want = SparseTeacher.from_logits(logits[loss_rows(labels)], CACHE_K)
         got = cache.rows_for(i)
-        assert got.topk_ids.shape == (len(loss_rows(labels)), K) and got.topk_ids.dtype == torch.int32
+        assert got.topk_ids.shape == (len(loss_rows(labels)), CACHE_K) and got.topk_ids.dtype == torch.int32
         assert torch.equal(got.topk_ids.long(), want.topk_ids)
         torch.testing.assert_close(got.topk_logprobs.float(), want.topk_logprobs, atol=2e-3, rtol=1e-3)
         torch.testing.assert_close(got.tail_logprob, want.tail_logprob, atol=1e-4, rtol=1e-4)
@@ -80,7 +76,7 @@ def test_killed_run_resumes_to_the_same_files(ws, monkeypatch):
 
     monkeypatch.setattr(writer, "write_shard", dying)
     with pytest.raises(KeyboardInterrupt):
-        build_cache(root / "teacher", root / "data.jsonl", root / "cut", K, batch_size=2, shard_rows=40,
+        build_cache(root / "teacher", root / "data.jsonl", root / "cut", CACHE_K, batch_size=2, shard_rows=40,
                        max_length=64, progress=False, say=lambda _: None)
     first = (root / "cut" / "shard-00000.npy").read_bytes()
     assert not (root / "cut" / "shard-00001.npy").exists() and not list((root / "cut").glob(".shard-*"))
@@ -88,7 +84,7 @@ def test_killed_run_resumes_to_the_same_files(ws, monkeypatch):
         TeacherCache(root / "cut")
     monkeypatch.setattr(writer, "write_shard", real)
     said = []
-    build_cache(root / "teacher", root / "data.jsonl", root / "cut", K, batch_size=2, shard_rows=40,
+    build_cache(root / "teacher", root / "data.jsonl", root / "cut", CACHE_K, batch_size=2, shard_rows=40,
                    max_length=64, progress=False, say=said.append)
     assert any("continuing" in s for s in said)
     assert (root / "cut" / "shard-00000.npy").read_bytes() == first  # finished shard kept, not rewritten
@@ -103,7 +99,7 @@ def test_killed_run_resumes_to_the_same_files(ws, monkeypatch):
     with pytest.raises(CacheError, match="shard-00002.npy: truncated"):
         TeacherCache(root / "cut")
     said.clear()
-    build_cache(root / "teacher", root / "data.jsonl", root / "cut", K, batch_size=2, shard_rows=40,
+    build_cache(root / "teacher", root / "data.jsonl", root / "cut", CACHE_K, batch_size=2, shard_rows=40,
                    max_length=64, progress=False, say=said.append)
     assert any("shard-00002.npy: finished earlier but now damaged" in s for s in said)
     assert shard.read_bytes() == (full / "shard-00002.npy").read_bytes()
@@ -116,7 +112,7 @@ def test_mismatches_are_refused_naming_the_example(ws, tmp_path):
     other = build_char_tokenizer("0123456789+?. abcdefghijklmnopqrstuvwxyzWFS\n")
     with pytest.raises(CacheError, match="another tokenizer"):
         cache.verify(None, DistillCollator(other, max_length=64))
-    changed = ROWS[:3] + [{**ROWS[3], "response": "First 20+5. So 26."}] + ROWS[4:]
+    changed = CACHE_ROWS[:3] + [{**CACHE_ROWS[3], "response": "First 20+5. So 26."}] + CACHE_ROWS[4:]
     (tmp_path / "changed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in changed))
     with pytest.raises(CacheError, match=r"example 3 \(.*changed.jsonl:4\).*token ids differ"):
         cache.verify(read_jsonl(tmp_path / "changed.jsonl"), collator(tok))
@@ -125,7 +121,7 @@ def test_mismatches_are_refused_naming_the_example(ws, tmp_path):
     # rebuilding into the same folder with other data: refused, nothing touched
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     with pytest.raises(CacheError, match="other settings or data"):
-        build_cache(root / "teacher", tmp_path / "changed.jsonl", out, K, batch_size=2, shard_rows=40,
+        build_cache(root / "teacher", tmp_path / "changed.jsonl", out, CACHE_K, batch_size=2, shard_rows=40,
                        max_length=64, progress=False, say=lambda _: None)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     with pytest.raises(ValueError, match="exceeds the teacher's vocabulary"):
@@ -179,7 +175,8 @@ def test_collator_aligns_the_cached_rows_with_the_shifted_labels_and_the_loss_ru
     collate = TeacherCacheCollator(collator(tok), cache)
     batch = collate([data[4], data[1], data[5]])
     B, T = batch["input_ids"].shape
-    assert batch["teacher_topk_ids"].shape == (B, T, K) and batch["teacher_topk_logprobs"].shape == (B, T, K)
+    assert batch["teacher_topk_ids"].shape == (B, T, CACHE_K)
+    assert batch["teacher_topk_logprobs"].shape == (B, T, CACHE_K)
     assert batch["teacher_tail_logprob"].shape == (B, T)
     for b, i in enumerate((4, 1, 5)):
         pos = (batch["labels"][b, 1:] != -100).nonzero().squeeze(1)
@@ -202,8 +199,8 @@ def test_collator_aligns_the_cached_rows_with_the_shifted_labels_and_the_loss_ru
              "teacher_topk_ids": batch["teacher_topk_ids"].clone()}
     free = torch.ones(B, T, dtype=torch.bool)
     free[:, :-1] = batch["labels"][:, 1:] == -100
-    other["teacher_topk_ids"][free] = torch.arange(K, dtype=torch.int32) + 5
-    lp = torch.log_softmax(torch.arange(K, 0, -1).float(), -1)
+    other["teacher_topk_ids"][free] = torch.arange(CACHE_K, dtype=torch.int32) + 5
+    lp = torch.log_softmax(torch.arange(CACHE_K, 0, -1).float(), -1)
     other["teacher_topk_logprobs"][free] = lp.half()
     other["teacher_tail_logprob"][free] = float("-inf")
     again = fused_linear_sparse_vcrd_loss(h.detach()[:, :-1], student.lm_head.weight, sparse_teacher_of(other),
@@ -217,8 +214,8 @@ def test_collator_aligns_the_cached_rows_with_the_shifted_labels_and_the_loss_ru
 
 def test_cli_builds_and_refuses(ws, tmp_path, capsys):
     root, _, _, full = ws
-    args = ["cache-teacher", "--model", str(root / "teacher"), "--data", str(root / "data.jsonl"), "--top-k", str(K),
-            "--batch-size", "3", "--shard-rows", "40", "--max-length", "64"]
+    args = ["cache-teacher", "--model", str(root / "teacher"), "--data", str(root / "data.jsonl"),
+            "--top-k", str(CACHE_K), "--batch-size", "3", "--shard-rows", "40", "--max-length", "64"]
     assert main(args + ["--out", str(tmp_path / "c")]) == 0
     for p in full.glob("shard-*.npy"):  # batch size does not change the results beyond float noise
         a, b = np.load(p), np.load(tmp_path / "c" / p.name)
@@ -294,7 +291,7 @@ def test_vcrd_train_from_a_teacher_cache(ws, tmp_path, capsys):
     assert run(root / "data.jsonl", "run") == 0
     assert (tmp_path / "run" / "final").is_dir()
     other = tmp_path / "other.jsonl"
-    other.write_text("".join(json.dumps({**r, "response": r["response"] + " Done."}) + "\n" for r in ROWS))
+    other.write_text("".join(json.dumps({**r, "response": r["response"] + " Done."}) + "\n" for r in CACHE_ROWS))
     assert run(other, "bad") == 2
     assert "other.jsonl" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
@@ -321,13 +318,12 @@ def test_a_full_cache_trains_like_the_online_teacher(ws):
 def test_a_soft_capped_teacher_is_stored_after_its_own_post_processing(ws, tmp_path):
     """A Gemma-2 teacher (soft-cap 30, its head scaled so the cap bends): the cache holds the top-K of its
     own logits ``model(ids).logits``, not of the raw LM head's output (SPEC §1, §10)."""
-    from .test_trainer import tiny_family
 
     root, tok, _, _ = ws
     gemma = tiny_family(tok, "gemma2", 8).eval()
     gemma.save_pretrained(tmp_path / "gemma")
     tok.save_pretrained(tmp_path / "gemma")
-    out = build_cache(tmp_path / "gemma", root / "data.jsonl", tmp_path / "cache", K, batch_size=2, shard_rows=40,
+    out = build_cache(tmp_path / "gemma", root / "data.jsonl", tmp_path / "cache", CACHE_K, batch_size=2, shard_rows=40,
                          max_length=64, progress=False, say=lambda _: None)
     cache = TeacherCache(out)
     bent = False
@@ -337,11 +333,11 @@ def test_a_soft_capped_teacher_is_stored_after_its_own_post_processing(ws, tmp_p
             out_i = gemma(torch.tensor([ids]), output_hidden_states=True)
             raw = (out_i.hidden_states[-1] @ gemma.lm_head.weight.T)[0]
         rows = loss_rows(labels)
-        want = SparseTeacher.from_logits(out_i.logits[0][rows], K)
+        want = SparseTeacher.from_logits(out_i.logits[0][rows], CACHE_K)
         got = cache.rows_for(i)
         assert torch.equal(got.topk_ids.long(), want.topk_ids)
         torch.testing.assert_close(got.topk_logprobs.float(), want.topk_logprobs, atol=2e-3, rtol=1e-3)
         torch.testing.assert_close(got.tail_logprob, want.tail_logprob, atol=1e-4, rtol=1e-4)
-        unprocessed = SparseTeacher.from_logits(raw[rows], K)
+        unprocessed = SparseTeacher.from_logits(raw[rows], CACHE_K)
         bent |= bool((unprocessed.topk_logprobs - want.topk_logprobs).abs().max() > 0.1)
     assert bent  # the raw head's log-probs differ: storing them would fail the check above
