@@ -4,14 +4,12 @@ and held-out exact-match accuracy."""
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Dict, List, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 
+from .demo_settings import DemoSettings
 from .synthetic import Problem, check_answer
-
-if TYPE_CHECKING:
-    from .demo import DemoSettings
 
 
 @torch.inference_mode()

@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-if TYPE_CHECKING:
-    from .demo import DemoSettings, Prepared
+from .demo_settings import DemoSettings, Prepared
 
 OFFLINE = "vcrd_offline"  # results key of the student distilled from the teacher cache
 

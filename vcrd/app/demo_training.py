@@ -9,7 +9,7 @@ import math
 import os
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 
@@ -19,10 +19,8 @@ from ..train.teacher_cache import TeacherCache
 from ..train.teacher_cache_collator import TeacherCacheCollator
 from ..train.teacher_cache_writer import build_cache
 from ..train.trainer import distill_loss
+from .demo_settings import DemoSettings
 from .synthetic import STYLES, Problem
-
-if TYPE_CHECKING:
-    from .demo import DemoSettings
 
 
 def llama(tok, hidden: int, layers: int, seed: int):
