@@ -163,6 +163,22 @@ def bench_real(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_input_arguments(cmd: argparse.ArgumentParser, model_help: str, data_help: str, out_help: str) -> None:
+    """``--model``, ``--data`` and ``--out``, each required: a local model folder, the input jsonl, the output."""
+    for flag, text in (("--model", model_help), ("--data", data_help), ("--out", out_help)):
+        cmd.add_argument(flag, required=True, help=text)
+
+
+def add_scorer_arguments(cmd: argparse.ArgumentParser, drop_first: int, drop_first_help: str, dtype: str,
+                         dtype_help: str, threads_help: str) -> None:
+    """The scorer's options, shared by ``vcrd score`` and ``vcrd bench-real``: the window, ``drop_first``, the
+    forward's precision and the torch threads."""
+    cmd.add_argument("--window", type=int, default=4, help="previous steps in context (default 4)")
+    cmd.add_argument("--drop-first", type=int, default=drop_first, help=drop_first_help)
+    cmd.add_argument("--dtype", default=dtype, choices=["float32", "bfloat16"], help=dtype_help)
+    cmd.add_argument("--threads", type=int, default=0, help=threads_help)
+
+
 def add_demo_size_arguments(cmd: argparse.ArgumentParser, student_steps: int, per: str) -> None:
     """The demo's sizes, shared by ``vcrd demo`` and ``vcrd bench-quality``: problems, steps and threads."""
     cmd.add_argument("--n-train", type=int, default=2000, help="teacher training problems (default 2000)")
@@ -236,23 +252,19 @@ def add_score_parser(sub: argparse._SubParsersAction) -> None:
         description="Score every response of a jsonl file (fields: prompt, response, optional "
                     "teacher and steps) with a local causal LM, write the best-LALP response per "
                     "prompt, and print a per-teacher summary (SPEC §8).")
-    cmd.add_argument("--model", required=True, help="local Hugging Face model folder (the student)")
-    cmd.add_argument("--data", required=True, help="input jsonl")
-    cmd.add_argument("--out", required=True, help="output jsonl: the selected responses with their scores")
-    cmd.add_argument("--window", type=int, default=4, help="previous steps in context (default 4)")
-    cmd.add_argument("--drop-first", type=int, default=0, help="ids not scored at the start of each step (default 0)")
+    add_input_arguments(cmd, "local Hugging Face model folder (the student)", "input jsonl",
+                        "output jsonl: the selected responses with their scores")
+    add_scorer_arguments(cmd, 0, "ids not scored at the start of each step (default 0)", "float32",
+                         "precision of the model's forward (default float32: exact; bfloat16: the decoder in bf16, "
+                         "the log-softmax in fp32, several times faster on CPUs with bf16 GEMMs)",
+                         "torch threads: the scorer runs that many groups side by side (default 0: torch's default, "
+                         "one per core)")
     cmd.add_argument("--max-step-tokens", type=int, default=256, help="split longer steps at sentence ends")
     cmd.add_argument("--token-budget", type=int, default=8192, help="tokens per forward batch (default 8192)")
     cmd.add_argument("--max-prompt-tokens", type=int, default=None,
                      help="refuse (before scoring, naming FILE:LINE) prompts longer than this many tokens (default: "
                           "the model's max_position_embeddings minus --max-step-tokens)")
     cmd.add_argument("--device", default="cpu")
-    cmd.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                     help="precision of the model's forward (default float32: exact; bfloat16: the decoder in bf16, "
-                          "the log-softmax in fp32, several times faster on CPUs with bf16 GEMMs)")
-    cmd.add_argument("--threads", type=int, default=0,
-                     help="torch threads: the scorer runs that many groups side by side (default 0: torch's default, "
-                          "one per core)")
     cmd.set_defaults(func=score)
 
 
@@ -281,9 +293,9 @@ def add_cache_teacher_parser(sub: argparse._SubParsersAction) -> None:
                     "does, and store its top-K log-probs and tail mass at every trace token in "
                     "memory-mapped shards plus manifest.json (SPEC 10; docs/offline.md). Rerunning "
                     "the same command continues an interrupted cache at its first unfinished shard.")
-    cmd.add_argument("--model", required=True, help="local Hugging Face model folder (the teacher, with its tokenizer)")
-    cmd.add_argument("--data", required=True, help="input jsonl (the training data)")
-    cmd.add_argument("--out", required=True, help="cache folder (new, empty, or an unfinished cache of this command)")
+    add_input_arguments(cmd, "local Hugging Face model folder (the teacher, with its tokenizer)",
+                        "input jsonl (the training data)",
+                        "cache folder (new, empty, or an unfinished cache of this command)")
     cmd.add_argument("--top-k", type=int, default=64, help="K: ids kept per token (default 64)")
     cmd.add_argument("--batch-size", type=int, default=8, help="examples per teacher forward (default 8)")
     cmd.add_argument("--shard-rows", type=int, default=65536, help="token rows per shard file (default 65536)")
@@ -329,11 +341,8 @@ def add_bench_real_parser(sub: argparse._SubParsersAction) -> None:
     cmd.add_argument("--problems", type=int, default=20, help="gradable CHAMP problems, drawn with --seed (default 20)")
     cmd.add_argument("--teachers", default="", help="comma-separated subset of the four teachers (default: all)")
     cmd.add_argument("--variant", default="0-Shot", help="CHAMP prompt variant (default 0-Shot)")
-    cmd.add_argument("--window", type=int, default=4, help="previous steps in context (default 4)")
-    cmd.add_argument("--drop-first", type=int, default=2, help="ids not scored at the start of each step in the "
-                                                                   "drop_first arm (default 2, as ASLEC)")
-    cmd.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="default bfloat16")
-    cmd.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's default)")
+    add_scorer_arguments(cmd, 2, "ids not scored at the start of each step in the drop_first arm (default 2, as "
+                                 "ASLEC)", "bfloat16", "default bfloat16", "torch threads (default 0: torch's default)")
     cmd.add_argument("--seed", type=int, default=0, help="problem draw and bootstrap seed (default 0)")
     cmd.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
     cmd.set_defaults(func=bench_real)
