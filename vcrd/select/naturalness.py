@@ -92,17 +92,6 @@ class ResponseScore:
     n_tokens: int = 0
 
 
-def _ids(tokenizer, text: str) -> List[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _batch_ids(tokenizer, texts: List[str]) -> List[List[int]]:
-    """``_ids`` of each text (each tokenised on its own), in one call of the tokenizer."""
-    if not texts:
-        return []
-    return [list(i) for i in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-
-
 def check_score_arguments(prompts: Sequence[str], responses: Sequence[Response], window: int, drop_first: int,
                           max_step_tokens: int, token_budget: int, shard: Tuple[int, int]) -> None:
     """``ValueError`` naming the first argument of :func:`score_responses` out of its range."""
@@ -119,6 +108,7 @@ def check_score_arguments(prompts: Sequence[str], responses: Sequence[Response],
 
 
 def _ids(tokenizer, text: str) -> List[int]:
+    """The ids of ``text`` tokenised on its own, without special tokens."""
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

@@ -165,6 +165,8 @@ def build_cache(model_dir: Union[str, Path], data: Union[str, Path], out: Union[
 
 def write_missing_shards(model_dir, out, manifest, examples, collator, batch_size, device, progress, say, auto_model,
            check_causal_lm) -> Path:
+    """Under ``out``'s lock: check an existing manifest against ``manifest`` (or write it into an empty folder),
+    then write every shard not finished yet with the teacher's rows, and the final manifest. Returns ``out``."""
     path = out / MANIFEST
     if path.exists():
         stored = read_json(path, "manifest")
