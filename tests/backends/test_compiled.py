@@ -60,7 +60,6 @@ def test_compiled_equals_eager(monkeypatch):
 def test_compiled_fused_linear_writes_gradient_over_the_logits(chunk_rows, monkeypatch):
     """Issue 9: the compiled gradient written over the fused-linear chunk's logits was 1e5–1e7× off
     past the first sub-chunk. 150-row fused chunks hold several sub-chunks of either size."""
-
     if chunk_rows:
         monkeypatch.setenv("VCRD_CHUNK_ROWS", chunk_rows)
     fused_three_way(linear_heads(N=230, V=1271), VCRDConfig(ce_weight=0.3, temperature=2.0), chunk_size=150)

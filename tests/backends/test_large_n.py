@@ -119,7 +119,6 @@ FUSED_N, FUSED_V = 1280, 8191
 def fused_inputs():
     """N = 1280 rows ([4, 320] hidden, ~1000 kept) of H_s = 96 (teacher H_t = 128), V = 8191, logits
     std ~10, 20 % ignored."""
-
     d = linear_heads(N=FUSED_N, Hs=96, Ht=128, V=FUSED_V, seed=3)
     d["hs"], d["ht"], d["y"] = d["hs"].reshape(4, 320, -1), d["ht"].reshape(4, 320, -1), d["y"].reshape(4, 320)
     d["steps"] = torch.stack([step_ids_for(320, seed=40 + b, p_new=0.15) for b in range(4)])
@@ -128,7 +127,6 @@ def fused_inputs():
 
 @functools.cache
 def fused_truth_and_base(name: str):
-
     d, cfg = fused_inputs(), CONFIGS[name]
     return run_fused_linear(d, cfg, torch.float64, "reference"), run_materialised(d, cfg, torch.float32)
 
@@ -139,7 +137,6 @@ def test_fused_linear_parity(name, chunk):
     """``fused_linear_vcrd_loss`` at N = 1280 ([4, 320, 96] hidden), V = 8191: ``"auto"`` gives one
     chunk of all ~1000 kept rows (16 compiled 64-row sub-chunks writing the gradient over the
     logits), 300 gives four chunks; loss and the gradients of hidden, weight and bias vs fp64."""
-
     d = fused_inputs()
     assert d["y"].numel() >= 1024 and int((d["y"] != -100).sum()) > 15 * 64
     truth, base = fused_truth_and_base(name)

@@ -119,7 +119,6 @@ def test_label_logprob_kernel(dtype):
 
 @pytest.mark.parametrize("name", ["vcrd", "jsd-T2-ce-expected"])
 def test_fused_linear_on_the_kernels(name):
-
     fused_three_way(linear_heads(N=30, V=600), FUSED_CONFIGS[name], impl="triton", chunk_size=7)
 
 

@@ -112,7 +112,6 @@ def test_the_bound_scales_with_the_values():
 def test_fused_linear_wrong_gradients_are_rejected():
     """The fused-linear three-way rule (hidden, weight, bias) rejects a zeroed or halved gradient of
     each, while the real one passes."""
-
     r = fused_three_way(linear_heads(N=40, V=301), VCRDConfig(), chunk_size=13)
     for i in (1, 2, 3):
         impl, base, truth = r["impl"][i], r["base"][i], r["truth"][i]

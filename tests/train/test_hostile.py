@@ -427,7 +427,6 @@ def test_score_responses_refuses_past_the_position_limit_instead_of_an_index_err
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One tiny 4-step run (checkpoints at 2 and 4) shared by the checkpoint cases, which damage copies."""
-
     root, _ = make_workspace(tmp_path_factory.mktemp("hostile_run"), 8)
     assert main(["train", "--config", train_config(root, "base")]) == 0
     return root

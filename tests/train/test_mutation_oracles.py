@@ -44,7 +44,6 @@ def test_logged_weight_means_cover_every_accumulated_micro_batch(tmp_path):
     """One optimizer step of two micro-batches (sequential order: examples 0-1, then 2-3), one log: its
     ``w_val``/``w_dc`` are the token means over BOTH micro-batches, computed here with the float64
     reference on the untouched student (learning rate 0)."""
-
     tok, examples, teacher, collate = make_setup()
     student = tiny_llama(tok, 32, 4)
     frozen = copy.deepcopy(student).eval()

@@ -318,7 +318,6 @@ def test_a_full_cache_trains_like_the_online_teacher(ws):
 def test_a_soft_capped_teacher_is_stored_after_its_own_post_processing(ws, tmp_path):
     """A Gemma-2 teacher (soft-cap 30, its head scaled so the cap bends): the cache holds the top-K of its
     own logits ``model(ids).logits``, not of the raw LM head's output (SPEC §1, §10)."""
-
     root, tok, _, _ = ws
     gemma = tiny_family(tok, "gemma2", 8).eval()
     gemma.save_pretrained(tmp_path / "gemma")
