@@ -113,15 +113,18 @@ def test_bad_settings_refused_naming_the_setting(tmp_path, field, value):
 def test_end_to_end_on_a_tiny_teacher(tmp_path):
     if importlib.util.find_spec("champ_dataset") is None:
         pytest.skip("champ-dataset (make real) is not installed")
-    from vcrd.app.bench_real_distill import run_distill_bench
+    from vcrd.app.cli import main
 
     tiny_llama(4).save_pretrained(tmp_path / "m")
     build_tokenizer().save_pretrained(tmp_path / "m")
-    s = DistillBenchSettings(model=str(tmp_path / "m"), out=str(tmp_path / "out"), seeds=2, steps=3, batch_size=2,
-                             max_length=256, n_eval=4, dtype="float32", threads=1, timing_repeats=1, bootstrap=200)
-    r = run_distill_bench(s, log=lambda *a, **k: None)
+    args = ["bench-real", "distill", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "out"), "--seeds", "2",
+            "--steps", "3", "--batch-size", "2", "--n-eval", "4", "--dtype", "float32", "--threads", "1",
+            "--timing-repeats", "1", "--bootstrap", "200"]
+    assert main(args) == 0
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert saved["student_parameters"] == r["student_parameters"] and set(saved["per_seed"]) == {"0", "1"}
+    # layers 0 and 2 of 4: embeddings and head 2·263·32, per layer q,o 32·32, k,v 32·16, MLP 3·32·64, 2 norms 32
+    assert saved["student_parameters"] == 2 * 263 * 32 + 2 * (2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64 + 2 * 32) + 32
+    assert set(saved["per_seed"]) == {"0", "1"}
     assert [row["preset"] for row in saved["summary"]] == ["before", "kd", "discord", "vcrd"]
     assert all(row["rows"] > 0 for row in saved["timing"])
     for row in saved["timing"]:  # every timed kd-equivalent gradient equals the float64 oracle's (fp32 here)
@@ -129,3 +132,4 @@ def test_end_to_end_on_a_tiny_teacher(tmp_path):
             assert row["grad_rel_err_h"] < 1e-4 and row["grad_rel_err_w"] < 1e-4, row
     assert len(saved["curves"]["1"]["vcrd"]["loss"]) == 3
     assert "| vcrd |" in (tmp_path / "out" / "results.md").read_text()
+    assert main(args + ["--steps", "0"]) == 2  # refused before any model loads

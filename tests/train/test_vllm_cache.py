@@ -13,7 +13,8 @@ import torch
 from vcrd import VCRDConfig
 from vcrd.app.tokenizer import build_char_tokenizer
 from vcrd.train.data import DistillCollator, read_jsonl
-from vcrd.train.teacher_cache import IndexedExamples, TeacherCache, TeacherCacheCollator
+from vcrd.train.teacher_cache import TeacherCache
+from vcrd.train.teacher_cache_collator import IndexedExamples, TeacherCacheCollator
 from vcrd.train.trainer import distill_loss
 from vcrd.train.vllm_cache import cache_from_vllm
 
@@ -146,3 +147,19 @@ def test_a_misaligned_or_foreign_dump_is_refused_naming_the_line(ws, tmp_path):
         cache_from_vllm(root / "dump.jsonl", root / "data.jsonl", root / "teacher", out, max_length=64)
     assert not any((tmp_path / name).exists() and any((tmp_path / name).iterdir())
                    for name in ("shifted", "other", "short", "k14"))  # nothing written
+
+
+def test_the_command_line_writes_the_same_cache(ws, tmp_path):
+    from vcrd.app.cli import main
+
+    root, tok, collator, examples, lines, logprobs, out = ws
+    args = ["cache-teacher", "--from-vllm", str(root / "dump.jsonl"), "--model", str(root / "teacher"), "--data",
+            str(root / "data.jsonl"), "--out", str(tmp_path / "cli"), "--max-length", "64", "--shard-rows", "40"]
+    assert main(args) == 0
+    by_cli, by_function = TeacherCache(tmp_path / "cli"), TeacherCache(out)
+    assert by_cli.k == by_function.k == TOP
+    for i, e in enumerate(examples):
+        ids, top, _ = oracle_rows(logprobs[i], collator.encode(e)[1], TOP)
+        got = by_cli.rows_for(i)
+        assert torch.equal(got.topk_ids.long(), ids) and torch.equal(got.topk_logprobs, top.float().half())
+    assert main(args) == 2  # --out is no longer empty: refused, nothing overwritten

@@ -157,8 +157,9 @@ def check_run(cfg: Dict[str, Any], examples, say: Callable[[str], None]):
     Returns ``(tokenizer, collator)``."""
     from transformers import AutoTokenizer
 
-    from .checkpoints import check_model_folder, check_writable
     from .data import DistillCollator, check_examples
+    from .files import check_writable
+    from .model_files import check_model_folder
 
     limits = {}
     for role in model_roles(cfg):
@@ -235,8 +236,11 @@ def _trainer_class():
 def _prepare(config_path: str, resume: bool, allow_mismatch: bool, world: int, say: Callable[[str], None]):
     """Every check that needs no model, on this rank: ``(cfg, examples, tokenizer, collator, manifest,
     checkpoint or None)``."""
-    from .checkpoints import ResumeError, checkpoints, file_sha256, find_resume_checkpoint, resume_message
+    from .checkpoint_folders import checkpoints
     from .data import read_jsonl
+    from .files import file_sha256
+    from .resume import find_resume_checkpoint, resume_message
+    from .run_errors import ResumeError
 
     cfg = load_config(config_path)
     examples = read_jsonl(cfg["data"])  # every line checked before anything is written
@@ -278,13 +282,16 @@ def train(config_path: str, resume: bool = False, allow_mismatch: bool = False,
     an error.
 
     Raises ``ValueError`` / ``FileNotFoundError`` (bad input, nothing touched),
-    :class:`vcrd.train.checkpoints.RunError` (a busy folder, nothing to resume from, a checkpoint that
+    :class:`vcrd.train.run_errors.RunError` (a busy folder, nothing to resume from, a checkpoint that
     could not be written, ranks that disagree) and :class:`vcrd.train.callbacks.NonFiniteLossError`.
     """
     import contextlib
 
     from ..distributed.ranks import agreed, from_rank0, gather, init_from_launcher, launch_info, parameter_checksum
-    from .checkpoints import RunError, RunLock, remove_staging, save_final
+    from .checkpoint_folders import remove_staging
+    from .checkpoints import save_final
+    from .run_errors import RunError
+    from .run_lock import RunLock
 
     rank, world, _ = launch_info()
     quiet = say if rank == 0 else (lambda message: None)  # checks' warnings once, from rank 0

@@ -35,15 +35,14 @@ import numpy as np
 import torch
 
 from ..core.sparse_teacher import SparseTeacher
-from .checkpoints import check_writable
 from .data import DistillCollator, open_for_reading, read_jsonl
-from .files import atomic_file
-from .teacher_cache import (
+from .files import atomic_file, check_writable
+from .teacher_cache import TeacherCache
+from .teacher_cache_format import (
     DTYPES,
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
-    TeacherCache,
     loss_rows,
     plan,
     record_dtype,
