@@ -132,4 +132,5 @@ def test_end_to_end_on_a_tiny_teacher(tmp_path):
             assert row["grad_rel_err_h"] < 1e-4 and row["grad_rel_err_w"] < 1e-4, row
     assert len(saved["curves"]["1"]["vcrd"]["loss"]) == 3
     assert "| vcrd |" in (tmp_path / "out" / "results.md").read_text()
+    assert (tmp_path / "out" / "results.png").stat().st_size > 1000
     assert main(args + ["--steps", "0"]) == 2  # refused before any model loads

@@ -314,8 +314,40 @@ def run_distill_bench(s: DistillBenchSettings, log=print) -> Dict[str, object]:
     (out / "results.json").write_text(json.dumps(results, indent=1))
     report = format_report(results)
     (out / "results.md").write_text(report + "\n")
+    plot_results(results, out / "results.png")
     log(report)
     return results
+
+
+def plot_results(results: Dict[str, object], path: Path) -> bool:
+    """``path``: the training loss per step (mean over seeds) and each held-out metric with its interval, per
+    preset. False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 1 + len(METRICS), figsize=(14, 3.4))
+    presets = results["settings"]["presets"]
+    for preset in presets:
+        runs = [results["curves"][seed][preset]["loss"] for seed in results["curves"]]
+        axes[0].plot([sum(v) / len(v) for v in zip(*runs)], label=preset)
+    axes[0].set(title="training loss (mean over seeds)", xlabel="step")
+    axes[0].legend(fontsize=8)
+    titles = {"kl": "held-out KL(teacher ‖ student)", "nll": "held-out NLL of the solutions", "agree": "top-1 agreement"}
+    rows = results["summary"]
+    for ax, metric in zip(axes[1:], METRICS):
+        mean = [r[metric][0] for r in rows]
+        err = [[r[metric][0] - r[metric][1] for r in rows], [r[metric][2] - r[metric][0] for r in rows]]
+        ax.bar(range(len(rows)), mean, yerr=err, capsize=4, color="#7aa6c2")
+        ax.set_xticks(range(len(rows)), [r["preset"] for r in rows], fontsize=8)
+        ax.set(title=titles[metric])
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
 
 
 def _ci(v: Sequence[float], digits: int = 3) -> str:
