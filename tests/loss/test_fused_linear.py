@@ -210,6 +210,8 @@ def test_gemm_plan():
         assert not plan.mixed and plan.operand_dtype == operand and plan.budget_bytes == cpu_budget
         assert plan.logits_dtype == operand
         assert auto_chunk_size(16384, 151936, plan.budget_bytes, plan.min_rows, plan.max_rows) == 256
+        # half-size logits: twice the rows in the same budget (441 rows, then 38 equal chunks)
+        assert auto_chunk_size(16384, 151936, plan.budget_bytes, plan.min_rows, plan.max_rows, 4) == 432
     assert gemm_plan("cpu", torch.float64, cpu_budget).operand_dtype == torch.float64
     for dtype in (torch.bfloat16, torch.float16):
         plan = gemm_plan("cuda", dtype, cpu_budget, device_memory_bytes=80 * 2**30)

@@ -38,12 +38,14 @@ from ..core.weights import OUTPUT_ROWS, concat_rows
 from ..core.windows import CausalWindowMean
 
 
-def auto_chunk_size(n_rows: int, vocab: int, budget_bytes: int, min_rows: int = 256, max_rows: int = 1024) -> int:
-    """Rows per chunk: the two ``[C, V]`` fp32 buffers of a chunk (both logits; the gradient
-    overwrites the student's) fit ``budget_bytes``, but at least ``min_rows`` (GEMMs with fewer rows run
-    markedly slower on CPU) and at most ``max_rows``; the rows are then split into equal chunks (a small
-    last chunk would waste its GEMMs). Depends on N, never a fixed number of chunks."""
-    largest = min(max_rows, max(min_rows, budget_bytes // (8 * vocab)))
+def auto_chunk_size(n_rows: int, vocab: int, budget_bytes: int, min_rows: int = 256, max_rows: int = 1024,
+                    bytes_per_entry: int = 8) -> int:
+    """Rows per chunk: the two ``[C, V]`` buffers of a chunk (both logits; the gradient overwrites the
+    student's), ``bytes_per_entry`` per ``(row, token)`` together (8: fp32; 4: bf16/fp16 logits), fit
+    ``budget_bytes``, but at least ``min_rows`` (GEMMs with fewer rows run markedly slower on CPU) and at
+    most ``max_rows``; the rows are then split into equal chunks (a small last chunk would waste its
+    GEMMs). Depends on N, never a fixed number of chunks."""
+    largest = min(max_rows, max(min_rows, budget_bytes // (bytes_per_entry * vocab)))
     n_chunks = max(1, -(-n_rows // largest))
     return max(1, -(-n_rows // n_chunks))
 
@@ -191,8 +193,8 @@ def loss_from_hidden(student_hidden: torch.Tensor, student_weight: torch.Tensor,
     Z = row_normalizer(reduction, cfg, num_items_in_batch, layout)
     kept_idx = layout.valid.nonzero().squeeze(1)  # ignored rows never reach a GEMM
     plan = plan_for(student_weight, cfg.gemm_precision)
-    C = auto_chunk_size(kept_idx.numel(), V, plan.budget_bytes, plan.min_rows, plan.max_rows) \
-        if chunk_size == "auto" else chunk_size
+    C = auto_chunk_size(kept_idx.numel(), V, plan.budget_bytes, plan.min_rows, plan.max_rows,
+                        2 * plan.logits_dtype.itemsize) if chunk_size == "auto" else chunk_size
     # the loss's own precision, whatever autocast the caller runs under (its GEMMs accumulate in fp32)
     with torch.no_grad(), torch.autocast(h_s.device.type, enabled=False):
         kept, grads = _chunked(h_s, student_weight, student_bias, chunk_batch, V, layout, kept_idx, cfg, impl, C,
