@@ -4,7 +4,7 @@
     python benches/bench_offline.py step --repeats 5         # one training step: online teacher 4x vs cache
     python benches/bench_offline.py accuracy --seeds 0 1 2   # the demo's vcrd student, online vs cache
 
-``disk``: the cache writer's own shard files (:func:`vcrd.train.teacher_cache._write_shard`, header
+``disk``: the cache writer's own shard files (:func:`vcrd.train.teacher_cache_writer.write_shard`, header
 included) for 100,000 random valid rows per K, against a dense bf16 row (``2 V`` bytes) at the
 teacher vocabularies named.
 
@@ -46,7 +46,8 @@ def machine() -> str:
 
 # ------------------------------------------------------------------------------------------- disk
 def disk(args) -> dict:
-    from vcrd.train.teacher_cache import _write_shard, record_dtype
+    from vcrd.train.teacher_cache_format import record_dtype
+    from vcrd.train.teacher_cache_writer import write_shard
 
     rows, out = 100_000, {}
     g = torch.Generator().manual_seed(0)
@@ -60,7 +61,7 @@ def disk(args) -> dict:
                 array["topk_logprobs"] = t.topk_logprobs.to(torch.float16).numpy()
                 array["tail_logprob"] = t.tail_logprob.numpy()
 
-            size, _ = _write_shard(Path(tmp) / f"k{k}.npy", rows, k, fill)
+            size, _ = write_shard(Path(tmp) / f"k{k}.npy", rows, k, fill)
             out[k] = {"bytes_per_token": size / rows, "record_bytes": record_dtype(k).itemsize}
     print(f"disk: {rows} rows per shard, the cache writer's .npy files (header included)")
     print("| K | bytes / token (measured) | record | " + " | ".join(f"vs dense bf16, V={v}" for v in args.V) + " |")
@@ -85,7 +86,7 @@ def step(args) -> dict:
     from gradcheck import Errors, verdict  # benches/ is on sys.path when run as a script
 
     from vcrd.core import reference
-    from vcrd.train.teacher_cache import record_dtype
+    from vcrd.train.teacher_cache_format import record_dtype
     from vcrd.train.trainer import CACHE_KEYS, distill_loss
 
     V, B, T, prompt = args.vocab, args.batch, args.seq, 32

@@ -5,7 +5,10 @@
 - the logits-level batch and configs the CPU path, Triton and parity-helper tests share;
 - starting multi-process tests without a port race (:func:`spawn`, :func:`torchrun`), vocabulary shard
   layouts and a collective counter;
-- counting the bytes Triton kernels load and store under the interpreter (:class:`TrafficCounter`).
+- counting the bytes Triton kernels load and store under the interpreter (:class:`TrafficCounter`);
+- tiny Hugging Face models, the trainer's setup and ``vcrd train`` workspaces (tests/train, tests/distributed,
+  tests/select), the teacher cache's rows, and the fused-linear loss's parity harness (``linear_heads``,
+  ``fused_three_way``).
 
 The suite runs vcrd's default settings (``torch.compile`` of the CPU path's per-chunk math, 64-row
 chunks): nothing here sets a ``VCRD_*`` variable. A test that means the eager path sets
@@ -26,7 +29,9 @@ elements × item size gives exact counts, attributed to named tensors by address
 
 from __future__ import annotations
 
+import copy
 import datetime
+import json
 import os
 import subprocess
 import sys
@@ -37,8 +42,11 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from vcrd import VCRDConfig
+from vcrd import VCRDConfig, fused_linear_vcrd_loss, vcrd_loss
+from vcrd.app.synthetic import make_dataset
+from vcrd.app.tokenizer import build_char_tokenizer
 from vcrd.distributed.ranks import exit_without_teardown
+from vcrd.train.data import DistillCollator, Example
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float64: 1e-10}
 
@@ -333,3 +341,203 @@ class TrafficCounter:
 
         builder = interpreter.InterpreterBuilder
         builder.create_masked_load, builder.create_masked_store = self._saved
+
+
+# --- tiny models and training workspaces (tests/train, tests/distributed, tests/select) ------------------------------
+KD = VCRDConfig.preset("kd")
+WEIGHTED = VCRDConfig.preset("vcrd", normalize="weights")
+
+
+def tiny_llama(tok, hidden: int, seed: int, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return LlamaForCausalLM(cfg)
+
+
+def make_setup():
+    """Tokenizer, 16 terse problems (~140-310 tokens each), a 48-d teacher, the collator. The teacher's
+    LM head is scaled up so that its distributions are peaked (logit std ~3, like a trained model's),
+    not near-uniform like the fresh students': the losses and gradients are then far from zero."""
+    tok = build_char_tokenizer()
+    examples = [Example(p.question, p.solution("terse")) for p in make_dataset(16, seed=2)]
+    teacher = tiny_llama(tok, 48, 1).eval()
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(20.0)
+    return tok, examples, teacher, DistillCollator(tok, max_length=1024)
+
+
+def student_like(teacher, seed: int, noise: float = 0.5):
+    """A trainable copy of the teacher with every parameter perturbed by ``noise`` times its scale: it
+    agrees with the teacher on ~40 % of the argmaxes, so the vcrd weights spread over (0, 1)."""
+    student = copy.deepcopy(teacher).train().requires_grad_(True)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in student.parameters():
+            scale = p.std() if p.numel() > 1 and p.std() > 0 else p.abs().mean()
+            p.add_(torch.randn(p.shape, generator=g) * noise * scale)
+    return student
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def tiny_family(tok, family: str, seed: int):
+    """A tiny Gemma-2 (final_logit_softcapping=30, its LM head scaled up so the cap bends its logits) or a
+    tiny Granite (logits_scaling=8, logits divided by 8, head scaled up so the scaled logits stay peaked)."""
+    import transformers as tr
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=1, pad_token_id=tok.pad_token_id,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, max_position_embeddings=512)
+    if family == "gemma2":
+        model = tr.Gemma2ForCausalLM(tr.Gemma2Config(**common, head_dim=16, final_logit_softcapping=30.0))
+        boost = 150.0
+    else:
+        model = tr.GraniteForCausalLM(tr.GraniteConfig(**common, logits_scaling=8.0))
+        boost = 200.0
+    with torch.no_grad():
+        model.lm_head.weight.mul_(boost)
+    return model
+
+
+def trainer_for(student, teacher, collate, examples, tmp_path, cfg, **overrides):
+    from transformers import TrainingArguments
+
+    from vcrd.train.trainer import VCRDTrainer
+
+    args = dict(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8, learning_rate=0.5,
+                optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, logging_steps=1,
+                save_strategy="no", report_to=[], use_cpu=True, remove_unused_columns=False,
+                train_sampling_strategy="sequential", disable_tqdm=True)
+    args.update(overrides)
+    return VCRDTrainer(model=student, teacher_model=teacher, vcrd_config=cfg, args=TrainingArguments(**args),
+                       train_dataset=examples, data_collator=collate)
+
+
+def assert_same_step(model, expected, init, what: str) -> None:
+    """Every parameter equals the expected one within 1e-5 of its size, and its update (from ``init``)
+    equals the expected update within 1e-5 of the largest update plus the fp32 rounding of the stored
+    parameter (4 ulp), so a step scaled wrongly on any tensor fails even when that update is small."""
+    before = dict(init.named_parameters())
+    want = dict(expected.named_parameters()) if isinstance(expected, torch.nn.Module) else expected
+    for name, p in model.named_parameters():
+        p0, q = before[name].detach().double(), want[name].detach().double()
+        step, step_ref = p.detach().double() - p0, q - p0
+        assert step_ref.abs().max() > 0, f"{what} {name}: the step did not move this parameter"
+        err = (step - step_ref).abs().max().item()
+        bound = 1e-5 * step_ref.abs().max().item() + 4 * 2**-23 * p0.abs().max().item()
+        assert err <= bound, f"{what} {name}: update differs by {err:.3e} > {bound:.3e}"
+        assert rel_err(p.detach(), q) <= 1e-5, f"{what} {name}: parameters differ by {rel_err(p.detach(), q):.2e}"
+
+
+def make_workspace(root, n_rows: int):
+    """A teacher and a student model folder (with the char tokenizer) and ``n_rows`` data lines in ``root``."""
+    tok = build_char_tokenizer()
+    for name, hidden, seed in (("teacher", 48, 1), ("student", 32, 2)):
+        tiny_llama(tok, hidden, seed).save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    rows = [{"prompt": p.question, "response": p.solution("terse")} for p in make_dataset(n_rows, seed=5)]
+    (root / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return root, tok
+
+
+def train_config(root, out, **over):
+    cfg = {"teacher": str(root / "teacher"), "student": str(root / "student"), "data": str(root / "data.jsonl"),
+           "output_dir": str(root / out), "max_steps": 4, "batch_size": 4, "save_steps": 2, "logging_steps": 1,
+           "learning_rate": 3e-3, "max_length": 256, **over}
+    path = root / f"{out}.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def saved_weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+CACHE_K = 8
+
+
+CACHE_ROWS = [{"prompt": f"What is {a}+{b}?", "response": f"First {a}+{b}. So {a + b}."}
+        for a, b in ((1, 2), (13, 4), (7, 7), (20, 5), (3, 9), (11, 11))]
+
+
+def tiny_model(kind: str, tok):
+    """A tiny random model of another architecture: ``qwen3`` (q/k norms: the unpadded path), ``gpt2``
+    (learned positions: Hugging Face's padded forward with shared prompt caches), ``mistral-sliding``
+    (a sliding window: each window run with its whole prompt)."""
+    import transformers as hf
+
+    torch.manual_seed(1)
+    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
+    if kind == "qwen3":
+        return hf.Qwen3ForCausalLM(hf.Qwen3Config(head_dim=16, **common)).eval()
+    if kind == "mistral-sliding":
+        return hf.MistralForCausalLM(hf.MistralConfig(sliding_window=4096, **common)).eval()
+    return hf.GPT2LMHeadModel(hf.GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4,
+                                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).eval()
+
+
+# --- the fused-linear loss's parity harness (tests/loss, tests/backends, tests/core) ----------------------------------
+def linear_heads(N=47, Hs=31, Ht=40, V=1271, Vt=None, bias=True, seed=0, dtype=torch.float32):
+    """Hidden states and LM heads whose logits look like trained models' (std ~10, correlated)."""
+    g = torch.Generator().manual_seed(seed)
+    hs = torch.randn(N, Hs, generator=g, dtype=torch.float64)
+    Ws = torch.randn(V, Hs, generator=g, dtype=torch.float64) * (10 / Hs ** 0.5)
+    ht = torch.cat([hs, torch.randn(N, Ht - Hs, generator=g, dtype=torch.float64)], 1) if Ht > Hs else hs[:, :Ht]
+    Wt = torch.cat([Ws, torch.randn(V, Ht - Hs, generator=g, dtype=torch.float64) * 2], 1) if Ht > Hs else Ws[:, :Ht]
+    Wt = Wt + torch.randn(Wt.shape, generator=g, dtype=torch.float64) * (4 / Ht ** 0.5)
+    if Vt:
+        Wt = torch.cat([Wt, torch.randn(Vt - V, Ht, generator=g, dtype=torch.float64)], 0)
+    bs = torch.randn(V, generator=g, dtype=torch.float64) if bias else None
+    y = ignore_some((hs @ Ws.T).argmax(-1), seed=seed)
+    steps = step_ids_for(N, seed=seed, p_new=0.15)
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return dict(hs=cast(hs), Ws=cast(Ws), bs=cast(bs), ht=cast(ht), Wt=cast(Wt), y=y, steps=steps)
+
+
+def run_fused_linear(d, cfg, dtype, impl, upstream="random", **kw):
+    """Loss and the gradients of student hidden, weight, bias for one implementation in ``dtype``
+    (random upstream gradient by default)."""
+    fn = lambda hs, Ws, bs: fused_linear_vcrd_loss(  # noqa: E731
+        hs, Ws, d["ht"].to(dtype), d["Wt"].to(dtype), d["y"], student_bias=bs, step_ids=d["steps"], config=cfg,
+        impl=impl, **kw)
+    return run_with_grads(fn, [None if d[k] is None else d[k].to(dtype) for k in ("hs", "Ws", "bs")], upstream)
+
+
+def run_materialised(d, cfg, dtype, upstream="random", **kw):
+    """The same loss as the reference formula on logits materialised in ``dtype`` (``h @ W^T + b``
+    in that precision, then :func:`vcrd.core.reference.vcrd_loss`): "base" of the three-way rule."""
+    def fn(hs, Ws, bs):
+        s = hs @ Ws.T + (0 if bs is None else bs)
+        u = d["ht"].to(dtype) @ d["Wt"].to(dtype).T
+        return vcrd_loss(s, u, d["y"], step_ids=d["steps"], config=cfg, impl="reference", **kw)
+
+    return run_with_grads(fn, [None if d[k] is None else d[k].to(dtype) for k in ("hs", "Ws", "bs")], upstream)
+
+
+def fused_three_way(d, cfg, dtype=torch.float32, impl="torch", upstream="random", **kw):
+    """The three-way rule on the loss and the gradients of hidden, weight (and bias): ``impl`` in
+    ``dtype`` vs ``impl="reference"`` in fp64 (truth) and the reference formula on fp32 logits (base).
+    ``d`` holds inputs already rounded to ``dtype`` (stored in any float dtype)."""
+    ref_kw = {k: v for k, v in kw.items() if k != "chunk_size"}
+    truth = run_fused_linear(d, cfg, torch.float64, "reference", upstream, **ref_kw)
+    base = run_materialised(d, cfg, base_dtype(dtype), upstream, **ref_kw)
+    got = run_fused_linear(d, cfg, dtype, impl, upstream, **kw)
+    names = ("loss", "grad_hidden", "grad_weight", "grad_bias")[:len(truth)]
+    assert_parities(names, got, base, truth, dtype)
+    return dict(impl=got, base=base, truth=truth)
+
+
+FUSED_CONFIGS = {"kd": VCRDConfig.preset("kd"), "discord": VCRDConfig.preset("discord"), "vcrd": VCRDConfig(),
+           "jsd-T2-ce-expected": VCRDConfig(divergence="jsd", beta=0.3, temperature=2.0, ce_weight=0.3,
+                                            validity="expected"),
+           "rkl-tokens": VCRDConfig(divergence="rkl", normalize="tokens", window_steps=1)}

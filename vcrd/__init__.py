@@ -1,7 +1,8 @@
 """vcrd: fused, validity-calibrated and distribution-corrected reasoning distillation losses.
 
 Every name the README shows imports from here. ``VCRDTrainer`` and ``distill_loss`` (``vcrd.train.trainer``)
-are loaded on first use, so ``import vcrd`` never imports transformers.
+and ``VCRDDistillationTrainer`` (``vcrd.train.trl_distillation``, needs TRL) are loaded on first use, so
+``import vcrd`` never imports transformers.
 """
 
 from importlib import import_module
@@ -18,7 +19,8 @@ from .loss.sparse import fused_linear_sparse_vcrd_loss, sparse_vcrd_loss
 from .select.naturalness import ResponseScore, score_responses
 from .select.selection import TeacherRank, rank_teachers, select_responses
 
-LAZY = {"VCRDTrainer": "vcrd.train.trainer", "distill_loss": "vcrd.train.trainer"}
+LAZY = {"VCRDTrainer": "vcrd.train.trainer", "distill_loss": "vcrd.train.trainer",
+        "VCRDDistillationTrainer": "vcrd.train.trl_distillation"}
 
 
 def __getattr__(name: str):
@@ -33,7 +35,7 @@ def __dir__():
 
 
 __all__ = ["FusedLinearVCRDLoss", "ResponseScore", "SparseTeacher", "TeacherRank", "VCRDConfig", "VCRDLoss",
-           "VCRDStats", "VCRDTrainer", "distill_loss", "fused_linear_sparse_vcrd_loss",
+           "VCRDStats", "VCRDDistillationTrainer", "VCRDTrainer", "distill_loss", "fused_linear_sparse_vcrd_loss",
            "fused_linear_vcrd_loss", "fused_linear_vocab_parallel_vcrd_loss", "rank_teachers", "reference",
            "score_responses", "select_responses", "sparse_vcrd_loss", "vcrd_loss", "vocab_parallel_vcrd_loss"]
 __version__ = "0.1.0"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 from vcrd.app.cli import build_parser, main
-from vcrd.app.demo import DemoSettings, run_demo, style_of
+from vcrd.app.demo import DemoSettings, run_demo
+from vcrd.app.demo_eval import style_of
 
 TINY = dict(n_train=8, n_trace=4, n_eval=4, teacher_steps=3, student_steps=3, max_new_tokens=12, eval_batch=8)
 

@@ -21,8 +21,8 @@ def sections():
 SETUP, SECTIONS = sections()
 
 
-def test_the_page_has_the_three_migrations():
-    assert len(SECTIONS) == 3 and all(SECTIONS.values()) and SETUP
+def test_the_page_has_the_four_migrations():
+    assert len(SECTIONS) == 4 and all(SECTIONS.values()) and SETUP
 
 
 @pytest.mark.parametrize("title", list(SECTIONS))

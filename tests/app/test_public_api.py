@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 README_NAMES = ("vcrd_loss", "VCRDLoss", "fused_linear_vcrd_loss", "FusedLinearVCRDLoss", "SparseTeacher",
                 "sparse_vcrd_loss", "fused_linear_sparse_vcrd_loss", "vocab_parallel_vcrd_loss",
                 "fused_linear_vocab_parallel_vcrd_loss", "VCRDConfig", "VCRDStats", "reference", "score_responses",
-                "select_responses", "rank_teachers", "distill_loss", "VCRDTrainer")
+                "select_responses", "rank_teachers", "distill_loss", "VCRDTrainer", "VCRDDistillationTrainer")
 
 
 def run(code: str) -> str:
@@ -29,6 +29,9 @@ def test_every_readme_name_imports_from_vcrd():
     for name in README_NAMES:
         assert name in vcrd.__all__ and getattr(vcrd, name) is not None, name
     assert vcrd.VCRDTrainer is trainer.VCRDTrainer and vcrd.distill_loss is trainer.distill_loss
+    from vcrd.train import trl_distillation
+
+    assert vcrd.VCRDDistillationTrainer is trl_distillation.VCRDDistillationTrainer
 
 
 def test_import_vcrd_does_not_import_transformers():

@@ -12,7 +12,7 @@ import torch
 from vcrd import VCRDConfig, vcrd_loss
 from vcrd.core import settings
 
-from ..helpers import batch, three_way
+from ..helpers import batch, fused_three_way, linear_heads, three_way
 
 MODES = {"compiled": "1", "eager": "0"}
 CFGS = [VCRDConfig(), VCRDConfig(divergence="jsd", beta=0.3, temperature=2.0, ce_weight=0.5)]
@@ -60,11 +60,9 @@ def test_compiled_equals_eager(monkeypatch):
 def test_compiled_fused_linear_writes_gradient_over_the_logits(chunk_rows, monkeypatch):
     """Issue 9: the compiled gradient written over the fused-linear chunk's logits was 1e5–1e7× off
     past the first sub-chunk. 150-row fused chunks hold several sub-chunks of either size."""
-    from ..loss import test_fused_linear as fl
-
     if chunk_rows:
         monkeypatch.setenv("VCRD_CHUNK_ROWS", chunk_rows)
-    fl.three_way(fl.heads(N=230, V=1271), VCRDConfig(ce_weight=0.3, temperature=2.0), chunk_size=150)
+    fused_three_way(linear_heads(N=230, V=1271), VCRDConfig(ce_weight=0.3, temperature=2.0), chunk_size=150)
 
 
 SWEEP = r'''

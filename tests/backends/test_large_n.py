@@ -20,8 +20,11 @@ from vcrd.core import settings
 from ..helpers import (
     assert_parities,
     ignore_some,
+    linear_heads,
     logits_three_way,
     realistic_logits,
+    run_fused_linear,
+    run_materialised,
     run_with_grads,
     step_ids_for,
     upstream_gradient,
@@ -116,9 +119,7 @@ FUSED_N, FUSED_V = 1280, 8191
 def fused_inputs():
     """N = 1280 rows ([4, 320] hidden, ~1000 kept) of H_s = 96 (teacher H_t = 128), V = 8191, logits
     std ~10, 20 % ignored."""
-    from ..loss import test_fused_linear as fl
-
-    d = fl.heads(N=FUSED_N, Hs=96, Ht=128, V=FUSED_V, seed=3)
+    d = linear_heads(N=FUSED_N, Hs=96, Ht=128, V=FUSED_V, seed=3)
     d["hs"], d["ht"], d["y"] = d["hs"].reshape(4, 320, -1), d["ht"].reshape(4, 320, -1), d["y"].reshape(4, 320)
     d["steps"] = torch.stack([step_ids_for(320, seed=40 + b, p_new=0.15) for b in range(4)])
     return d
@@ -126,10 +127,8 @@ def fused_inputs():
 
 @functools.cache
 def fused_truth_and_base(name: str):
-    from ..loss import test_fused_linear as fl
-
     d, cfg = fused_inputs(), CONFIGS[name]
-    return fl.run(d, cfg, torch.float64, "reference"), fl.run_materialised(d, cfg, torch.float32)
+    return run_fused_linear(d, cfg, torch.float64, "reference"), run_materialised(d, cfg, torch.float32)
 
 
 @pytest.mark.parametrize("chunk", ["auto", 300])
@@ -138,10 +137,8 @@ def test_fused_linear_parity(name, chunk):
     """``fused_linear_vcrd_loss`` at N = 1280 ([4, 320, 96] hidden), V = 8191: ``"auto"`` gives one
     chunk of all ~1000 kept rows (16 compiled 64-row sub-chunks writing the gradient over the
     logits), 300 gives four chunks; loss and the gradients of hidden, weight and bias vs fp64."""
-    from ..loss import test_fused_linear as fl
-
     d = fused_inputs()
     assert d["y"].numel() >= 1024 and int((d["y"] != -100).sum()) > 15 * 64
     truth, base = fused_truth_and_base(name)
-    got = fl.run(d, CONFIGS[name], torch.float32, "torch", chunk_size=chunk)
+    got = run_fused_linear(d, CONFIGS[name], torch.float32, "torch", chunk_size=chunk)
     assert_parities(("loss", "grad_hidden", "grad_weight", "grad_bias"), got, base, truth, torch.float32)

@@ -10,8 +10,8 @@ import torch
 
 from vcrd import VCRDConfig, vcrd_loss
 
+from ..helpers import FUSED_CONFIGS, batch, fused_three_way, linear_heads, realistic_logits, three_way
 from ..helpers import LOGITS_CONFIGS as CONFIGS
-from ..helpers import batch, realistic_logits, three_way
 
 RUNNABLE = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 pytestmark = [
@@ -119,9 +119,7 @@ def test_label_logprob_kernel(dtype):
 
 @pytest.mark.parametrize("name", ["vcrd", "jsd-T2-ce-expected"])
 def test_fused_linear_on_the_kernels(name):
-    from ..loss import test_fused_linear as fl
-
-    fl.three_way(fl.heads(N=30, V=600), fl.CONFIGS[name], impl="triton", chunk_size=7)
+    fused_three_way(linear_heads(N=30, V=600), FUSED_CONFIGS[name], impl="triton", chunk_size=7)
 
 
 def _stats_float64(s, u, y, T):

@@ -14,7 +14,7 @@ import torch
 from vcrd import VCRDConfig
 
 from ..helpers import LOGITS_CONFIGS as CONFIGS
-from ..helpers import assert_parity, batch, logits_three_way, parity_check
+from ..helpers import assert_parity, batch, fused_three_way, linear_heads, logits_three_way, parity_check
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NAMES = ["kd", "vcrd", "rkl-expected", "jsd0.3-T2-ce"]
@@ -112,9 +112,7 @@ def test_the_bound_scales_with_the_values():
 def test_fused_linear_wrong_gradients_are_rejected():
     """The fused-linear three-way rule (hidden, weight, bias) rejects a zeroed or halved gradient of
     each, while the real one passes."""
-    from ..loss import test_fused_linear as fl
-
-    r = fl.three_way(fl.heads(N=40, V=301), VCRDConfig(), chunk_size=13)
+    r = fused_three_way(linear_heads(N=40, V=301), VCRDConfig(), chunk_size=13)
     for i in (1, 2, 3):
         impl, base, truth = r["impl"][i], r["base"][i], r["truth"][i]
         for wrong in (torch.zeros_like(impl), impl * 0.5):

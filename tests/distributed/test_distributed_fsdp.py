@@ -18,8 +18,7 @@ import torch
 from vcrd.train.data import DistillCollator
 from vcrd.train.trainer import distill_loss
 
-from ..helpers import spawn
-from ..train.test_trainer import KD, make_setup, student_like
+from ..helpers import KD, make_setup, spawn, student_like
 
 WORLD, STEPS, PER_RANK, LR, MAX_LEN = 2, 2, 2, 0.5, 160
 # how the student is sharded: "root" (each decoder layer, then the root: the documented recipe),

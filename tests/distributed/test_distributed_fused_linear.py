@@ -20,8 +20,7 @@ import torch
 from vcrd import VCRDConfig, fused_linear_vcrd_loss
 from vcrd.distributed import fused_linear_vocab_parallel_vcrd_loss
 
-from ..helpers import CollectiveCounter, assert_parity, run_with_grads, shard_layout, spawn, step_ids_for
-from ..loss.test_fused_linear import heads
+from ..helpers import CollectiveCounter, assert_parity, linear_heads, run_with_grads, shard_layout, spawn, step_ids_for
 
 CONFIGS = {
     "kd": VCRDConfig.preset("kd"),
@@ -80,7 +79,7 @@ def _worker(rank: int, world: int) -> None:
     try:
         V, N, chunk = 301, 200, 45
         for i, (name, cfg) in enumerate(CONFIGS.items()):
-            d = heads(N=N, V=V, seed=i)
+            d = linear_heads(N=N, V=V, seed=i)
             for mode in ("even", "reversed", "padded"):
                 start, width = shard_layout(world, V, mode)[rank]
                 _three_way(d, cfg, start, width, V, counter, chunk_size=chunk)
@@ -91,7 +90,7 @@ def _worker(rank: int, world: int) -> None:
                     (name, mode, counter.counts)
         # N >= 1024 rows over 4 sequences given as [B, T, H], V = 1031, default settings (chunk_size="auto")
         B, T, V = 4, 260, 1031
-        d = heads(N=B * T, V=V, seed=11)
+        d = linear_heads(N=B * T, V=V, seed=11)
         d["hs"], d["ht"], d["y"] = d["hs"].view(B, T, -1), d["ht"].view(B, T, -1), d["y"].view(B, T)
         d["steps"] = torch.stack([step_ids_for(T, seed=b) for b in range(B)])
         start, width = shard_layout(world, V, "even")[rank]
@@ -107,7 +106,8 @@ def _worker(rank: int, world: int) -> None:
 
 def _check_errors(rank: int, world: int) -> None:
     V = 301
-    d = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in heads(N=40, V=V).items()}
+    d = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v)
+         for k, v in linear_heads(N=40, V=V).items()}
     spans = shard_layout(world, V, "even")
     start, width = spans[rank]
 
@@ -143,7 +143,8 @@ def test_fused_linear_vocab_parallel_equals_single_process(world):
 def test_fused_linear_vocab_parallel_one_process_is_the_fused_loss(monkeypatch):
     """Without an initialised group: one shard holding every row gives the single-process fused-linear loss."""
     monkeypatch.setenv("VCRD_COMPILE", "0")
-    d = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in heads(N=90, V=211).items()}
+    d = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v)
+         for k, v in linear_heads(N=90, V=211).items()}
     leaves = [d["hs"], d["Ws"], d["bs"]]
     bt = torch.randn(211, generator=torch.Generator().manual_seed(1))  # a teacher bias too
     for cfg in CONFIGS.values():

@@ -15,8 +15,7 @@ from vcrd.app.tokenizer import build_char_tokenizer
 from vcrd.select.naturalness import score_responses
 from vcrd.train.data import read_jsonl
 
-from ..helpers import torchrun
-from ..train.test_trainer import tiny_llama
+from ..helpers import tiny_llama, torchrun
 
 WORLD = 2
 TEACHERS = {"terse": "T-terse", "verbose": "T-verbose"}

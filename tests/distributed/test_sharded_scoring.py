@@ -10,10 +10,10 @@ import pytest
 
 from vcrd.app.synthetic import make_dataset
 from vcrd.app.tokenizer import build_char_tokenizer
-from vcrd.select.naturalness import ResponseScore, _deal, score_responses
+from vcrd.select.naturalness import ResponseScore, score_responses
+from vcrd.select.scoring_plan import deal_groups
 
-from ..select.test_naturalness import tiny
-from ..train.test_trainer import tiny_llama
+from ..helpers import tiny_llama, tiny_model
 
 TOKEN_BUDGET = 512  # batches of up to 512 tokens, groups of up to 2048 suffix tokens: 20 responses form 3 groups
 
@@ -39,7 +39,7 @@ def bits(score: ResponseScore):
 def test_shards_together_are_bitwise_the_unsharded_scores(setup, world, kind):
     model, tok, prompts, responses = setup
     if kind == "gpt2":
-        model = tiny(kind, tok)
+        model = tiny_model(kind, tok)
     options = dict(window=2, max_step_tokens=64, token_budget=TOKEN_BUDGET)
     full = score_responses(model, tok, prompts, responses, **options)
     parts = [score_responses(model, tok, prompts, responses, shard=(rank, world), **options) for rank in range(world)]
@@ -53,13 +53,13 @@ def test_shards_together_are_bitwise_the_unsharded_scores(setup, world, kind):
 def test_the_deal_is_largest_first_to_the_least_loaded_rank():
     sizes = [5, 40, 5, 3, 0, 20, 7]
     for world in (1, 2, 3, 8):
-        owner = _deal(sizes, world)
+        owner = deal_groups(sizes, world)
         assert len(owner) == len(sizes) and all(0 <= r < world for r in owner)
-        assert owner == _deal(sizes, world)  # the inputs alone decide it: the same on every rank
+        assert owner == deal_groups(sizes, world)  # the inputs alone decide it: the same on every rank
     # 40 -> 0; then 20, 7, 5 (index 0), 5 (index 2), 3 -> 1 (still lighter: 20 ... 37); 0 -> 0 (40 = 40: lowest)
-    assert _deal(sizes, 2) == [1, 0, 1, 1, 0, 1, 1]
-    assert _deal([1, 1, 1], 8) == [0, 1, 2]
-    assert _deal([], 3) == []
+    assert deal_groups(sizes, 2) == [1, 0, 1, 1, 0, 1, 1]
+    assert deal_groups([1, 1, 1], 8) == [0, 1, 2]
+    assert deal_groups([], 3) == []
 
 
 @pytest.mark.parametrize("shard", [(2, 2), (-1, 2), (0, 0), (0.0, 1), (True, 2), [0, 1], (0, 1, 2)])

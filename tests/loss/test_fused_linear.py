@@ -7,75 +7,26 @@ import torch
 
 from vcrd import FusedLinearVCRDLoss, VCRDConfig, fused_linear_vcrd_loss, vcrd_loss
 
-from ..helpers import TOL, assert_parities, base_dtype, ignore_some, run_with_grads, step_ids_for
+from ..helpers import (
+    FUSED_CONFIGS,
+    TOL,
+    fused_three_way,
+    linear_heads,
+    run_fused_linear,
+    step_ids_for,
+)
 
 
-def heads(N=47, Hs=31, Ht=40, V=1271, Vt=None, bias=True, seed=0, dtype=torch.float32):
-    """Hidden states and LM heads whose logits look like trained models' (std ~10, correlated)."""
-    g = torch.Generator().manual_seed(seed)
-    hs = torch.randn(N, Hs, generator=g, dtype=torch.float64)
-    Ws = torch.randn(V, Hs, generator=g, dtype=torch.float64) * (10 / Hs ** 0.5)
-    ht = torch.cat([hs, torch.randn(N, Ht - Hs, generator=g, dtype=torch.float64)], 1) if Ht > Hs else hs[:, :Ht]
-    Wt = torch.cat([Ws, torch.randn(V, Ht - Hs, generator=g, dtype=torch.float64) * 2], 1) if Ht > Hs else Ws[:, :Ht]
-    Wt = Wt + torch.randn(Wt.shape, generator=g, dtype=torch.float64) * (4 / Ht ** 0.5)
-    if Vt:
-        Wt = torch.cat([Wt, torch.randn(Vt - V, Ht, generator=g, dtype=torch.float64)], 0)
-    bs = torch.randn(V, generator=g, dtype=torch.float64) if bias else None
-    y = ignore_some((hs @ Ws.T).argmax(-1), seed=seed)
-    steps = step_ids_for(N, seed=seed, p_new=0.15)
-    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-    return dict(hs=cast(hs), Ws=cast(Ws), bs=cast(bs), ht=cast(ht), Wt=cast(Wt), y=y, steps=steps)
-
-
-def run(d, cfg, dtype, impl, upstream="random", **kw):
-    """Loss and the gradients of student hidden, weight, bias for one implementation in ``dtype``
-    (random upstream gradient by default)."""
-    fn = lambda hs, Ws, bs: fused_linear_vcrd_loss(  # noqa: E731
-        hs, Ws, d["ht"].to(dtype), d["Wt"].to(dtype), d["y"], student_bias=bs, step_ids=d["steps"], config=cfg,
-        impl=impl, **kw)
-    return run_with_grads(fn, [None if d[k] is None else d[k].to(dtype) for k in ("hs", "Ws", "bs")], upstream)
-
-
-def run_materialised(d, cfg, dtype, upstream="random", **kw):
-    """The same loss as the reference formula on logits materialised in ``dtype`` (``h @ W^T + b``
-    in that precision, then :func:`vcrd.core.reference.vcrd_loss`): "base" of the three-way rule."""
-    def fn(hs, Ws, bs):
-        s = hs @ Ws.T + (0 if bs is None else bs)
-        u = d["ht"].to(dtype) @ d["Wt"].to(dtype).T
-        return vcrd_loss(s, u, d["y"], step_ids=d["steps"], config=cfg, impl="reference", **kw)
-
-    return run_with_grads(fn, [None if d[k] is None else d[k].to(dtype) for k in ("hs", "Ws", "bs")], upstream)
-
-
-def three_way(d, cfg, dtype=torch.float32, impl="torch", upstream="random", **kw):
-    """The three-way rule on the loss and the gradients of hidden, weight (and bias): ``impl`` in
-    ``dtype`` vs ``impl="reference"`` in fp64 (truth) and the reference formula on fp32 logits (base).
-    ``d`` holds inputs already rounded to ``dtype`` (stored in any float dtype)."""
-    ref_kw = {k: v for k, v in kw.items() if k != "chunk_size"}
-    truth = run(d, cfg, torch.float64, "reference", upstream, **ref_kw)
-    base = run_materialised(d, cfg, base_dtype(dtype), upstream, **ref_kw)
-    got = run(d, cfg, dtype, impl, upstream, **kw)
-    names = ("loss", "grad_hidden", "grad_weight", "grad_bias")[:len(truth)]
-    assert_parities(names, got, base, truth, dtype)
-    return dict(impl=got, base=base, truth=truth)
-
-
-CONFIGS = {"kd": VCRDConfig.preset("kd"), "discord": VCRDConfig.preset("discord"), "vcrd": VCRDConfig(),
-           "jsd-T2-ce-expected": VCRDConfig(divergence="jsd", beta=0.3, temperature=2.0, ce_weight=0.3,
-                                            validity="expected"),
-           "rkl-tokens": VCRDConfig(divergence="rkl", normalize="tokens", window_steps=1)}
-
-
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", list(FUSED_CONFIGS))
 @pytest.mark.parametrize("chunk", [7, "auto"])
 def test_matches_reference_fp32(name, chunk):
-    three_way(heads(), CONFIGS[name], chunk_size=chunk)
+    fused_three_way(linear_heads(), FUSED_CONFIGS[name], chunk_size=chunk)
 
 
 def test_matches_reference_float64():
-    d = heads(N=29, V=301)
-    got = run(d, VCRDConfig(ce_weight=0.2), torch.float64, "torch", chunk_size=5)
-    want = run(d, VCRDConfig(ce_weight=0.2), torch.float64, "reference")
+    d = linear_heads(N=29, V=301)
+    got = run_fused_linear(d, VCRDConfig(ce_weight=0.2), torch.float64, "torch", chunk_size=5)
+    want = run_fused_linear(d, VCRDConfig(ce_weight=0.2), torch.float64, "reference")
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
@@ -83,17 +34,17 @@ def test_matches_reference_float64():
 def test_bf16_heads_and_hidden_exact_gemms():
     """``gemm_precision="exact"``: bf16 heads run fp32 GEMMs, held to the fp32 reference (the bf16 GEMMs of
     the default: tests/loss/test_gemm_precision.py)."""
-    d = heads(N=40, V=777)
-    three_way({k: (v.to(torch.bfloat16).to(torch.float64) if k in ("hs", "Ws", "bs", "ht", "Wt") and v is not None
-                   else v) for k, v in d.items()}, CONFIGS["vcrd"].replace(gemm_precision="exact"),
-              dtype=torch.bfloat16, chunk_size=9)
+    d = linear_heads(N=40, V=777)
+    fused_three_way({k: (v.to(torch.bfloat16).to(torch.float64) if k in ("hs", "Ws", "bs", "ht", "Wt") and v is not None
+                         else v) for k, v in d.items()}, FUSED_CONFIGS["vcrd"].replace(gemm_precision="exact"),
+                    dtype=torch.bfloat16, chunk_size=9)
 
 
 def test_batched_input_vocab_mismatch_and_no_bias():
-    d = heads(N=48, V=500, Vt=512, bias=False)
+    d = linear_heads(N=48, V=500, Vt=512, bias=False)
     d["hs"], d["ht"], d["y"] = d["hs"].reshape(4, 12, -1), d["ht"].reshape(4, 12, -1), d["y"].reshape(4, 12)
     d["steps"] = torch.stack([step_ids_for(12, seed=b) for b in range(4)])
-    three_way(d, CONFIGS["vcrd"], vocab_size=500, chunk_size=11)
+    fused_three_way(d, FUSED_CONFIGS["vcrd"], vocab_size=500, chunk_size=11)
 
 
 def _two_micro_batches(d, cfg, n_items):
@@ -110,14 +61,14 @@ def _two_micro_batches(d, cfg, n_items):
 
 
 def _sequences(N=48, V=300):
-    d = heads(N=N, V=V)
+    d = linear_heads(N=N, V=V)
     d["steps"] = torch.cat([d["steps"][:24] - d["steps"][0], d["steps"][24:] - d["steps"][24]])
     return d
 
 
 def test_gradient_accumulation_with_num_items_in_batch_tokens():
     """normalize="tokens": two micro-batches with the global token count sum to the full batch."""
-    d, cfg = _sequences(), CONFIGS["kd"]
+    d, cfg = _sequences(), FUSED_CONFIGS["kd"]
     total, g_h, g_w = _two_micro_batches(d, cfg, int((d["y"] != -100).sum()))
     hs2, Ws2 = d["hs"].clone().requires_grad_(), d["Ws"].clone().requires_grad_()
     whole = fused_linear_vcrd_loss(hs2, Ws2, d["ht"], d["Wt"], d["y"], step_ids=d["steps"], config=cfg,
@@ -131,7 +82,7 @@ def test_gradient_accumulation_with_num_items_in_batch_tokens():
 def test_gradient_accumulation_with_num_items_in_batch_weights():
     """normalize="weights" (the vcrd preset) with ``num_items_in_batch = M``: each micro-batch's
     weighted mean times its share of the tokens (SPEC §6), loss and gradients."""
-    d, cfg = _sequences(), CONFIGS["vcrd"]
+    d, cfg = _sequences(), FUSED_CONFIGS["vcrd"]
     n_valid = int((d["y"] != -100).sum())
     total, g_h, g_w = _two_micro_batches(d, cfg, n_valid)
     want, want_h, want_w = 0.0, torch.zeros_like(g_h, dtype=torch.float64), 0.0
@@ -149,12 +100,11 @@ def test_gradient_accumulation_with_num_items_in_batch_weights():
 
 
 def test_stats_and_module():
-    d = heads(N=30, V=211)
+    d = linear_heads(N=30, V=211)
     loss, stats = FusedLinearVCRDLoss("vcrd", chunk_size=4, impl="torch")(
         d["hs"], d["Ws"], d["ht"], d["Wt"], d["y"], student_bias=d["bs"], step_ids=d["steps"], return_stats=True)
     s = d["hs"].double() @ d["Ws"].double().T + d["bs"].double()
     u = d["ht"].double() @ d["Wt"].double().T
-    from vcrd import vcrd_loss
 
     want, ws = vcrd_loss(s, u, d["y"], step_ids=d["steps"], impl="reference", return_stats=True)
     torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=TOL[torch.float32])
@@ -164,7 +114,7 @@ def test_stats_and_module():
 
 
 def test_frozen_head_gets_no_gradient_and_hidden_still_does():
-    d = heads(N=20, V=100)
+    d = linear_heads(N=20, V=100)
     hs = d["hs"].clone().requires_grad_()
     fused_linear_vcrd_loss(hs, d["Ws"], d["ht"], d["Wt"], d["y"], impl="torch").backward()
     assert hs.grad is not None and d["Ws"].grad is None
@@ -187,7 +137,7 @@ BAD = {
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input(case):
     make, kw, error, name = BAD[case]
-    d = make(heads(N=12, V=50))
+    d = make(linear_heads(N=12, V=50))
     with pytest.raises(error, match=name):
         fused_linear_vcrd_loss(d["hs"], d["Ws"], d["ht"], d["Wt"], d["y"], student_bias=d["bs"], impl="torch", **kw)
 

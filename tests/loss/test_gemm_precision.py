@@ -21,8 +21,7 @@ import torch.nn.functional as F
 
 from vcrd import VCRDConfig, fused_linear_vcrd_loss, vcrd_loss
 
-from ..helpers import max_err, run_with_grads
-from .test_fused_linear import heads
+from ..helpers import linear_heads, max_err, run_with_grads
 
 NAMES = ("loss", "grad_hidden", "grad_weight", "grad_bias")
 SLACK = 1.5
@@ -31,7 +30,7 @@ BF16_ROUNDING = 2.0 ** -8  # one rounding to bf16 (8-bit significand): at most h
 
 def rounded_heads(N: int, V: int) -> dict:
     """Realistic heads (std ~10 correlated logits, 20 % ignored rows) rounded to bf16, stored in float64."""
-    d = heads(N=N, Hs=61, Ht=75, V=V)
+    d = linear_heads(N=N, Hs=61, Ht=75, V=V)
     return {k: v.to(torch.bfloat16).double() if k in ("hs", "Ws", "bs", "ht", "Wt") else v for k, v in d.items()}
 
 

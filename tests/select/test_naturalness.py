@@ -13,6 +13,8 @@ from vcrd.app.tokenizer import build_char_tokenizer
 from vcrd.select.naturalness import ResponseScore, naive_score, score_responses, split_steps
 from vcrd.select.selection import rank_teachers, select_responses
 
+from ..helpers import tiny_model
+
 PROMPTS = ["Q: 12+7*3=?", "Q: a train goes 60 km in 1.5 h; speed?", "Q: 9-4=?"]
 RESPONSES = [
     "7*3 = 21.\n\n12 + 21 = 33.\n\nThe answer is 33.",
@@ -111,33 +113,17 @@ def test_mixed_and_repeated_prompts_share_caches(lm):
         assert_equal_to_naive(model, tok, prompts, responses, got, window, drop_first)
 
 
-def tiny(kind: str, tok):
-    """A tiny random model of another architecture: ``qwen3`` (q/k norms: the unpadded path), ``gpt2``
-    (learned positions: Hugging Face's padded forward with shared prompt caches), ``mistral-sliding``
-    (a sliding window: each window run with its whole prompt)."""
-    import transformers as hf
-
-    torch.manual_seed(1)
-    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
-    if kind == "qwen3":
-        return hf.Qwen3ForCausalLM(hf.Qwen3Config(head_dim=16, **common)).eval()
-    if kind == "mistral-sliding":
-        return hf.MistralForCausalLM(hf.MistralConfig(sliding_window=4096, **common)).eval()
-    return hf.GPT2LMHeadModel(hf.GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4,
-                                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).eval()
-
-
 @pytest.mark.parametrize("kind,unpadded,shared", [("qwen3", True, True), ("gpt2", False, True),
                                                   ("mistral-sliding", False, False)])
 def test_other_architectures_equal_naive(lm, kind, unpadded, shared):
     """The unpadded path on another supported architecture, and the fallbacks (Hugging Face's padded
     forward, with and without shared prompt caches) on architectures it does not support."""
-    import vcrd.select.naturalness as nat
+    from vcrd.select.packed_forward import packed_forward_supported
+    from vcrd.select.prefix_caches import prompt_sharing_supported
 
     _, tok = lm
-    model = tiny(kind, tok)
-    assert nat.packed_forward_supported(model) == unpadded and nat._prompt_sharing_supported(model) == shared
+    model = tiny_model(kind, tok)
+    assert packed_forward_supported(model) == unpadded and prompt_sharing_supported(model) == shared
     prompts = [prompt_of(1), prompt_of(16), prompt_of(128)]
     for window, drop_first in ((0, 0), (2, 2)):
         got = score_responses(model, tok, prompts, RESPONSES, window=window, drop_first=drop_first, token_budget=500)
@@ -181,9 +167,9 @@ def test_varlen_flash_attention_path_equals_naive():  # pragma: no cover - CUDA 
                       pad_token_id=tok.pad_token_id)
     model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
     model.config._attn_implementation = "flash_attention_2"
-    from vcrd.select.naturalness import _varlen_available
+    from vcrd.select.scoring_forward import varlen_available
 
-    assert _varlen_available(model, torch.device("cuda"))
+    assert varlen_available(model, torch.device("cuda"))
     prompts = [prompt_of(16), prompt_of(128), prompt_of(16, 2)]
     ref = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
     ref.load_state_dict(model.state_dict())

@@ -16,8 +16,10 @@ import pytest
 import torch
 
 from vcrd.app.cli import main
-from vcrd.train.checkpoints import LOCK_NAME, RunLock, check_writable
-from vcrd.train.files import UnsafeFileError, atomic_file, new_file_mode, remove_stale_temps
+from vcrd.train.files import UnsafeFileError, atomic_file, check_writable, new_file_mode, remove_stale_temps
+from vcrd.train.run_lock import LOCK_NAME, RunLock
+
+from ..helpers import CACHE_K, CACHE_ROWS, make_workspace, tiny_llama, train_config
 
 VICTIM = "precious data\n"
 
@@ -64,8 +66,6 @@ def test_cli_train_and_cache_teacher_refuse_a_symlinked_lock(tmp_path, victim, c
     data.write_text('{"prompt": "p", "response": "r"}\n')
     model = tmp_path / "model"  # a real tiny model folder: the refusal must come from the lock, not the model
     from vcrd.app.tokenizer import build_char_tokenizer
-
-    from .test_trainer import tiny_llama
 
     tok = build_char_tokenizer()
     tiny_llama(tok, 16, 0, layers=1).save_pretrained(model)
@@ -187,21 +187,20 @@ def test_stale_temporary_shards_of_every_name_are_removed(tmp_path):
 
 def test_cache_teacher_removes_the_shard_a_killed_run_left(tmp_path):
     from vcrd.app.tokenizer import build_char_tokenizer
-    from vcrd.train import teacher_cache as tc
-
-    from .test_teacher_cache import ROWS, K
-    from .test_trainer import tiny_llama
+    from vcrd.train.teacher_cache import TeacherCache
+    from vcrd.train.teacher_cache_format import CacheError
+    from vcrd.train.teacher_cache_writer import build_cache
 
     tok = build_char_tokenizer()
     tiny_llama(tok, 16, 1, layers=1).save_pretrained(tmp_path / "teacher")
     tok.save_pretrained(tmp_path / "teacher")
-    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS[:2]))
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in CACHE_ROWS[:2]))
     out = tmp_path / "cache"
     out.mkdir()
     killed = out / f".shard-00000.npy.{os.getpid() + 1}.tmp"
     killed.write_bytes(b"\0" * 4096)
     said = []
-    tc.build_cache(tmp_path / "teacher", tmp_path / "data.jsonl", out, K, max_length=64, progress=False,
+    build_cache(tmp_path / "teacher", tmp_path / "data.jsonl", out, CACHE_K, max_length=64, progress=False,
                    say=said.append)
     assert not killed.exists(), said
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
@@ -210,8 +209,8 @@ def test_cache_teacher_removes_the_shard_a_killed_run_left(tmp_path):
     raw = bytearray(shard.read_bytes())
     raw[-3] ^= 0x40
     shard.write_bytes(bytes(raw))
-    with pytest.raises(tc.CacheError, match="sha256"):
-        tc.TeacherCache(out)
+    with pytest.raises(CacheError, match="sha256"):
+        TeacherCache(out)
     from transformers import TrainingArguments
 
     from vcrd.train.data import DistillCollator, read_jsonl
@@ -219,7 +218,7 @@ def test_cache_teacher_removes_the_shard_a_killed_run_left(tmp_path):
 
     args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, report_to=[], use_cpu=True,
                              remove_unused_columns=False, save_strategy="no")
-    with pytest.raises(tc.CacheError, match="sha256"):  # the trainer's reader too, before any row is read
+    with pytest.raises(CacheError, match="sha256"):  # the trainer's reader too, before any row is read
         VCRDTrainer(model=tiny_llama(tok, 16, 2, layers=1), teacher_cache=out, args=args,
                     train_dataset=read_jsonl(tmp_path / "data.jsonl"), data_collator=DistillCollator(tok, 64))
 
@@ -428,24 +427,21 @@ def test_score_responses_refuses_past_the_position_limit_instead_of_an_index_err
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One tiny 4-step run (checkpoints at 2 and 4) shared by the checkpoint cases, which damage copies."""
-    from .test_train_cli import config, make_workspace
-
     root, _ = make_workspace(tmp_path_factory.mktemp("hostile_run"), 8)
-    assert main(["train", "--config", config(root, "base")]) == 0
+    assert main(["train", "--config", train_config(root, "base")]) == 0
     return root
 
 
 def _copy_run(root, name):
     import shutil
 
-    from .test_train_cli import config
-
     shutil.copytree(root / "base", root / name)
-    return root / name, config(root, name)
+    return root / name, train_config(root, name)
 
 
 def test_same_size_bit_flip_in_optimizer_state_is_refused_on_resume(trained):
-    from vcrd.train.checkpoints import ResumeError, find_resume_checkpoint
+    from vcrd.train.resume import find_resume_checkpoint
+    from vcrd.train.run_errors import ResumeError
 
     out, _ = _copy_run(trained, "flip")
     for step in (4, 2):

@@ -21,9 +21,10 @@ import time
 import pytest
 import torch
 
-from vcrd.train.checkpoints import STAGING_RE, find_resume_checkpoint
+from vcrd.train.checkpoint_folders import STAGING_RE
+from vcrd.train.resume import find_resume_checkpoint
 
-from .test_train_cli import config, make_workspace, weights
+from ..helpers import make_workspace, saved_weights, train_config
 
 STEPS = 6
 
@@ -31,7 +32,7 @@ STEPS = 6
 def _train(root, name: str, *extra: str) -> subprocess.Popen:
     """``vcrd train`` on run ``name`` (6 steps, a checkpoint after each) in a fresh process."""
     cmd = [sys.executable, "-m", "vcrd.app.cli", "train", "--config",
-           config(root, name, max_steps=STEPS, save_steps=1), *extra]
+           train_config(root, name, max_steps=STEPS, save_steps=1), *extra]
     return subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": os.getcwd()}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
 
@@ -42,7 +43,7 @@ def run(tmp_path_factory):
     root = make_workspace(tmp_path_factory.mktemp("kill"), 24)[0]
     whole = _train(root, "whole")
     assert whole.wait(timeout=600) == 0, whole.stderr.read()
-    return root, weights(root / "whole" / "final")
+    return root, saved_weights(root / "whole" / "final")
 
 
 def _staging(out) -> list:
@@ -90,7 +91,7 @@ def _kill_and_resume(run, moment: str, seed: int):
     assert resume.returncode == 0, err
     assert f"continuing from {out / newest.name} (step" in err, err
     assert not _staging(out), "a staging folder of the killed run was left behind after the resume"
-    resumed = weights(out / "final")
+    resumed = saved_weights(out / "final")
     assert resumed.keys() == whole.keys()
     different = [k for k in whole if not torch.equal(resumed[k], whole[k])]
     assert not different, f"resumed from {newest.name}: {len(different)} tensors differ from the uninterrupted run"

@@ -5,7 +5,7 @@ code under test and each shown to fail on its mutation (recorded in the issue's 
 - the trainer's logged weight means over accumulated micro-batches (mutation: only the last one kept);
 - ``teacher_bias`` in the fused-linear loss (mutation: ignored);
 - the reference's NaN rule (SPEC §6: never a finite gradient beside a NaN loss), against the CPU path.
-(Windows with hand-written sequence ids: tests/test_windows.py.)
+(Windows with hand-written sequence ids: tests/core/test_windows.py.)
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import torch
 
 from vcrd import VCRDConfig
 from vcrd.core.reference import vcrd_loss as reference_loss
+
+from ..helpers import make_setup, tiny_llama, trainer_for
 
 
 # ------------------------------------------------------------------------------------------ rank_teachers
@@ -42,8 +44,6 @@ def test_logged_weight_means_cover_every_accumulated_micro_batch(tmp_path):
     """One optimizer step of two micro-batches (sequential order: examples 0-1, then 2-3), one log: its
     ``w_val``/``w_dc`` are the token means over BOTH micro-batches, computed here with the float64
     reference on the untouched student (learning rate 0)."""
-    from .test_trainer import make_setup, tiny_llama, trainer_for
-
     tok, examples, teacher, collate = make_setup()
     student = tiny_llama(tok, 32, 4)
     frozen = copy.deepcopy(student).eval()

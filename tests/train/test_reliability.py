@@ -18,11 +18,12 @@ import pytest
 import torch
 
 from vcrd.app.cli import main
-from vcrd.train.checkpoints import LOCK_NAME, RunLock, find_resume_checkpoint, signals_exit
 from vcrd.train.data import write_jsonl
+from vcrd.train.resume import find_resume_checkpoint
+from vcrd.train.run_lock import LOCK_NAME, RunLock
+from vcrd.train.signals import signals_exit
 
-from .test_train_cli import config, make_workspace
-from .test_trainer import tiny_llama
+from ..helpers import make_workspace, tiny_llama, train_config
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def ws(tmp_path_factory):
         nan.model.norm.weight.fill_(float("nan"))
     nan.save_pretrained(root / "nan_student")
     tok.save_pretrained(root / "nan_student")
-    assert main(["train", "--config", config(root, "base")]) == 0
+    assert main(["train", "--config", train_config(root, "base")]) == 0
     return root
 
 
@@ -45,7 +46,7 @@ def copy_run(ws, name):
 # ------------------------------------------------------------------ checks before any work (exit 2)
 @pytest.mark.parametrize("lr", [float("inf"), 1e300, float("nan"), 0])
 def test_learning_rate_must_be_finite_and_sane(ws, capsys, lr):
-    path = config(ws, "lr")
+    path = train_config(ws, "lr")
     text = open(path).read().replace('"learning_rate": 0.003', f'"learning_rate": {json.dumps(lr)}')
     open(path, "w").write(text)
     assert main(["train", "--config", path]) == 2
@@ -55,13 +56,13 @@ def test_learning_rate_must_be_finite_and_sane(ws, capsys, lr):
 def test_input_files_are_named_not_tracebacks(ws, capsys, monkeypatch):
     bad = ws / "latin1.jsonl"
     bad.write_bytes(b'{"prompt": "p", "response": "r"}\n{"prompt": "caf\xe9", "response": "r"}\n')
-    assert main(["train", "--config", config(ws, "enc", data=str(bad))]) == 2
+    assert main(["train", "--config", train_config(ws, "enc", data=str(bad))]) == 2
     assert f"{bad}:2: not UTF-8" in capsys.readouterr().err
     cfg = ws / "latin1.json"
     cfg.write_bytes(b'{\n "teacher": "caf\xe9"}\n')
     assert main(["train", "--config", str(cfg)]) == 2
     assert f"{cfg}:2: not UTF-8" in capsys.readouterr().err
-    assert main(["train", "--config", config(ws, "dir", data=str(ws))]) == 2
+    assert main(["train", "--config", train_config(ws, "dir", data=str(ws))]) == 2
     assert "is a directory" in capsys.readouterr().err
     import pathlib
 
@@ -73,7 +74,7 @@ def test_input_files_are_named_not_tracebacks(ws, capsys, monkeypatch):
         return real_open(self, *a, **k)
 
     monkeypatch.setattr(pathlib.Path, "open", denied)
-    assert main(["train", "--config", config(ws, "perm")]) == 2
+    assert main(["train", "--config", train_config(ws, "perm")]) == 2
     assert "permission denied" in capsys.readouterr().err
     assert not any((ws / n).exists() for n in ("enc", "dir", "perm"))
 
@@ -83,17 +84,17 @@ def test_truncated_weights_vocabulary_and_positions_refused(ws, capsys):
     shutil.copytree(ws / "student", broken, dirs_exist_ok=True)
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
-    assert main(["train", "--config", config(ws, "trunc", student=str(broken))]) == 2
+    assert main(["train", "--config", train_config(ws, "trunc", student=str(broken))]) == 2
     assert f"{weights}: truncated" in capsys.readouterr().err
     from transformers import LlamaConfig, LlamaForCausalLM
 
     small = LlamaForCausalLM(LlamaConfig(vocab_size=20, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1))
     small.save_pretrained(ws / "small_teacher")
-    assert main(["train", "--config", config(ws, "vocab", teacher=str(ws / "small_teacher"))]) == 2
+    assert main(["train", "--config", train_config(ws, "vocab", teacher=str(ws / "small_teacher"))]) == 2
     err = capsys.readouterr().err
     assert "teacher: its vocabulary has 20 tokens" in err and "data.jsonl:" in err
-    assert main(["train", "--config", config(ws, "pos", max_length=4096)]) == 2
+    assert main(["train", "--config", train_config(ws, "pos", max_length=4096)]) == 2
     assert "max_position_embeddings=512" in capsys.readouterr().err
     assert not any((ws / n).exists() for n in ("trunc", "vocab", "pos"))
 
@@ -104,7 +105,7 @@ def test_rows_without_loss_are_warned_with_file_line(ws, capsys):
     data.write_text(json.dumps(good) + "\n" + json.dumps({"prompt": "p", "response": ""}) + "\n"
                     + json.dumps({"prompt": "x" * 300, "response": "r"}) + "\n")
     (ws / "taken").write_text("a file where output_dir should be")  # stops the run right after the data checks
-    assert main(["train", "--config", config(ws, "taken", data=str(data))]) == 2
+    assert main(["train", "--config", train_config(ws, "taken", data=str(data))]) == 2
     err = capsys.readouterr().err
     assert "2 of 3 data rows carry no loss" in err and f"{data}:2 (empty response)" in err
     assert f"{data}:3 (its prompt is" in err and "not a directory" in err
@@ -114,7 +115,7 @@ def test_rows_without_loss_are_warned_with_file_line(ws, capsys):
 def test_second_run_on_a_folder_fails_with_the_holders_pid(ws, capsys):
     out = copy_run(ws, "locked")
     with RunLock(out, print):
-        assert main(["train", "--config", config(ws, "locked"), "--resume"]) == 2
+        assert main(["train", "--config", train_config(ws, "locked"), "--resume"]) == 2
         assert f"in use by another vcrd train run (pid {os.getpid()}" in capsys.readouterr().err
     assert not (out / LOCK_NAME).exists()
 
@@ -152,10 +153,10 @@ def test_resume_skips_incomplete_checkpoints(ws, damage):
 def test_resume_refuses_a_changed_config_unless_allowed(ws, capsys):
     out = copy_run(ws, "changed")
     (out / ".checkpoint-6.tmp-999999").mkdir()  # left by a run killed in the middle of a save
-    assert main(["train", "--config", config(ws, "changed", learning_rate=1e-2), "--resume"]) == 2
+    assert main(["train", "--config", train_config(ws, "changed", learning_rate=1e-2), "--resume"]) == 2
     err = capsys.readouterr().err
     assert "learning_rate: checkpoint 0.003, now 0.01" in err and "--allow-mismatch" in err
-    assert main(["train", "--config", config(ws, "changed", learning_rate=1e-2), "--resume",
+    assert main(["train", "--config", train_config(ws, "changed", learning_rate=1e-2), "--resume",
                  "--allow-mismatch"]) == 0  # checkpoint-4 of 4 steps: no step left, only the final save
     err = capsys.readouterr().err
     assert "continuing from" in err and "checkpoint-4" in err and "half-written" in err
@@ -175,7 +176,7 @@ def test_disk_full_during_a_save_names_it_and_keeps_earlier_checkpoints(ws, caps
         return real_save(obj, f, *a, **k)
 
     monkeypatch.setattr(torch, "save", save)
-    assert main(["train", "--config", config(ws, "full_disk")]) == 1
+    assert main(["train", "--config", train_config(ws, "full_disk")]) == 1
     err = capsys.readouterr().err
     assert "saving checkpoint-4 failed (the disk is full)" in err and "optimizer.pt" in err
     assert "earlier checkpoints are intact: checkpoint-2" in err
@@ -185,7 +186,7 @@ def test_disk_full_during_a_save_names_it_and_keeps_earlier_checkpoints(ws, caps
 
 # ------------------------------------------------------------------------------ non-finite loss
 def test_nan_loss_stops_at_the_first_step_naming_the_data_lines(ws, capsys):
-    assert main(["train", "--config", config(ws, "nan", student=str(ws / "nan_student"))]) == 1
+    assert main(["train", "--config", train_config(ws, "nan", student=str(ws / "nan_student"))]) == 1
     err = capsys.readouterr().err
     assert "non-finite loss (nan) at optimizer step 1" in err and f"{ws / 'data.jsonl'}:" in err
     assert not (ws / "nan" / "checkpoint-2").exists()

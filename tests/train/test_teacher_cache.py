@@ -11,15 +11,15 @@ import torch
 from vcrd.app.cli import main
 from vcrd.app.tokenizer import build_char_tokenizer
 from vcrd.loss.sparse import SparseTeacher, fused_linear_sparse_vcrd_loss
-from vcrd.train import teacher_cache as tc
+from vcrd.train import teacher_cache_writer as writer
 from vcrd.train.data import DistillCollator, read_jsonl
+from vcrd.train.teacher_cache import TeacherCache
+from vcrd.train.teacher_cache_collator import IndexedExamples, TeacherCacheCollator, sparse_teacher_of
+from vcrd.train.teacher_cache_format import CacheError, loss_rows
+from vcrd.train.teacher_cache_writer import build_cache
 from vcrd.train.trainer import distill_loss
 
-from .test_trainer import tiny_llama
-
-K = 8
-ROWS = [{"prompt": f"What is {a}+{b}?", "response": f"First {a}+{b}. So {a + b}."}
-        for a, b in ((1, 2), (13, 4), (7, 7), (20, 5), (3, 9), (11, 11))]
+from ..helpers import CACHE_K, CACHE_ROWS, tiny_family, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +31,8 @@ def ws(tmp_path_factory):
         teacher.lm_head.weight.mul_(20.0)  # peaked distributions, like a trained model's
     teacher.save_pretrained(root / "teacher")
     tok.save_pretrained(root / "teacher")
-    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    built = tc.build_cache(root / "teacher", root / "data.jsonl", root / "full", K, batch_size=2, shard_rows=40,
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in CACHE_ROWS))
+    built = build_cache(root / "teacher", root / "data.jsonl", root / "full", CACHE_K, batch_size=2, shard_rows=40,
                            max_length=64, progress=False, say=lambda _: None)
     return root, tok, teacher.eval(), built
 
@@ -43,17 +43,17 @@ def collator(tok):
 
 def test_rows_equal_from_logits_of_the_teacher(ws):
     root, tok, teacher, out = ws
-    cache = tc.TeacherCache(out)
-    assert len(cache.shards) >= 3 and cache.k == K and cache.vocab == len(tok)
+    cache = TeacherCache(out)
+    assert len(cache.shards) >= 3 and cache.k == CACHE_K and cache.vocab == len(tok)
     examples = read_jsonl(root / "data.jsonl")
     cache.verify(examples, collator(tok), vocab_size=len(tok))
     for i, e in enumerate(examples):
         ids, labels, _ = collator(tok).encode(e)
         with torch.no_grad():  # one example alone, no padding: the teacher's own logits
             logits = teacher(torch.tensor([ids])).logits[0]
-        want = SparseTeacher.from_logits(logits[tc.loss_rows(labels)], K)
+        want = SparseTeacher.from_logits(logits[loss_rows(labels)], CACHE_K)
         got = cache.rows_for(i)
-        assert got.topk_ids.shape == (len(tc.loss_rows(labels)), K) and got.topk_ids.dtype == torch.int32
+        assert got.topk_ids.shape == (len(loss_rows(labels)), CACHE_K) and got.topk_ids.dtype == torch.int32
         assert torch.equal(got.topk_ids.long(), want.topk_ids)
         torch.testing.assert_close(got.topk_logprobs.float(), want.topk_logprobs, atol=2e-3, rtol=1e-3)
         torch.testing.assert_close(got.tail_logprob, want.tail_logprob, atol=1e-4, rtol=1e-4)
@@ -61,7 +61,7 @@ def test_rows_equal_from_logits_of_the_teacher(ws):
 
 def test_killed_run_resumes_to_the_same_files(ws, monkeypatch):
     root, _, _, full = ws
-    real, calls = tc._write_shard, []
+    real, calls = writer.write_shard, []
 
     def dying(path, rows, k, fill):
         if calls:  # killed while writing the second shard, half-way through its records
@@ -74,17 +74,17 @@ def test_killed_run_resumes_to_the_same_files(ws, monkeypatch):
         calls.append(1)
         return real(path, rows, k, fill)
 
-    monkeypatch.setattr(tc, "_write_shard", dying)
+    monkeypatch.setattr(writer, "write_shard", dying)
     with pytest.raises(KeyboardInterrupt):
-        tc.build_cache(root / "teacher", root / "data.jsonl", root / "cut", K, batch_size=2, shard_rows=40,
+        build_cache(root / "teacher", root / "data.jsonl", root / "cut", CACHE_K, batch_size=2, shard_rows=40,
                        max_length=64, progress=False, say=lambda _: None)
     first = (root / "cut" / "shard-00000.npy").read_bytes()
     assert not (root / "cut" / "shard-00001.npy").exists() and not list((root / "cut").glob(".shard-*"))
-    with pytest.raises(tc.CacheError, match="unfinished"):
-        tc.TeacherCache(root / "cut")
-    monkeypatch.setattr(tc, "_write_shard", real)
+    with pytest.raises(CacheError, match="unfinished"):
+        TeacherCache(root / "cut")
+    monkeypatch.setattr(writer, "write_shard", real)
     said = []
-    tc.build_cache(root / "teacher", root / "data.jsonl", root / "cut", K, batch_size=2, shard_rows=40,
+    build_cache(root / "teacher", root / "data.jsonl", root / "cut", CACHE_K, batch_size=2, shard_rows=40,
                    max_length=64, progress=False, say=said.append)
     assert any("continuing" in s for s in said)
     assert (root / "cut" / "shard-00000.npy").read_bytes() == first  # finished shard kept, not rewritten
@@ -96,36 +96,36 @@ def test_killed_run_resumes_to_the_same_files(ws, monkeypatch):
     # a finished shard damaged later: a rerun rewrites it (and only it), a reader refuses it meanwhile
     shard = root / "cut" / "shard-00002.npy"
     shard.write_bytes(shard.read_bytes()[:-7])
-    with pytest.raises(tc.CacheError, match="shard-00002.npy: truncated"):
-        tc.TeacherCache(root / "cut")
+    with pytest.raises(CacheError, match="shard-00002.npy: truncated"):
+        TeacherCache(root / "cut")
     said.clear()
-    tc.build_cache(root / "teacher", root / "data.jsonl", root / "cut", K, batch_size=2, shard_rows=40,
+    build_cache(root / "teacher", root / "data.jsonl", root / "cut", CACHE_K, batch_size=2, shard_rows=40,
                    max_length=64, progress=False, say=said.append)
     assert any("shard-00002.npy: finished earlier but now damaged" in s for s in said)
     assert shard.read_bytes() == (full / "shard-00002.npy").read_bytes()
-    tc.TeacherCache(root / "cut").verify()
+    TeacherCache(root / "cut").verify()
 
 
 def test_mismatches_are_refused_naming_the_example(ws, tmp_path):
     root, tok, _, out = ws
-    cache = tc.TeacherCache(out)
+    cache = TeacherCache(out)
     other = build_char_tokenizer("0123456789+?. abcdefghijklmnopqrstuvwxyzWFS\n")
-    with pytest.raises(tc.CacheError, match="another tokenizer"):
+    with pytest.raises(CacheError, match="another tokenizer"):
         cache.verify(None, DistillCollator(other, max_length=64))
-    changed = ROWS[:3] + [{**ROWS[3], "response": "First 20+5. So 26."}] + ROWS[4:]
+    changed = CACHE_ROWS[:3] + [{**CACHE_ROWS[3], "response": "First 20+5. So 26."}] + CACHE_ROWS[4:]
     (tmp_path / "changed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in changed))
-    with pytest.raises(tc.CacheError, match=r"example 3 \(.*changed.jsonl:4\).*token ids differ"):
+    with pytest.raises(CacheError, match=r"example 3 \(.*changed.jsonl:4\).*token ids differ"):
         cache.verify(read_jsonl(tmp_path / "changed.jsonl"), collator(tok))
-    with pytest.raises(tc.CacheError, match="max_length"):
+    with pytest.raises(CacheError, match="max_length"):
         cache.verify(None, DistillCollator(tok, max_length=32))
     # rebuilding into the same folder with other data: refused, nothing touched
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    with pytest.raises(tc.CacheError, match="other settings or data"):
-        tc.build_cache(root / "teacher", tmp_path / "changed.jsonl", out, K, batch_size=2, shard_rows=40,
+    with pytest.raises(CacheError, match="other settings or data"):
+        build_cache(root / "teacher", tmp_path / "changed.jsonl", out, CACHE_K, batch_size=2, shard_rows=40,
                        max_length=64, progress=False, say=lambda _: None)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     with pytest.raises(ValueError, match="exceeds the teacher's vocabulary"):
-        tc.build_cache(root / "teacher", root / "data.jsonl", tmp_path / "big", 10_000, progress=False)
+        build_cache(root / "teacher", root / "data.jsonl", tmp_path / "big", 10_000, progress=False)
 
 
 def _copy(src, dst):
@@ -140,11 +140,11 @@ def test_damaged_caches_are_refused_naming_file_and_row(ws, tmp_path):
     bad = _copy(out, tmp_path / "trunc")
     shard = bad / "shard-00001.npy"
     shard.write_bytes(shard.read_bytes()[:-100])
-    with pytest.raises(tc.CacheError, match=r"shard-00001.npy: truncated"):
-        tc.TeacherCache(bad)
+    with pytest.raises(CacheError, match=r"shard-00001.npy: truncated"):
+        TeacherCache(bad)
     (bad / "shard-00001.npy").unlink()
-    with pytest.raises(tc.CacheError, match=r"shard-00001.npy: missing shard"):
-        tc.TeacherCache(bad)
+    with pytest.raises(CacheError, match=r"shard-00001.npy: missing shard"):
+        TeacherCache(bad)
 
     def poke(name, field, value, row=3):
         folder = _copy(out, tmp_path / name)
@@ -152,16 +152,16 @@ def test_damaged_caches_are_refused_naming_file_and_row(ws, tmp_path):
         array[field][row] = value
         array.flush()
         del array
-        return tc.TeacherCache(folder, verify=False)  # opened unverified: verify() is under test
+        return TeacherCache(folder, verify=False)  # opened unverified: verify() is under test
 
     cases = [("ids", "topk_ids", 10_000, "token id 10000 outside"), ("nan", "topk_logprobs", np.nan, "NaN or positive"),
              ("pos", "topk_logprobs", 0.5, "NaN or positive"), ("tail", "tail_logprob", -20.0, "sum to exp")]
     for name, field, value, message in cases:
         cache = poke(name, field, value)
-        with pytest.raises(tc.CacheError, match="sha256"):
+        with pytest.raises(CacheError, match="sha256"):
             cache.verify()
         first = cache.shards[1]["first_row"]
-        with pytest.raises(tc.CacheError, match=rf"shard-00001.npy: row 3 \(cache row {first + 3}, example \d+\).*"
+        with pytest.raises(CacheError, match=rf"shard-00001.npy: row 3 \(cache row {first + 3}, example \d+\).*"
                                                 rf"{message}"):
             cache.verify(check_hashes=False)
 
@@ -169,13 +169,14 @@ def test_damaged_caches_are_refused_naming_file_and_row(ws, tmp_path):
 def test_collator_aligns_the_cached_rows_with_the_shifted_labels_and_the_loss_runs(ws, monkeypatch):
     monkeypatch.setenv("VCRD_COMPILE", "0")  # eager: this test is about the batch, not the compiled path
     root, tok, teacher, out = ws
-    cache = tc.TeacherCache(out)
+    cache = TeacherCache(out)
     examples = read_jsonl(root / "data.jsonl")
-    data = tc.IndexedExamples(examples)
-    collate = tc.TeacherCacheCollator(collator(tok), cache)
+    data = IndexedExamples(examples)
+    collate = TeacherCacheCollator(collator(tok), cache)
     batch = collate([data[4], data[1], data[5]])
     B, T = batch["input_ids"].shape
-    assert batch["teacher_topk_ids"].shape == (B, T, K) and batch["teacher_topk_logprobs"].shape == (B, T, K)
+    assert batch["teacher_topk_ids"].shape == (B, T, CACHE_K)
+    assert batch["teacher_topk_logprobs"].shape == (B, T, CACHE_K)
     assert batch["teacher_tail_logprob"].shape == (B, T)
     for b, i in enumerate((4, 1, 5)):
         pos = (batch["labels"][b, 1:] != -100).nonzero().squeeze(1)
@@ -183,7 +184,7 @@ def test_collator_aligns_the_cached_rows_with_the_shifted_labels_and_the_loss_ru
         assert torch.equal(batch["teacher_topk_ids"][b, pos], rows.topk_ids)
         assert torch.equal(batch["teacher_topk_logprobs"][b, pos], rows.topk_logprobs)
         assert (batch["teacher_topk_ids"][b, pos] < len(tok)).all()
-    teacher_rows = tc.sparse_teacher_of(batch)  # the filler rows pass SparseTeacher's checks too
+    teacher_rows = sparse_teacher_of(batch)  # the filler rows pass SparseTeacher's checks too
     student = tiny_llama(tok, 16, 3)
     with torch.no_grad():
         h = student.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
@@ -198,23 +199,23 @@ def test_collator_aligns_the_cached_rows_with_the_shifted_labels_and_the_loss_ru
              "teacher_topk_ids": batch["teacher_topk_ids"].clone()}
     free = torch.ones(B, T, dtype=torch.bool)
     free[:, :-1] = batch["labels"][:, 1:] == -100
-    other["teacher_topk_ids"][free] = torch.arange(K, dtype=torch.int32) + 5
-    lp = torch.log_softmax(torch.arange(K, 0, -1).float(), -1)
+    other["teacher_topk_ids"][free] = torch.arange(CACHE_K, dtype=torch.int32) + 5
+    lp = torch.log_softmax(torch.arange(CACHE_K, 0, -1).float(), -1)
     other["teacher_topk_logprobs"][free] = lp.half()
     other["teacher_tail_logprob"][free] = float("-inf")
-    again = fused_linear_sparse_vcrd_loss(h.detach()[:, :-1], student.lm_head.weight, tc.sparse_teacher_of(other),
+    again = fused_linear_sparse_vcrd_loss(h.detach()[:, :-1], student.lm_head.weight, sparse_teacher_of(other),
                                           batch["labels"][:, 1:], step_ids=batch["step_ids"][:, 1:], config="vcrd")
     torch.testing.assert_close(again, loss.detach())
     # a changed example under a cached index is refused by the collator itself
     moved = [(4, examples[1])]
-    with pytest.raises(tc.CacheError, match="example 4"):
+    with pytest.raises(CacheError, match="example 4"):
         collate(moved)
 
 
 def test_cli_builds_and_refuses(ws, tmp_path, capsys):
     root, _, _, full = ws
-    args = ["cache-teacher", "--model", str(root / "teacher"), "--data", str(root / "data.jsonl"), "--top-k", str(K),
-            "--batch-size", "3", "--shard-rows", "40", "--max-length", "64"]
+    args = ["cache-teacher", "--model", str(root / "teacher"), "--data", str(root / "data.jsonl"),
+            "--top-k", str(CACHE_K), "--batch-size", "3", "--shard-rows", "40", "--max-length", "64"]
     assert main(args + ["--out", str(tmp_path / "c")]) == 0
     for p in full.glob("shard-*.npy"):  # batch size does not change the results beyond float noise
         a, b = np.load(p), np.load(tmp_path / "c" / p.name)
@@ -229,14 +230,14 @@ def test_distill_loss_trains_from_a_cached_batch_without_a_teacher(ws):
     """distill_loss with the cached rows in the batch runs no teacher and equals the sparse loss on the
     student's own hidden states; the student's parameters all receive its gradient."""
     root, tok, _, out = ws
-    data = tc.IndexedExamples(read_jsonl(root / "data.jsonl"))
-    batch = tc.TeacherCacheCollator(collator(tok), tc.TeacherCache(out))([data[0], data[3], data[2]])
+    data = IndexedExamples(read_jsonl(root / "data.jsonl"))
+    batch = TeacherCacheCollator(collator(tok), TeacherCache(out))([data[0], data[3], data[2]])
     student = tiny_llama(tok, 16, 5)
     loss, stats = distill_loss(student, None, batch, "vcrd")
     loss.backward()
     with torch.no_grad():
         h = student.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    want = fused_linear_sparse_vcrd_loss(h[:, :-1], student.lm_head.weight.detach(), tc.sparse_teacher_of(batch),
+    want = fused_linear_sparse_vcrd_loss(h[:, :-1], student.lm_head.weight.detach(), sparse_teacher_of(batch),
                                          batch["labels"][:, 1:], step_ids=batch["step_ids"][:, 1:], config="vcrd")
     torch.testing.assert_close(loss.detach(), want, rtol=1e-5, atol=1e-6)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters() if p.requires_grad)
@@ -263,7 +264,7 @@ def test_vcrd_trainer_trains_from_the_cache(ws, tmp_path):
                           data_collator=collator(tok))
     trainer.train()
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    batch = tc.TeacherCacheCollator(collator(tok), tc.TeacherCache(out))([(i, examples[i]) for i in range(3)])
+    batch = TeacherCacheCollator(collator(tok), TeacherCache(out))([(i, examples[i]) for i in range(3)])
     want = distill_loss(init, None, batch, "vcrd")[0].detach()
     assert len(logged) == 2 and abs(logged[0] - float(want)) <= 1e-4 * abs(float(want))
     assert any((a - b).abs().max() > 0 for a, b in zip(student.parameters(), init.parameters()))
@@ -290,7 +291,7 @@ def test_vcrd_train_from_a_teacher_cache(ws, tmp_path, capsys):
     assert run(root / "data.jsonl", "run") == 0
     assert (tmp_path / "run" / "final").is_dir()
     other = tmp_path / "other.jsonl"
-    other.write_text("".join(json.dumps({**r, "response": r["response"] + " Done."}) + "\n" for r in ROWS))
+    other.write_text("".join(json.dumps({**r, "response": r["response"] + " Done."}) + "\n" for r in CACHE_ROWS))
     assert run(other, "bad") == 2
     assert "other.jsonl" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
@@ -299,10 +300,10 @@ def test_a_full_cache_trains_like_the_online_teacher(ws):
     """End to end, K = V: distill_loss from the cached batch equals distill_loss with the teacher model run
     online on the same batch (cache rows aligned with the label rows; the log-probs rounded to fp16)."""
     root, tok, teacher, _ = ws
-    full = tc.build_cache(root / "teacher", root / "data.jsonl", root / "k_eq_v", len(tok), batch_size=4,
+    full = build_cache(root / "teacher", root / "data.jsonl", root / "k_eq_v", len(tok), batch_size=4,
                           max_length=64, progress=False, say=lambda _: None)
-    data = tc.IndexedExamples(read_jsonl(root / "data.jsonl"))
-    batch = tc.TeacherCacheCollator(collator(tok), tc.TeacherCache(full))([data[4], data[1], data[5]])
+    data = IndexedExamples(read_jsonl(root / "data.jsonl"))
+    batch = TeacherCacheCollator(collator(tok), TeacherCache(full))([data[4], data[1], data[5]])
     student = tiny_llama(tok, 16, 5)
     online, online_stats = distill_loss(student, teacher, batch, "vcrd")
     cached, cached_stats = distill_loss(student, None, batch, "vcrd")
@@ -317,27 +318,25 @@ def test_a_full_cache_trains_like_the_online_teacher(ws):
 def test_a_soft_capped_teacher_is_stored_after_its_own_post_processing(ws, tmp_path):
     """A Gemma-2 teacher (soft-cap 30, its head scaled so the cap bends): the cache holds the top-K of its
     own logits ``model(ids).logits``, not of the raw LM head's output (SPEC §1, §10)."""
-    from .test_trainer import tiny_family
-
     root, tok, _, _ = ws
     gemma = tiny_family(tok, "gemma2", 8).eval()
     gemma.save_pretrained(tmp_path / "gemma")
     tok.save_pretrained(tmp_path / "gemma")
-    out = tc.build_cache(tmp_path / "gemma", root / "data.jsonl", tmp_path / "cache", K, batch_size=2, shard_rows=40,
+    out = build_cache(tmp_path / "gemma", root / "data.jsonl", tmp_path / "cache", CACHE_K, batch_size=2, shard_rows=40,
                          max_length=64, progress=False, say=lambda _: None)
-    cache = tc.TeacherCache(out)
+    cache = TeacherCache(out)
     bent = False
     for i, e in enumerate(read_jsonl(root / "data.jsonl")):
         ids, labels, _ = collator(tok).encode(e)
         with torch.no_grad():
             out_i = gemma(torch.tensor([ids]), output_hidden_states=True)
             raw = (out_i.hidden_states[-1] @ gemma.lm_head.weight.T)[0]
-        rows = tc.loss_rows(labels)
-        want = SparseTeacher.from_logits(out_i.logits[0][rows], K)
+        rows = loss_rows(labels)
+        want = SparseTeacher.from_logits(out_i.logits[0][rows], CACHE_K)
         got = cache.rows_for(i)
         assert torch.equal(got.topk_ids.long(), want.topk_ids)
         torch.testing.assert_close(got.topk_logprobs.float(), want.topk_logprobs, atol=2e-3, rtol=1e-3)
         torch.testing.assert_close(got.tail_logprob, want.tail_logprob, atol=1e-4, rtol=1e-4)
-        unprocessed = SparseTeacher.from_logits(raw[rows], K)
+        unprocessed = SparseTeacher.from_logits(raw[rows], CACHE_K)
         bent |= bool((unprocessed.topk_logprobs - want.topk_logprobs).abs().max() > 0.1)
     assert bent  # the raw head's log-probs differ: storing them would fail the check above

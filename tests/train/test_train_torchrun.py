@@ -15,10 +15,9 @@ import pytest
 
 from vcrd.app.cli import main
 from vcrd.distributed.ranks import parameter_checksum
-from vcrd.train.checkpoints import verify_checkpoint
+from vcrd.train.resume import verify_checkpoint
 
-from ..helpers import torchrun
-from .test_train_cli import config, make_workspace, weights
+from ..helpers import make_workspace, saved_weights, torchrun, train_config
 
 WORLD = 2
 
@@ -29,7 +28,7 @@ def ws(tmp_path_factory):
 
 
 def _train(ws, out: str, *extra: str):
-    run = torchrun(WORLD, "vcrd.app.cli", ["train", "--config", config(ws, out), *extra])
+    run = torchrun(WORLD, "vcrd.app.cli", ["train", "--config", train_config(ws, out), *extra])
     return run, run.stdout + run.stderr
 
 
@@ -60,8 +59,8 @@ def test_train_under_torchrun(ws, full_run):
     assert sorted(digests) == list(range(WORLD)) and len(set(digests.values())) == 1, digests
     final = AutoModelForCausalLM.from_pretrained(ws / "full" / "final", local_files_only=True)
     assert parameter_checksum(final) == digests[0]  # the printed checksum is the saved model's
-    initial = weights(ws / "student")
-    moved = max((weights(ws / "full" / "final")[n] - w).abs().max().item() for n, w in initial.items())
+    initial = saved_weights(ws / "student")
+    moved = max((saved_weights(ws / "full" / "final")[n] - w).abs().max().item() for n, w in initial.items())
     assert moved > 1e-4, moved  # the parameters moved
     # each checkpoint once, complete: rank 0's files, one RNG state per rank, the world size in the manifest
     assert sorted(p.name for p in (ws / "full").iterdir()) == ["checkpoint-2", "checkpoint-4", "final"]
@@ -75,7 +74,7 @@ def test_train_under_torchrun(ws, full_run):
     shutil.copytree(ws / "full" / "checkpoint-2", ws / "cut" / "checkpoint-2")
     run, text = _train(ws, "cut", "--resume")
     assert run.returncode == 0, text[-4000:]
-    full, cut = weights(ws / "full" / "final"), weights(ws / "cut" / "final")
+    full, cut = saved_weights(ws / "full" / "final"), saved_weights(ws / "cut" / "final")
     worst = max((cut[n] - full[n]).abs().max().item() for n in full)
     assert worst <= 1e-6, worst
     assert len(set(_digests(text).values())) == 1
@@ -85,7 +84,7 @@ def test_resume_with_another_world_size_is_refused_on_every_rank(ws, full_run, c
     # a checkpoint of 2 ranks, resumed by one process
     shutil.copytree(ws / "full" / "checkpoint-4", ws / "two" / "checkpoint-4")
     before = _listing(ws / "two")
-    assert main(["train", "--config", config(ws, "two"), "--resume"]) == 2
+    assert main(["train", "--config", train_config(ws, "two"), "--resume"]) == 2
     assert "world_size: checkpoint 2, now 1" in capsys.readouterr().err
     assert _listing(ws / "two") == before
     # a checkpoint of 3 ranks (its manifest says so), resumed by 2: both ranks refuse, nothing is written

@@ -9,37 +9,21 @@ import math
 import pytest
 import torch
 
-from vcrd import VCRDConfig
-from vcrd.app.synthetic import make_dataset
-from vcrd.app.tokenizer import build_char_tokenizer
 from vcrd.core.reference import vcrd_loss as reference_loss
-from vcrd.train.data import DistillCollator, Example
+from vcrd.train.data import DistillCollator
 from vcrd.train.trainer import VCRDTrainer, distill_loss
 
-KD = VCRDConfig.preset("kd")
-WEIGHTED = VCRDConfig.preset("vcrd", normalize="weights")
-
-
-def tiny_llama(tok, hidden: int, seed: int, layers: int = 2):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    return LlamaForCausalLM(cfg)
-
-
-def make_setup():
-    """Tokenizer, 16 terse problems (~140-310 tokens each), a 48-d teacher, the collator. The teacher's
-    LM head is scaled up so that its distributions are peaked (logit std ~3, like a trained model's),
-    not near-uniform like the fresh students': the losses and gradients are then far from zero."""
-    tok = build_char_tokenizer()
-    examples = [Example(p.question, p.solution("terse")) for p in make_dataset(16, seed=2)]
-    teacher = tiny_llama(tok, 48, 1).eval()
-    with torch.no_grad():
-        teacher.lm_head.weight.mul_(20.0)
-    return tok, examples, teacher, DistillCollator(tok, max_length=1024)
+from ..helpers import (
+    KD,
+    WEIGHTED,
+    assert_same_step,
+    make_setup,
+    rel_err,
+    student_like,
+    tiny_family,
+    tiny_llama,
+    trainer_for,
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,24 +31,8 @@ def setup():
     return make_setup()
 
 
-def student_like(teacher, seed: int, noise: float = 0.5):
-    """A trainable copy of the teacher with every parameter perturbed by ``noise`` times its scale: it
-    agrees with the teacher on ~40 % of the argmaxes, so the vcrd weights spread over (0, 1)."""
-    student = copy.deepcopy(teacher).train().requires_grad_(True)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in student.parameters():
-            scale = p.std() if p.numel() > 1 and p.std() > 0 else p.abs().mean()
-            p.add_(torch.randn(p.shape, generator=g) * noise * scale)
-    return student
-
-
 def grads_of(model):
     return {n: (p.grad.detach().clone() if p.grad is not None else None) for n, p in model.named_parameters()}
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
 def reference_through_logits(student, teacher, batch, cfg, num_items_in_batch=None):
@@ -253,26 +221,6 @@ def test_model_whose_hidden_states_are_not_the_head_input_is_refused(setup):
         distill_loss(student, teacher, collate(examples[:2]), KD)
 
 
-def tiny_family(tok, family: str, seed: int):
-    """A tiny Gemma-2 (final_logit_softcapping=30, its LM head scaled up so the cap bends its logits) or a
-    tiny Granite (logits_scaling=8, logits divided by 8, head scaled up so the scaled logits stay peaked)."""
-    import transformers as tr
-
-    torch.manual_seed(seed)
-    common = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                  num_attention_heads=2, num_key_value_heads=1, pad_token_id=tok.pad_token_id,
-                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, max_position_embeddings=512)
-    if family == "gemma2":
-        model = tr.Gemma2ForCausalLM(tr.Gemma2Config(**common, head_dim=16, final_logit_softcapping=30.0))
-        boost = 150.0
-    else:
-        model = tr.GraniteForCausalLM(tr.GraniteConfig(**common, logits_scaling=8.0))
-        boost = 200.0
-    with torch.no_grad():
-        model.lm_head.weight.mul_(boost)
-    return model
-
-
 @pytest.mark.parametrize("pair", [("gemma2", "granite"), ("granite", "gemma2")], ids=["gemma2-student",
                                                                                        "granite-student"])
 @pytest.mark.parametrize("cfg", [KD, WEIGHTED], ids=["kd", "vcrd"])
@@ -388,34 +336,6 @@ def test_plain_loop_learns_kd(setup):
 
 
 # --- VCRDTrainer -------------------------------------------------------------------------------------------------
-
-
-def trainer_for(student, teacher, collate, examples, tmp_path, cfg, **overrides):
-    from transformers import TrainingArguments
-
-    args = dict(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8, learning_rate=0.5,
-                optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, logging_steps=1,
-                save_strategy="no", report_to=[], use_cpu=True, remove_unused_columns=False,
-                train_sampling_strategy="sequential", disable_tqdm=True)
-    args.update(overrides)
-    return VCRDTrainer(model=student, teacher_model=teacher, vcrd_config=cfg, args=TrainingArguments(**args),
-                       train_dataset=examples, data_collator=collate)
-
-
-def assert_same_step(model, expected, init, what: str) -> None:
-    """Every parameter equals the expected one within 1e-5 of its size, and its update (from ``init``)
-    equals the expected update within 1e-5 of the largest update plus the fp32 rounding of the stored
-    parameter (4 ulp), so a step scaled wrongly on any tensor fails even when that update is small."""
-    before = dict(init.named_parameters())
-    want = dict(expected.named_parameters()) if isinstance(expected, torch.nn.Module) else expected
-    for name, p in model.named_parameters():
-        p0, q = before[name].detach().double(), want[name].detach().double()
-        step, step_ref = p.detach().double() - p0, q - p0
-        assert step_ref.abs().max() > 0, f"{what} {name}: the step did not move this parameter"
-        err = (step - step_ref).abs().max().item()
-        bound = 1e-5 * step_ref.abs().max().item() + 4 * 2**-23 * p0.abs().max().item()
-        assert err <= bound, f"{what} {name}: update differs by {err:.3e} > {bound:.3e}"
-        assert rel_err(p.detach(), q) <= 1e-5, f"{what} {name}: parameters differ by {rel_err(p.detach(), q):.2e}"
 
 
 def test_trainer_gradient_accumulation_equals_one_big_batch(setup, tmp_path):

@@ -19,8 +19,7 @@ import torch
 from vcrd.train.data import DistillCollator
 from vcrd.train.trainer import distill_loss
 
-from ..helpers import spawn
-from .test_trainer import KD, WEIGHTED, assert_same_step, make_setup, student_like, trainer_for
+from ..helpers import KD, WEIGHTED, assert_same_step, make_setup, spawn, student_like, trainer_for
 
 CONFIGS = {"kd": KD, "vcrd": WEIGHTED}
 LR = 0.5

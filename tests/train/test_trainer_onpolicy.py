@@ -11,7 +11,7 @@ from transformers import TrainingArguments
 from vcrd.train.data import DistillCollator
 from vcrd.train.trainer import VCRDTrainer
 
-from .test_trainer import assert_same_step, make_setup, student_like, trainer_for
+from ..helpers import assert_same_step, make_setup, student_like, trainer_for
 
 
 @pytest.fixture(scope="module")

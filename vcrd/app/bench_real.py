@@ -34,6 +34,8 @@ METHODS = ("LALP", "GALP", "LALP drop_first", "random (expected)", "oracle (any 
 
 @dataclass
 class LalpSettings:
+    """``vcrd bench-real lalp``'s options: the student model folder, the CHAMP draw, the scorer's settings."""
+
     model: str
     out: str = "runs/real-lalp"
     problems: int = 20
@@ -50,6 +52,7 @@ class LalpSettings:
 
 
 def _mean(xs: Sequence[float]) -> float:
+    """Mean of the values that are not NaN (NaN when there are none)."""
     xs = [x for x in xs if not math.isnan(x)]
     return sum(xs) / len(xs) if xs else math.nan
 
@@ -67,6 +70,60 @@ def pick(values: Sequence[float]) -> int:
     return max(range(len(key)), key=lambda i: (key[i], -i))
 
 
+def teacher_rows(s: LalpSettings, flat, scores, dropped) -> List[Dict[str, object]]:
+    """Per teacher, highest mean LALP first: mean LALP, GALP and win rate (``rank_teachers``), final-answer
+    accuracy and the mean LALP with ``drop_first``; ``flat`` holds ``(problem, response)`` in score order."""
+    from ..select.selection import rank_teachers
+
+    keys = [p.identifier for p, _ in flat]
+    teachers = [r.teacher for _, r in flat]
+    ranks = {r.teacher: r for r in rank_teachers(keys, teachers, scores)}
+    rows = []
+    for t in s.teachers:
+        rs = [r for _, r in flat if r.teacher == t]
+        graded = [r for r in rs if r.correct is not None]
+        rank, right = ranks[t], sum(bool(r.correct) for r in graded)
+        rows.append(dict(teacher=t, mean_lalp=rank.mean_lalp, mean_galp=rank.mean_galp, win_rate=rank.win_rate,
+                         accuracy=right / len(rs), right=right, responses=len(rs), unparsed=len(rs) - len(graded),
+                         mean_lalp_drop_first=_mean([d.lalp for (_, r), d in zip(flat, dropped) if r.teacher == t])))
+    rows.sort(key=lambda r: -r["mean_lalp"])
+    return rows
+
+
+Rows = List[Dict[str, object]]
+
+
+def selection_rows(s: LalpSettings, problems, scores, dropped) -> Tuple[Dict[str, List[float]], Rows, Rows]:
+    """Per-problem response selection by each of :data:`METHODS`: the right share per problem, each method's
+    accuracy with its 95 percent bootstrap interval and the teachers it chose, and the paired differences."""
+    per_problem: Dict[str, List[float]] = {m: [] for m in METHODS}
+    chosen: Dict[str, Dict[str, int]] = {m: {t: 0 for t in s.teachers} for m in METHODS[:3]}
+    i = 0
+    for p in problems:
+        n = len(p.responses)
+        right = [1.0 if r.correct else 0.0 for r in p.responses]
+        for method, values in (("LALP", [x.lalp for x in scores[i:i + n]]),
+                               ("GALP", [x.galp for x in scores[i:i + n]]),
+                               ("LALP drop_first", [x.lalp for x in dropped[i:i + n]])):
+            k = pick(values)
+            per_problem[method].append(right[k])
+            chosen[method][p.responses[k].teacher] += 1
+        per_problem["random (expected)"].append(sum(right) / n)
+        per_problem["oracle (any right)"].append(max(right))
+        i += n
+    selection = []
+    for m in METHODS:
+        lo, hi = bootstrap_ci(per_problem[m], s.bootstrap, s.seed)
+        selection.append(dict(method=m, accuracy=_mean(per_problem[m]), ci95=[lo, hi], chosen=chosen.get(m)))
+    differences = []
+    for a, b in (("LALP", "GALP"), ("LALP", "random (expected)"), ("LALP", "LALP drop_first"),
+                 ("GALP", "random (expected)")):
+        d = [x - y for x, y in zip(per_problem[a], per_problem[b])]
+        lo, hi = bootstrap_ci(d, s.bootstrap, s.seed)
+        differences.append(dict(pair=f"{a} - {b}", difference=_mean(d), ci95=[lo, hi]))
+    return per_problem, selection, differences
+
+
 def run_lalp(s: LalpSettings, log=print) -> Dict[str, object]:
     """The benchmark (see the module docstring); returns what ``results.json`` holds."""
     import torch
@@ -74,8 +131,8 @@ def run_lalp(s: LalpSettings, log=print) -> Dict[str, object]:
     from ..select.champ import accuracy_by_teacher, gradable_count, load_champ
     from ..select.model_io import DTYPES, chat_prompt
     from ..select.naturalness import score_responses
-    from ..select.selection import rank_teachers
-    from ..train.checkpoints import check_model_folder, check_writable
+    from ..train.files import check_writable
+    from ..train.model_files import check_model_folder
 
     for name, value, low in (("problems", s.problems, 1), ("window", s.window, 0), ("drop_first", s.drop_first, 1),
                              ("bootstrap", s.bootstrap, 100), ("threads", s.threads, 0)):
@@ -118,48 +175,10 @@ def run_lalp(s: LalpSettings, log=print) -> Dict[str, object]:
             f"({n_tokens / times[f'score (drop_first={drop})']:.0f} response tokens/s)")
     scores, dropped = scored["LALP"], scored["LALP drop_first"]
 
-    keys = [p.identifier for p, _ in flat]
-    teachers = [r.teacher for _, r in flat]
-    ranks = {r.teacher: r for r in rank_teachers(keys, teachers, scores)}
-    teacher_rows = []
-    for t in s.teachers:
-        rs = [r for _, r in flat if r.teacher == t]
-        graded = [r for r in rs if r.correct is not None]
-        rank, right = ranks[t], sum(bool(r.correct) for r in graded)
-        teacher_rows.append(dict(teacher=t, mean_lalp=rank.mean_lalp, mean_galp=rank.mean_galp, win_rate=rank.win_rate,
-                                 accuracy=right / len(rs), right=right,
-                                 responses=len(rs), unparsed=len(rs) - len(graded),
-                                 mean_lalp_drop_first=_mean([d.lalp for (_, r), d in zip(flat, dropped)
-                                                             if r.teacher == t])))
-    teacher_rows.sort(key=lambda r: -r["mean_lalp"])
-
-    per_problem: Dict[str, List[float]] = {m: [] for m in METHODS}
-    chosen: Dict[str, Dict[str, int]] = {m: {t: 0 for t in s.teachers} for m in METHODS[:3]}
-    i = 0
-    for p in problems:
-        n = len(p.responses)
-        right = [1.0 if r.correct else 0.0 for r in p.responses]
-        for method, values in (("LALP", [x.lalp for x in scores[i:i + n]]),
-                               ("GALP", [x.galp for x in scores[i:i + n]]),
-                               ("LALP drop_first", [x.lalp for x in dropped[i:i + n]])):
-            k = pick(values)
-            per_problem[method].append(right[k])
-            chosen[method][p.responses[k].teacher] += 1
-        per_problem["random (expected)"].append(sum(right) / n)
-        per_problem["oracle (any right)"].append(max(right))
-        i += n
-    selection = []
-    for m in METHODS:
-        lo, hi = bootstrap_ci(per_problem[m], s.bootstrap, s.seed)
-        selection.append(dict(method=m, accuracy=_mean(per_problem[m]), ci95=[lo, hi], chosen=chosen.get(m)))
-    differences = []
-    for a, b in (("LALP", "GALP"), ("LALP", "random (expected)"), ("LALP", "LALP drop_first"),
-                 ("GALP", "random (expected)")):
-        d = [x - y for x, y in zip(per_problem[a], per_problem[b])]
-        lo, hi = bootstrap_ci(d, s.bootstrap, s.seed)
-        differences.append(dict(pair=f"{a} - {b}", difference=_mean(d), ci95=[lo, hi]))
+    rows = teacher_rows(s, flat, scores, dropped)
+    per_problem, selection, differences = selection_rows(s, problems, scores, dropped)
     result = dict(settings={k: v for k, v in asdict(s).items() if k != "extra"}, n_problems=len(problems),
-                  n_responses=len(flat), response_tokens=n_tokens, times_s=times, teachers=teacher_rows,
+                  n_responses=len(flat), response_tokens=n_tokens, times_s=times, teachers=rows,
                   selection=selection, differences=differences,
                   accuracy_all_gradable=dict(problems=len(everything), by_teacher=accuracy_by_teacher(everything)),
                   problems=[p.identifier for p in problems], per_problem=per_problem, **s.extra)

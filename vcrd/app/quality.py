@@ -28,19 +28,10 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..core.config import VCRDConfig
-from .demo import (
-    Clock,
-    DemoSettings,
-    build_teacher_cache,
-    distil,
-    eager_loss,
-    evaluate,
-    fresh_student,
-    head_tail,
-    prepare,
-    select,
-    torch_threads,
-)
+from .demo import Clock, DemoSettings, fresh_student, prepare, select, torch_threads
+from .demo_eval import evaluate
+from .demo_report import head_tail
+from .demo_training import build_teacher_cache, distil, eager_loss
 
 # name -> (preset, overrides, selection)
 ARMS: Dict[str, Tuple[str, Dict[str, object], str]] = {

@@ -10,7 +10,8 @@ cannot be split without changing its GALP, whose context is the whole response.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
 
 from .steps import split_steps
 
@@ -59,4 +60,48 @@ def check_lengths(lengths: Sequence[int], positions: Optional[int], names: Seque
                          f"{shown}{more}. Shorten or drop them{hint}")
 
 
-__all__ = ["check_lengths", "model_positions", "sequence_lengths"]
+def score_positions(model_dir: Union[str, Path], max_step_tokens: int,
+                    max_prompt_tokens: Optional[int]) -> Optional[int]:
+    """The model folder's ``max_position_embeddings`` (``None`` if it declares none), after refusing
+    ``--max-step-tokens`` / ``--max-prompt-tokens`` that leave no room within it."""
+    from transformers import AutoConfig
+
+    positions = model_positions(AutoConfig.from_pretrained(model_dir, local_files_only=True))
+    if positions is None:
+        return None
+    if max_step_tokens >= positions:
+        raise ValueError(f"--max-step-tokens: {max_step_tokens} leaves no room for a prompt within the model's "
+                         f"max_position_embeddings={positions}; expected an int < {positions}")
+    if max_prompt_tokens is not None and max_prompt_tokens >= positions:
+        raise ValueError(f"--max-prompt-tokens: {max_prompt_tokens} leaves no room for a response within the "
+                         f"model's max_position_embeddings={positions}; expected an int < {positions}")
+    return positions
+
+
+def prompt_cap(positions: Optional[int], max_step_tokens: int, max_prompt_tokens: Optional[int]) -> Tuple[int, str]:
+    """The longest prompt in ids (BOS included) and where that cap comes from: ``max_prompt_tokens``, else the
+    model's ``positions - max_step_tokens``, else 2048."""
+    if max_prompt_tokens is None:
+        if positions is None:
+            return 2048, "the default"
+        return positions - max_step_tokens, f"the default: the model's max_position_embeddings {positions} minus " \
+                                            f"--max-step-tokens {max_step_tokens}"
+    if max_prompt_tokens < 1:
+        raise ValueError(f"--max-prompt-tokens must be >= 1, got {max_prompt_tokens}")
+    return max_prompt_tokens, "--max-prompt-tokens"
+
+
+def check_prompt_lengths(tokenizer, prompts: Sequence[str], names: Sequence[str], cap: int, origin: str) -> None:
+    """``ValueError`` naming the first prompts (``names[r]``) longer than ``cap`` ids (BOS included)."""
+    bos = 1 if getattr(tokenizer, "bos_token_id", None) is not None else 0
+    lengths = [bos + len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    long = [(w, n) for w, n in zip(names, lengths) if n > cap]
+    if long:
+        shown = "; ".join(f"{w} ({n} tokens)" for w, n in long[:SHOW])
+        more = f" and {len(long) - SHOW} more" if len(long) > SHOW else ""
+        raise ValueError(f"{len(long)} prompt(s) longer than the cap of {cap} tokens ({origin}): {shown}{more}. "
+                         f"Shorten or drop them, or raise --max-prompt-tokens (within the model's position limit)")
+
+
+__all__ = ["check_lengths", "check_prompt_lengths", "model_positions", "prompt_cap", "score_positions",
+           "sequence_lengths"]

@@ -135,7 +135,7 @@ def write_jsonl(path: Union[str, Path], rows: Iterable[Dict[str, object]]) -> No
     """Write rows atomically: to a temporary file beside ``path``, then renamed over it.
 
     The temporary file is removed on any exception, ``KeyboardInterrupt`` and ``SystemExit`` (run
-    under :func:`vcrd.train.checkpoints.signals_exit` so that SIGTERM/SIGHUP raise ``SystemExit``
+    under :func:`vcrd.train.signals.signals_exit` so that SIGTERM/SIGHUP raise ``SystemExit``
     too); the result has the permissions of a normal new file (``0666 & ~umask``, or the mode of
     the file it replaces), not ``mkstemp``'s 0600. Strict JSON: a NaN or infinite float raises
     ``ValueError`` (use :func:`finite_or_none` to write them as ``null``).

@@ -27,8 +27,7 @@ from pathlib import Path
 from typing import Callable, Dict, Optional, Union
 
 from ..core.progress import PhaseProgress
-from .checkpoints import check_writable
-from .files import fsync_dir, new_file_mode
+from .files import check_writable, fsync_dir, new_file_mode
 
 MANIFEST = "manifest.json"
 

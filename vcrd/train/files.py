@@ -13,6 +13,7 @@ write: the one atomic-write mechanism of ``vcrd train``, ``vcrd score`` and ``vc
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import stat
 import tempfile
@@ -25,6 +26,15 @@ TEMP_SUFFIX = ".tmp"
 
 class UnsafeFileError(ValueError):
     """A path that a write would have to follow (a symlink, a hard link, a device): refused, untouched."""
+
+
+def file_sha256(path: PathLike) -> str:
+    """sha256 of a file's bytes, read 1 MiB at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def current_umask() -> int:
@@ -97,7 +107,7 @@ def atomic_file(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write; when the block ends normally the file is
     fsync'ed, given the mode of a normal new file (or of the file it replaces), renamed over ``path``
     and the folder fsync'ed. On any exception (``KeyboardInterrupt`` and ``SystemExit`` included:
-    run under :func:`vcrd.train.checkpoints.signals_exit` for SIGTERM/SIGHUP) the temporary file is
+    run under :func:`vcrd.train.signals.signals_exit` for SIGTERM/SIGHUP) the temporary file is
     removed and ``path`` is untouched.
 
     The temporary file (``.{name}.XXXXXXXX.tmp``) is created by :func:`tempfile.mkstemp`: an
@@ -179,5 +189,26 @@ def check_output_file(out: PathLike, inputs: Iterable[PathLike] = (), what: str 
 
 
 
-__all__ = ["UnsafeFileError", "atomic_file", "check_output_file", "current_umask", "fsync_dir", "new_file_mode",
-           "open_private_file", "remove_stale_temps", "temp_glob"]
+def check_writable(folder: os.PathLike, what: str = "output_dir") -> None:
+    """``ValueError`` unless ``folder`` (or, if it does not exist yet, its nearest existing parent)
+    is a directory this process can create files in; probed with a real file (``os.access`` lies
+    for root and on some network file systems), which is removed at once."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{what}: {str(folder)!r} exists and is not a directory")
+    probe_dir = folder
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise ValueError(f"{what}: cannot create {str(folder)!r}: {str(probe_dir)!r} is not a directory")
+    try:  # an unpredictable name, created exclusively: a planted symlink is never followed
+        fd, probe = tempfile.mkstemp(prefix=".vcrd-write-probe-", dir=probe_dir)
+    except OSError as e:
+        raise ValueError(f"{what}: cannot write in {str(probe_dir)!r}: {e.strerror or e}") from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+
+
+__all__ = ["UnsafeFileError", "atomic_file", "check_output_file", "check_writable", "current_umask", "file_sha256",
+           "fsync_dir", "new_file_mode", "open_private_file", "remove_stale_temps", "temp_glob"]

@@ -6,7 +6,11 @@ The config is a JSON object (every key below; defaults in ``TRAIN_DEFAULTS``)::
      "output_dir": "runs/vcrd", "preset": "vcrd", "loss": {"temperature": 1.0},
      "max_steps": 200, "batch_size": 8, "grad_accum": 1, "learning_rate": 5e-4,
      "save_steps": 50, "logging_steps": 10, "max_length": 512, "seed": 0,
-     "stop_on_nonfinite_loss": true}
+     "stop_on_nonfinite_loss": true, "chat_template": false}
+
+``"chat_template": true`` renders each prompt as the user turn of the student tokenizer's chat template
+(the assistant header included, ``-100`` on all of it; :class:`vcrd.train.data.DistillCollator`), the way
+a chat model such as SmolLM2-Instruct was trained; a tokenizer without a template is refused.
 
 Offline: ``"teacher_cache": "cache/teacher"`` (a folder written by ``vcrd cache-teacher`` over the same
 data) instead of ``"teacher"``; the cache is verified against the data and the student's tokenizer
@@ -42,6 +46,7 @@ from ..core.config import PRESETS, VCRDConfig
 TRAIN_DEFAULTS: Dict[str, Any] = {
     "preset": "vcrd", "loss": {}, "max_steps": 200, "batch_size": 8, "grad_accum": 1, "learning_rate": 5e-4,
     "save_steps": 50, "logging_steps": 10, "max_length": 512, "seed": 0, "stop_on_nonfinite_loss": True,
+    "chat_template": False,
 }
 REQUIRED = ("student", "data", "output_dir")
 TEACHERS = ("teacher", "teacher_cache")  # exactly one: a model folder, or a `vcrd cache-teacher` folder
@@ -50,7 +55,7 @@ INTS = {"max_steps": 1, "batch_size": 1, "grad_accum": 1, "save_steps": 1, "logg
 MAX_LEARNING_RATE = 1.0
 # stored with each checkpoint; a difference on --resume is an error unless --allow-mismatch
 RESUME_KEYS = ("preset", "loss", "data_sha256", "teacher", "student", "batch_size", "grad_accum", "learning_rate",
-               "max_length", "seed", "world_size")
+               "max_length", "seed", "world_size", "chat_template")
 SHOW = 5  # data lines named per warning
 
 
@@ -103,9 +108,9 @@ def load_config(path: str) -> Dict[str, Any]:
             not 0 < lr <= MAX_LEARNING_RATE:
         raise ValueError(f"{path}: 'learning_rate' must be a finite number in (0, {MAX_LEARNING_RATE:g}], "
                          f"got {lr!r}")
-    if not isinstance(cfg["stop_on_nonfinite_loss"], bool):
-        raise ValueError(f"{path}: 'stop_on_nonfinite_loss' must be true or false, got "
-                         f"{cfg['stop_on_nonfinite_loss']!r}")
+    for flag in ("stop_on_nonfinite_loss", "chat_template"):
+        if not isinstance(cfg[flag], bool):
+            raise ValueError(f"{path}: {flag!r} must be true or false, got {cfg[flag]!r}")
     if cfg["preset"] not in PRESETS:
         raise ValueError(f"{path}: 'preset' must be one of {PRESETS}, got {cfg['preset']!r}")
     if not isinstance(cfg["loss"], dict):
@@ -157,8 +162,9 @@ def check_run(cfg: Dict[str, Any], examples, say: Callable[[str], None]):
     Returns ``(tokenizer, collator)``."""
     from transformers import AutoTokenizer
 
-    from .checkpoints import check_model_folder, check_writable
     from .data import DistillCollator, check_examples
+    from .files import check_writable
+    from .model_files import check_model_folder
 
     limits = {}
     for role in model_roles(cfg):
@@ -174,7 +180,10 @@ def check_run(cfg: Dict[str, Any], examples, say: Callable[[str], None]):
         tokenizer = AutoTokenizer.from_pretrained(cfg["student"], local_files_only=True)
     except Exception as e:
         raise ValueError(f"student: cannot load the tokenizer from {cfg['student']}: {e}") from None
-    collator = DistillCollator(tokenizer, cfg["max_length"], with_sources=True)
+    try:
+        collator = DistillCollator(tokenizer, cfg["max_length"], with_sources=True, chat_template=cfg["chat_template"])
+    except ValueError as e:
+        raise ValueError(f"config: 'chat_template' is true, but {e}") from None
     report = check_examples(examples, collator)
     special = [i for i in (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) if i is not None]
     max_id, where = report.max_id, report.max_id_where
@@ -210,7 +219,8 @@ def run_manifest(cfg: Dict[str, Any], data_sha256: str, world_size: int = 1) -> 
             "teacher": str(Path(cfg["teacher"]).resolve()) if "teacher" in cfg else
             f"cache:{Path(cfg['teacher_cache']).resolve()}",
             "student": str(Path(cfg["student"]).resolve()),
-            **{k: cfg[k] for k in ("batch_size", "grad_accum", "learning_rate", "max_length", "seed", "max_steps")},
+            **{k: cfg[k] for k in ("batch_size", "grad_accum", "learning_rate", "max_length", "seed", "max_steps",
+                                   "chat_template")},
             "world_size": world_size}
 
 
@@ -235,8 +245,11 @@ def _trainer_class():
 def _prepare(config_path: str, resume: bool, allow_mismatch: bool, world: int, say: Callable[[str], None]):
     """Every check that needs no model, on this rank: ``(cfg, examples, tokenizer, collator, manifest,
     checkpoint or None)``."""
-    from .checkpoints import ResumeError, checkpoints, file_sha256, find_resume_checkpoint, resume_message
+    from .checkpoint_folders import checkpoints
     from .data import read_jsonl
+    from .files import file_sha256
+    from .resume import find_resume_checkpoint, resume_message
+    from .run_errors import ResumeError
 
     cfg = load_config(config_path)
     examples = read_jsonl(cfg["data"])  # every line checked before anything is written
@@ -278,13 +291,16 @@ def train(config_path: str, resume: bool = False, allow_mismatch: bool = False,
     an error.
 
     Raises ``ValueError`` / ``FileNotFoundError`` (bad input, nothing touched),
-    :class:`vcrd.train.checkpoints.RunError` (a busy folder, nothing to resume from, a checkpoint that
+    :class:`vcrd.train.run_errors.RunError` (a busy folder, nothing to resume from, a checkpoint that
     could not be written, ranks that disagree) and :class:`vcrd.train.callbacks.NonFiniteLossError`.
     """
     import contextlib
 
     from ..distributed.ranks import agreed, from_rank0, gather, init_from_launcher, launch_info, parameter_checksum
-    from .checkpoints import RunError, RunLock, remove_staging, save_final
+    from .checkpoint_folders import remove_staging
+    from .checkpoints import save_final
+    from .run_errors import RunError
+    from .run_lock import RunLock
 
     rank, world, _ = launch_info()
     quiet = say if rank == 0 else (lambda message: None)  # checks' warnings once, from rank 0

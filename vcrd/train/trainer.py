@@ -163,7 +163,7 @@ CACHE_KEYS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_logprob
 def _distill_from_cache(student, batch, loss_fn, input_ids, mask, labels, steps, num_items_in_batch):
     """:func:`distill_loss` with a cached sparse teacher (SPEC §10): ``batch`` carries
     ``teacher_topk_ids [B, T, K]``, ``teacher_topk_logprobs [B, T, K]``, ``teacher_tail_logprob [B, T]``
-    aligned with the input positions (:class:`vcrd.train.teacher_cache.TeacherCacheCollator`); no
+    aligned with the input positions (:class:`vcrd.train.teacher_cache_collator.TeacherCacheCollator`); no
     teacher model runs."""
     missing = [k for k in CACHE_KEYS if k not in batch]
     if missing:
@@ -245,7 +245,8 @@ class VCRDTrainer(Trainer):
                              f"teacher_cache={teacher_cache!r}")
         if teacher_cache is not None:
             # offline: the cached top-K rows ride with each batch (SPEC §10); no teacher model runs
-            from .teacher_cache import IndexedExamples, TeacherCache, TeacherCacheCollator
+            from .teacher_cache import TeacherCache
+            from .teacher_cache_collator import IndexedExamples, TeacherCacheCollator
 
             if lmbda > 0 or seq_kd:
                 raise ValueError("VCRDTrainer: lmbda / seq_kd generate new responses, which a teacher cache cannot "
