@@ -10,7 +10,9 @@ Providers: the GEMM floor, naive full-logits autograd (forward KL), TRL's ``gene
 (beta=0) on full logits, TRL 1.16's fused ``_chunked_divergence_loss`` (beta=0: forward KL; on CPU
 TRL projects every row, ignored ones included: its Triton path alone drops them), Liger's
 ``LigerFusedLinearJSDLoss`` (compiled, forward KL only: weight_hard_loss=0, weight_soft_loss=1,
-beta=0), and vcrd's ``fused_linear_vcrd_loss`` with presets ``kd`` and ``vcrd``.
+beta=0), and vcrd's ``fused_linear_vcrd_loss`` with presets ``kd`` and ``vcrd`` (default
+``gemm_precision``: bf16 GEMMs for bf16 heads) and ``vcrd-vcrd-exact`` (preset ``vcrd``,
+``gemm_precision="exact"``: fp32 GEMMs whatever the heads' dtype).
 
 The GEMM floor (DESIGN.md) is the four GEMMs alone — student logits, teacher logits, grad of the
 student hidden states, grad of the student head — in the input dtype (bf16 GEMMs for bf16 inputs),
@@ -53,10 +55,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # benches.* when run as a script
 PROVIDERS = ["gemm-floor", "naive-fkl", "trl-gjsd-beta0", "trl-chunked-div", "liger-fused-jsd", "vcrd-kd",
-             "vcrd-vcrd"]
+             "vcrd-vcrd", "vcrd-vcrd-exact"]
 # the vcrd preset each loss computes: its float64 reference is what the timed gradients are checked against
 REFERENCE_PRESET = {"naive-fkl": "kd", "trl-gjsd-beta0": "kd", "trl-chunked-div": "kd", "liger-fused-jsd": "kd",
-                    "vcrd-kd": "kd", "vcrd-vcrd": "vcrd"}
+                    "vcrd-kd": "kd", "vcrd-vcrd": "vcrd", "vcrd-vcrd-exact": "vcrd"}
 # model heads (N, H, V) by name: SmolLM2's and Qwen2.5-0.5B's, at the token counts of issue 27
 SHAPES = {"smollm2": (2048, 576, 49152), "qwen2.5-0.5b": (1024, 896, 151936)}
 DTYPES = ("fp32", "bf16")
@@ -141,12 +143,13 @@ def provider_fn(name: str, inputs):
         def run(hs, ws, ht, wt, y, steps):
             loss_fn(hs, ws, ht, wt, y).backward()
     elif name.startswith("vcrd-"):
-        from vcrd import fused_linear_vcrd_loss
+        from vcrd import VCRDConfig, fused_linear_vcrd_loss
 
-        preset = name.split("-", 1)[1]
+        _, preset, *precision = name.split("-")  # vcrd-<preset>[-<gemm_precision>]
+        cfg = VCRDConfig.preset(preset, gemm_precision=precision[0] if precision else "auto")
 
         def run(hs, ws, ht, wt, y, steps):
-            fused_linear_vcrd_loss(hs, ws, ht, wt, y, step_ids=steps, config=preset, impl="torch").backward()
+            fused_linear_vcrd_loss(hs, ws, ht, wt, y, step_ids=steps, config=cfg, impl="torch").backward()
     else:
         raise ValueError(f"--provider: expected one of {PROVIDERS}, got {name!r}")
     return run

@@ -31,10 +31,13 @@ def test_matches_reference_float64():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-def test_bf16_heads_and_hidden():
+def test_bf16_heads_and_hidden_exact_gemms():
+    """``gemm_precision="exact"``: bf16 heads run fp32 GEMMs, held to the fp32 reference (the bf16 GEMMs of
+    the default: tests/loss/test_gemm_precision.py)."""
     d = linear_heads(N=40, V=777)
     fused_three_way({k: (v.to(torch.bfloat16).to(torch.float64) if k in ("hs", "Ws", "bs", "ht", "Wt") and v is not None
-                   else v) for k, v in d.items()}, FUSED_CONFIGS["vcrd"], dtype=torch.bfloat16, chunk_size=9)
+                         else v) for k, v in d.items()}, FUSED_CONFIGS["vcrd"].replace(gemm_precision="exact"),
+                    dtype=torch.bfloat16, chunk_size=9)
 
 
 def test_batched_input_vocab_mismatch_and_no_bias():
@@ -140,23 +143,33 @@ def test_bad_input(case):
 
 
 def test_gemm_plan():
-    """Which GEMMs the fused-linear loss runs: on CUDA with bf16/fp16 heads, mixed GEMMs (operands in the
-    head's dtype, fp32 output) with chunks sized for the device; everywhere else the exact path of the
-    CPU (heads converted once per call). Only the plan is tested here: the CUDA branch needs a GPU."""
+    """Which GEMMs the fused-linear loss runs (``gemm_precision``): in the head's dtype for bf16 heads (and fp16
+    heads on CUDA) by default or when asked (``"head"``): on CUDA mixed GEMMs (fp32 output) with chunks sized for
+    the device, on CPU bf16/fp16 GEMMs with output in that dtype; otherwise (``"exact"``, fp32/fp64 heads, fp16
+    heads on CPU by default) exact GEMMs from heads converted once per call. Only the plan is tested here: the
+    CUDA branch needs a GPU."""
     from vcrd.core import settings
     from vcrd.loss.fused_linear import auto_chunk_size, gemm_plan, plan_for
 
     cpu_budget = 256 * 2**20
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        plan = gemm_plan("cpu", dtype, cpu_budget)
-        assert not plan.mixed and plan.operand_dtype == torch.float32 and plan.budget_bytes == cpu_budget
+    cases = {("auto", torch.bfloat16): torch.bfloat16, ("auto", torch.float16): torch.float32,
+             ("auto", torch.float32): torch.float32, ("head", torch.float16): torch.float16,
+             ("head", torch.float32): torch.float32, ("exact", torch.bfloat16): torch.float32}
+    for (precision, dtype), operand in cases.items():
+        plan = gemm_plan("cpu", dtype, cpu_budget, precision=precision)
+        assert not plan.mixed and plan.operand_dtype == operand and plan.budget_bytes == cpu_budget
+        assert plan.logits_dtype == operand
         assert auto_chunk_size(16384, 151936, plan.budget_bytes, plan.min_rows, plan.max_rows) == 256
+        # half-size logits: twice the rows in the same budget (441 rows, then 38 equal chunks)
+        assert auto_chunk_size(16384, 151936, plan.budget_bytes, plan.min_rows, plan.max_rows, 4) == 432
     assert gemm_plan("cpu", torch.float64, cpu_budget).operand_dtype == torch.float64
     for dtype in (torch.bfloat16, torch.float16):
         plan = gemm_plan("cuda", dtype, cpu_budget, device_memory_bytes=80 * 2**30)
         assert plan.mixed and plan.operand_dtype == dtype and plan.budget_bytes == 5 * 2**30
+        assert plan.logits_dtype == torch.float32
         assert auto_chunk_size(16384, 151936, plan.budget_bytes, plan.min_rows, plan.max_rows) == 4096
         assert auto_chunk_size(300, 151936, plan.budget_bytes, plan.min_rows, plan.max_rows) == 300
+        assert gemm_plan("cuda", dtype, cpu_budget, 80 * 2**30, "exact").operand_dtype == torch.float32
     assert not gemm_plan("cuda", torch.float32, cpu_budget, 80 * 2**30).mixed  # fp32 heads: fp32 GEMMs
     head = torch.zeros(7, 3, dtype=torch.bfloat16)
     assert plan_for(head) == gemm_plan("cpu", torch.bfloat16, settings.fused_budget_bytes())

@@ -14,6 +14,7 @@ from typing import Literal, Optional, Union
 DIVERGENCE_NAMES = ("fkl", "rkl", "jsd")  # every divergence (formulas: reference.divergence, backends.divergences)
 Divergence = Literal["fkl", "rkl", "jsd"]
 Validity = Optional[Literal["argmax", "expected"]]
+GEMM_PRECISIONS = ("auto", "exact", "head")  # the fused-linear losses' LM-head GEMMs (loss.fused_linear.gemm_plan)
 
 PRESETS = ("kd", "discord", "vcrd")
 
@@ -26,7 +27,9 @@ class VCRDConfig:
     ``window_steps`` the distribution-correction weight over the causal local window (§5),
     ``kd_weight``/``ce_weight``/``normalize`` the final sum (§6); ``student_logit_scale``,
     ``teacher_logit_scale``, ``student_softcap``, ``teacher_softcap`` each model's logit post-processing
-    (§1: the softmax sees ``c·tanh(a·z/c)``, ``a·z`` without a cap).
+    (§1: the softmax sees ``c·tanh(a·z/c)``, ``a·z`` without a cap); ``gemm_precision`` the LM-head
+    GEMMs of the fused-linear losses (``"exact"``: fp32 from heads converted once per call; ``"head"``: in
+    the heads' own bf16/fp16; ``"auto"``: ``"head"`` for bf16 heads, and fp16 heads on CUDA, else exact).
     """
 
     divergence: Divergence = "fkl"
@@ -48,6 +51,7 @@ class VCRDConfig:
     teacher_logit_scale: float = 1.0
     student_softcap: Optional[float] = None
     teacher_softcap: Optional[float] = None
+    gemm_precision: Literal["auto", "exact", "head"] = "auto"
 
     def __post_init__(self) -> None:
         def bad(name: str, expected: str) -> ValueError:
@@ -59,6 +63,8 @@ class VCRDConfig:
             raise bad("validity", "'argmax', 'expected' or None")
         if self.normalize not in ("tokens", "weights"):
             raise bad("normalize", "'tokens' or 'weights'")
+        if self.gemm_precision not in GEMM_PRECISIONS:
+            raise bad("gemm_precision", "one of " + ", ".join(map(repr, GEMM_PRECISIONS)))
         for name in ("beta", "temperature", "validity_floor", "validity_margin", "validity_tau",
                      "correction_bias", "correction_tau", "kd_weight", "ce_weight"):
             value = getattr(self, name)

@@ -1,13 +1,14 @@
 """Fused-linear VCRD loss: hidden states and LM heads in, loss and gradients out, full logits never stored.
 
-Token chunks are walked in order. Per chunk: both models' logits with fp32 accumulation
-(``h @ W^T + b``; on CUDA with bf16/fp16 heads as bf16/fp16 GEMMs with fp32 output, on CPU in fp32
-from heads converted once per call: :func:`gemm_plan`), the per-row statistics, the weights (the
-causal window's prefix sums carry across chunks, so a chunk's weights are final once its rows are
-in: SPEC §5), the gradient w.r.t. the chunk's student logits (written over them: two ``[C, V]`` buffers per chunk), then
-``grad_hidden[chunk] = g @ W_s`` and ``grad_W_s += g^T @ h_s`` (and ``grad_b_s += Σ g``) in fp32.
-Rows with ``ignore_index`` are dropped before the GEMMs. The backward only scales the stored
-gradients by the upstream gradient.
+Token chunks are walked in order. Per chunk: both models' logits ``h @ W^T + b`` (:func:`gemm_plan`,
+``VCRDConfig.gemm_precision``: exact fp32 GEMMs from heads converted once per call, or GEMMs in the
+heads' own bf16/fp16 — with fp32 output on CUDA, with output in the heads' dtype on CPU, as the
+model's own ``F.linear`` gives), the per-row statistics, the weights (the causal window's prefix sums
+carry across chunks, so a chunk's weights are final once its rows are in: SPEC §5), the gradient
+w.r.t. the chunk's student logits (written over them: two ``[C, V]`` buffers per chunk), then
+``grad_hidden[chunk] = g @ W_s`` and ``grad_W_s += g^T @ h_s`` (and ``grad_b_s += Σ g``), accumulated
+in fp32. Statistics and the logit gradient are fp32 whatever the GEMMs. Rows with ``ignore_index``
+are dropped before the GEMMs. The backward only scales the stored gradients by the upstream gradient.
 """
 
 from __future__ import annotations
@@ -37,23 +38,26 @@ from ..core.weights import OUTPUT_ROWS, concat_rows
 from ..core.windows import CausalWindowMean
 
 
-def auto_chunk_size(n_rows: int, vocab: int, budget_bytes: int, min_rows: int = 256, max_rows: int = 1024) -> int:
-    """Rows per chunk: the two ``[C, V]`` fp32 buffers of a chunk (both logits; the gradient
-    overwrites the student's) fit ``budget_bytes``, but at least ``min_rows`` (GEMMs with fewer rows run
-    markedly slower on CPU) and at most ``max_rows``; the rows are then split into equal chunks (a small
-    last chunk would waste its GEMMs). Depends on N, never a fixed number of chunks."""
-    largest = min(max_rows, max(min_rows, budget_bytes // (8 * vocab)))
+def auto_chunk_size(n_rows: int, vocab: int, budget_bytes: int, min_rows: int = 256, max_rows: int = 1024,
+                    bytes_per_entry: int = 8) -> int:
+    """Rows per chunk: the two ``[C, V]`` buffers of a chunk (both logits; the gradient overwrites the
+    student's), ``bytes_per_entry`` per ``(row, token)`` together (8: fp32; 4: bf16/fp16 logits), fit
+    ``budget_bytes``, but at least ``min_rows`` (GEMMs with fewer rows run markedly slower on CPU) and at
+    most ``max_rows``; the rows are then split into equal chunks (a small last chunk would waste its
+    GEMMs). Depends on N, never a fixed number of chunks."""
+    largest = min(max_rows, max(min_rows, budget_bytes // (bytes_per_entry * vocab)))
     n_chunks = max(1, -(-n_rows // largest))
     return max(1, -(-n_rows // n_chunks))
 
 
 @dataclass(frozen=True)
 class GemmPlan:
-    """How the chunk GEMMs run. ``operand_dtype``: the dtype of their operands. ``mixed``: bf16/fp16
-    operands with fp32 accumulation and fp32 output (``torch.mm(a, b, out_dtype)``: tensor cores, the
-    LM heads never copied); otherwise each head is converted to ``operand_dtype`` (fp32 or fp64) once
-    per call and every GEMM is exact in it. ``budget_bytes``, ``min_rows``, ``max_rows``: chunk sizing
-    (:func:`auto_chunk_size`). Logits, gradients and ``grad_weight``'s accumulation are fp32 (fp64) either way."""
+    """How the chunk GEMMs run. ``operand_dtype``: the dtype of their operands (each head converted to it
+    once per call: a no-op in the heads' own dtype). ``mixed``: bf16/fp16 operands with fp32 accumulation
+    and fp32 output (``torch.mm(a, b, out_dtype)``, CUDA only); otherwise the GEMMs output
+    ``operand_dtype`` (fp32/fp64 exact, or bf16/fp16 logits and gradient products as a bf16 model's own
+    ``F.linear`` computes them). ``budget_bytes``, ``min_rows``, ``max_rows``: chunk sizing
+    (:func:`auto_chunk_size`). ``grad_weight`` is accumulated in fp32 (fp64) either way."""
 
     operand_dtype: torch.dtype
     mixed: bool
@@ -61,27 +65,52 @@ class GemmPlan:
     min_rows: int = 256
     max_rows: int = 1024
 
+    @property
+    def logits_dtype(self) -> torch.dtype:
+        """The dtype of the logits (and of the logit gradient fed to the backward GEMMs)."""
+        return torch.float32 if self.mixed else self.operand_dtype
+
 
 def gemm_plan(device_type: str, weight_dtype: torch.dtype, cpu_budget_bytes: int,
-              device_memory_bytes: Optional[int] = None) -> GemmPlan:
-    """The plan for LM heads of ``weight_dtype`` on ``device_type``: on CUDA with bf16/fp16 heads, mixed
-    GEMMs and chunks sized for the device (1/16 of its memory, 256–4096 rows); elsewhere the exact fp32
-    path of the CPU (``cpu_budget_bytes``, 256–1024 rows). NOT RUN ON A GPU HERE: only the plan is tested."""
-    if device_type == "cuda" and weight_dtype in (torch.bfloat16, torch.float16):
-        return GemmPlan(weight_dtype, True, (device_memory_bytes or 16 * 2**30) // 16, 256, 4096)
+              device_memory_bytes: Optional[int] = None, precision: str = "auto") -> GemmPlan:
+    """The plan for LM heads of ``weight_dtype`` on ``device_type`` (``precision``: ``VCRDConfig.gemm_precision``).
+
+    GEMMs in the head's dtype (``"head"``, and ``"auto"`` for bf16 heads anywhere and fp16 heads on CUDA;
+    fp16 GEMMs on this CPU are ~4× slower than bf16 ones): on CUDA mixed GEMMs with chunks sized for the
+    device (1/16 of its memory, 256–4096 rows), elsewhere bf16/fp16 GEMMs with bf16/fp16 output. Otherwise
+    (``"exact"``, fp32/fp64 heads) exact GEMMs in fp32 (fp64). CPU chunks: ``cpu_budget_bytes``, 256–1024
+    rows. NOT RUN ON A GPU HERE: only the CUDA plan is tested."""
+    low = weight_dtype in (torch.bfloat16, torch.float16)
+    auto = weight_dtype == torch.bfloat16 or device_type == "cuda"
+    if low and (precision == "head" or (precision == "auto" and auto)):
+        if device_type == "cuda":
+            return GemmPlan(weight_dtype, True, (device_memory_bytes or 16 * 2**30) // 16, 256, 4096)
+        return GemmPlan(weight_dtype, False, cpu_budget_bytes)
     return GemmPlan(torch.promote_types(weight_dtype, torch.float32), False, cpu_budget_bytes)
 
 
-def plan_for(weight: torch.Tensor) -> GemmPlan:
+def plan_for(weight: torch.Tensor, precision: str = "auto") -> GemmPlan:
     """:func:`gemm_plan` for this head's device and dtype (``VCRD_FUSED_BUDGET_MB`` on CPU)."""
     memory = torch.cuda.get_device_properties(weight.device).total_memory if weight.is_cuda else None
-    return gemm_plan(weight.device.type, weight.dtype, settings.fused_budget_bytes(), memory)
+    return gemm_plan(weight.device.type, weight.dtype, settings.fused_budget_bytes(), memory, precision)
 
 
 def _logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], mixed: bool = False) -> torch.Tensor:
-    """``h @ w^T + b``; ``mixed``: bf16/fp16 operands, fp32 output (CUDA only)."""
-    out = torch.mm(h, w.T, out_dtype=torch.float32) if mixed else h @ w.T
-    return out if b is None else out + b
+    """``h @ w^T + b``; ``mixed``: bf16/fp16 operands, fp32 output (CUDA only); else in ``h``'s dtype."""
+    if mixed:
+        out = torch.mm(h, w.T, out_dtype=torch.float32)
+        return out if b is None else out + b
+    return torch.nn.functional.linear(h, w, b)
+
+
+def _accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, plan: GemmPlan) -> None:
+    """``out += a @ b`` into fp32 (fp64) ``out`` from operands in ``plan.operand_dtype``."""
+    if plan.mixed:
+        torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+    elif a.dtype == out.dtype:
+        out.addmm_(a, b)
+    else:  # CPU bf16/fp16: no GEMM outputs fp32, so the product in the operands' dtype, added in fp32
+        out += a @ b
 
 
 def fused_linear_vcrd_loss(
@@ -134,11 +163,10 @@ def fused_linear_vcrd_loss(
                           num_items_in_batch=num_items_in_batch, vocab_size=vocab_size, reduction=reduction,
                           return_stats=return_stats)
 
-    dtype = torch.promote_types(student_weight.dtype, torch.float32)
-    plan = plan_for(teacher_weight)
-    # once per call (exact plan: the GEMMs accumulate and output fp32); mixed: the head as it is
+    plan = plan_for(teacher_weight, cfg.gemm_precision)
+    # once per call (exact plan: the GEMMs accumulate and output fp32); in the head's dtype: the head as it is
     w_t = teacher_weight[:V].to(plan.operand_dtype)
-    b_t = None if teacher_bias is None else teacher_bias[:V].to(dtype)
+    b_t = None if teacher_bias is None else teacher_bias[:V].to(plan.logits_dtype)
     h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
     def chunk_batch(idx: torch.Tensor, s: torch.Tensor, rows: RowLayout) -> RowBatch:
         return RowBatch(s, _logits(h_t[idx].to(plan.operand_dtype), w_t, b_t, plan.mixed), rows)
@@ -164,9 +192,9 @@ def loss_from_hidden(student_hidden: torch.Tensor, student_weight: torch.Tensor,
     needs_grad = tuple(x is not None and x.requires_grad and torch.is_grad_enabled() for x in student)
     Z = row_normalizer(reduction, cfg, num_items_in_batch, layout)
     kept_idx = layout.valid.nonzero().squeeze(1)  # ignored rows never reach a GEMM
-    plan = plan_for(student_weight)
-    C = auto_chunk_size(kept_idx.numel(), V, plan.budget_bytes, plan.min_rows, plan.max_rows) \
-        if chunk_size == "auto" else chunk_size
+    plan = plan_for(student_weight, cfg.gemm_precision)
+    C = auto_chunk_size(kept_idx.numel(), V, plan.budget_bytes, plan.min_rows, plan.max_rows,
+                        2 * plan.logits_dtype.itemsize) if chunk_size == "auto" else chunk_size
     # the loss's own precision, whatever autocast the caller runs under (its GEMMs accumulate in fp32)
     with torch.no_grad(), torch.autocast(h_s.device.type, enabled=False):
         kept, grads = _chunked(h_s, student_weight, student_bias, chunk_batch, V, layout, kept_idx, cfg, impl, C,
@@ -185,13 +213,13 @@ def loss_from_hidden(student_hidden: torch.Tensor, student_weight: torch.Tensor,
 
 def _chunked(h_s, weight, bias, chunk_batch, V, layout, kept_idx, cfg, impl, C, grad_scale, needs_grad, plan, backend):
     """Walk the kept rows in chunks of ``C``: both logits, the backend's rows and the logit gradient
-    (written over the student logits), then ``grad_hidden[chunk] = g @ W_s``, ``grad_W_s += g^T h_s``,
-    ``grad_b_s += Σ g`` (fp32 outputs and accumulation; operands as :class:`GemmPlan` says). Returns the
+    (written over the student logits, in ``plan.logits_dtype``), then ``grad_hidden[chunk] = g @ W_s``,
+    ``grad_W_s += g^T h_s``, ``grad_b_s += Σ g`` (fp32 accumulation; operands as :class:`GemmPlan` says). Returns the
     kept rows (``[n_kept]``) and ``[grad_hidden, grad_weight, grad_bias]`` (None where ``needs_grad`` says no)."""
     dtype, dev = torch.promote_types(weight.dtype, torch.float32), h_s.device
     op = plan.operand_dtype
-    w_s = weight[:V].to(op)  # exact plan: once per call (a bf16 head: fp32 GEMMs, never rounded); mixed: no copy
-    b_s = None if bias is None else bias[:V].to(dtype)
+    w_s = weight[:V].to(op)  # exact plan: once per call (a bf16 head: fp32 GEMMs, never rounded); else no copy
+    b_s = None if bias is None else bias[:V].to(plan.logits_dtype)
     shapes = (h_s.shape, weight.shape, weight.shape[:1])
     grad_h, grad_w, grad_b = (torch.zeros(shape, dtype=dtype, device=dev) if need else None
                               for shape, need in zip(shapes, needs_grad))
@@ -206,19 +234,13 @@ def _chunked(h_s, weight, bias, chunk_batch, V, layout, kept_idx, cfg, impl, C, 
         chunk = chunk_batch(idx, _logits(hs, w_s, b_s, plan.mixed), rows)
         g = chunk.s if any(needs_grad) else None  # the gradient overwrites the student logits, row by row
         parts.append(backend(impl, chunk, cfg, g, grad_scale, window=window))
-        if plan.mixed and g is not None:  # CUDA: tensor-core GEMMs on the gradient rounded once, fp32 out
-            g_op = g.to(op)
-            if grad_h is not None:
-                grad_h[idx] = torch.mm(g_op, w_s, out_dtype=torch.float32)
-            if grad_w is not None:
-                torch.addmm(grad_w[:V], g_op.T, hs, out_dtype=torch.float32, out=grad_w[:V])
-        else:
-            if grad_h is not None:
-                grad_h[idx] = g @ w_s
-            if grad_w is not None:
-                grad_w[:V].addmm_(g.T, hs)
+        g_op = None if g is None else g.to(op)  # mixed (CUDA): the fp32 gradient rounded once; else no copy
+        if grad_h is not None:
+            grad_h[idx] = torch.mm(g_op, w_s, out_dtype=dtype) if plan.mixed else (g_op @ w_s).to(dtype)
+        if grad_w is not None:
+            _accumulate(grad_w[:V], g_op.T, hs, plan)
         if grad_b is not None:
-            grad_b[:V] += g.sum(0)
+            grad_b[:V] += g.sum(0, dtype=dtype)
     return concat_rows(parts, dtype, dev), [grad_h, grad_w, grad_b]
 
 
