@@ -61,6 +61,7 @@ class DemoSettings:
     samples: int = 2               # sampled traces per problem
     temperature: float = 0.8
     difficulty: int = 0
+    task: str = "two_step"         # a task of vcrd.app.synthetic ("two_step" or "totals")
     eval_batch: int = 128
     max_new_tokens: int = 88       # the longest verbose solution is 81 characters, terse ones <= 27
     group: int = 8                 # length grouping: every `group` batches come from one sorted draw
@@ -284,8 +285,8 @@ def eager_loss() -> Iterator[None]:
 def prepare(s: DemoSettings, clock: Clock, bar=None, log=print) -> Prepared:
     """Steps 1–3: data, teacher, sampled traces, scores under the initial student."""
     tok = build_char_tokenizer()
-    train = make_dataset(s.n_train, s.seed, "two_step", s.difficulty)
-    held_out = make_dataset(s.n_eval, s.seed + 1, "two_step", s.difficulty, exclude={p.question for p in train})
+    train = make_dataset(s.n_train, s.seed, s.task, s.difficulty)
+    held_out = make_dataset(s.n_eval, s.seed + 1, s.task, s.difficulty, exclude={p.question for p in train})
     with clock("teacher"):
         teacher = llama(tok, 128, 4, s.seed)
         teacher_losses = train_teacher(teacher, tok, train, s.teacher_steps, s.batch_size, s.lr, s.seed, s.group, bar)
