@@ -114,7 +114,7 @@ def make_two_step_problem(rng: random.Random, difficulty: int = 0) -> Problem:
     return Problem(question, steps, total)
 
 
-TOTALS_DIFFICULTIES = {0: (3, 9), 1: (4, 9), 2: (4, 19)}  # difficulty -> (amounts, max amount)
+TOTALS_DIFFICULTIES = {0: (3, 5), 1: (3, 9), 2: (4, 9)}  # difficulty -> (amounts, max amount)
 
 
 def totals_steps(names: Sequence[str], amounts: Sequence[int], order: Sequence[int]) -> List[Tuple[str, str]]:
@@ -136,8 +136,8 @@ def make_totals_problem(rng: random.Random, difficulty: int = 0) -> Problem:
 
     The terse and verbose reference solutions add in two different random orders (the verbose
     one never in the terse one's), so the same problem has several right solutions whose
-    intermediate sums differ; the answer is fixed. ``difficulty`` 0: 3 amounts 1–9; 1: 4 amounts
-    1–9; 2: 4 amounts 1–19."""
+    intermediate sums differ; the answer is fixed. ``difficulty`` 0: 3 amounts 1–5; 1: 3 amounts
+    1–9; 2: 4 amounts 1–9."""
     if difficulty not in TOTALS_DIFFICULTIES:
         raise ValueError(f"difficulty: expected one of {sorted(TOTALS_DIFFICULTIES)}, got {difficulty!r}")
     n, top = TOTALS_DIFFICULTIES[difficulty]
