@@ -10,7 +10,7 @@ import pytest
 
 from vcrd.app.cli import main
 from vcrd.app.quality import (ARMS, arm_config, mean_ci, paired_difference, parse_arm, split_arms, summarize,
-                              t_quantile, vary_arms)
+                              t_quantile, varied_right_traces, vary_arms)
 from vcrd.core.config import VCRDConfig
 
 
@@ -111,3 +111,13 @@ def test_bench_quality_override_arms_and_task_end_to_end(tmp_path):
     assert "Task totals" in (out / "results.md").read_text()
     assert main(["bench-quality", "--vary", "validity_tau=0", "--out", str(out)]) == 2
     assert main(["bench-quality", "--arms", "vcrd[window_steps=2]", "--vary", "window_steps=2", "--out", str(out)]) == 2
+
+
+def test_varied_right_traces_counts_problems_reaching_the_answer_by_other_steps():
+    traces = ["4+3=7\n\n7+5=12\n\nAnswer: 12", "5+3=8\n\n8+4=12\n\nAnswer: 12",  # problem 0: two orders
+              "2+2=4\n\n4+1=5\n\nAnswer: 5", "Ana and Ben have 2+2=4, so far.\n\nWith Eli's 1, so 4+1=5.\n\nAnswer: 5",
+              "1+1=2\n\nAnswer: 2", "1+1=3\n\nAnswer: 3",  # problem 2: one right trace only
+              "3+3=6\n\nAnswer: 6", "3+3=6\n\n6-1=5\n\nAnswer: 5"]  # problem 3: a longer right trace
+    problem_of, right = [0, 0, 1, 1, 2, 2, 3, 3], [True, True, True, True, True, False, True, True]
+    assert varied_right_traces(traces, problem_of, right) == pytest.approx(2 / 3)  # problems 0 and 3 of 0, 1, 3
+    assert varied_right_traces(traces[:4], problem_of[:4], [True, False, True, True]) == 0.0

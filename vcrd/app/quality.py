@@ -182,6 +182,18 @@ def vary_arms(item: str, base: str = "vcrd") -> Tuple[str, ...]:
     return split_arms(",".join(f"{base}[{key.strip()}={v.strip()}]" for v in values.split(",")))
 
 
+def varied_right_traces(traces: Sequence[str], problem_of: Sequence[int], right: Sequence[bool]) -> float:
+    """Among the problems with two or more right traces, the share whose right traces pass through
+    different intermediate values (the ``=N`` results of their steps): the same answer reached by
+    different steps. ``traces[j]`` solves problem ``problem_of[j]``; ``right[j]`` says whether it is right."""
+    steps: Dict[int, List[Tuple[int, ...]]] = {}
+    for text, i, ok in zip(traces, problem_of, right):
+        if ok:
+            steps.setdefault(i, []).append(tuple(int(v) for v in re.findall(r"=(\d+)", text)))
+    several = [v for v in steps.values() if len(v) > 1]
+    return sum(len(set(v)) > 1 for v in several) / max(1, len(several))
+
+
 def summarize(per_seed: Dict[str, Dict[str, float]], arms: Sequence[str], seeds: Sequence[int]
               ) -> List[Dict[str, object]]:
     """One row per arm: accuracy mean ± CI and paired differences to kd and vcrd (on the seeds both have)."""
@@ -286,10 +298,12 @@ def _run_quality(q: QualitySettings, command: Optional[str], log) -> Dict[str, o
             t_eval = evaluate(prep.teacher, prep.tok, prep.held_out, s)
             data = {}
             teachers[str(seed)] = {"accuracy": t_eval["accuracy"], "trace_accuracy": sum(prep.right) / len(prep.right),
+                                   "varied_right_traces": varied_right_traces(prep.traces, prep.problem_of, prep.right),
                                    "wall": sum(p["wall"] for p in clock.phases.values()),
                                    "cpu": sum(p["cpu"] for p in clock.phases.values())}
             log(f"seed {seed}: teacher {t_eval['accuracy']:.1%} held-out, traces right "
-                f"{teachers[str(seed)]['trace_accuracy']:.1%} ({teachers[str(seed)]['cpu']:.0f} s CPU)", flush=True)
+                f"{teachers[str(seed)]['trace_accuracy']:.1%}, right traces of one problem with different steps "
+                f"{teachers[str(seed)]['varied_right_traces']:.1%} ({teachers[str(seed)]['cpu']:.0f} s CPU)", flush=True)
             per_seed[str(seed)] = {}
             for arm in q.arms:
                 base = parse_arm(arm)[0]
@@ -325,11 +339,14 @@ def write_report(results: Dict[str, object], out: Path, log=print) -> Dict[str, 
     t_acc = [teachers[str(s)]["accuracy"] for s in seeds]
     load = results["load_average"]
     task = d.get("task", "two_step")  # results written before the task option are two-step runs
-    header = (f"Task {task}, seeds {list(seeds)} (paired across arms); per seed one teacher (128-d, 4 layers, {d['teacher_steps']} "
-              f"steps, batch {d['batch_size']}, {d['n_train']} problems), {d['samples']} sampled traces for "
+    varied = [teachers[str(s)].get("varied_right_traces") for s in seeds]
+    varied_text = ("" if None in varied else " Problems whose right traces take different intermediate steps: "
+                   + ", ".join(f"{100 * v:.1f}" for v in varied) + " % per seed.")
+    header = (f"Task {task}, seeds {list(seeds)} (paired across arms); per seed one teacher (128-d, 4 layers, "
+              f"{d['teacher_steps']} steps, batch {d['batch_size']}, {d['n_train']} problems), {d['samples']} sampled traces for "
               f"{d['n_trace']} problems; students 64-d, 2 layers, {d['student_steps']} steps, batch {d['batch_size']}; "
               f"{d['n_eval']} held-out problems per seed, greedy. Teacher accuracy {fmt_ci(*mean_ci(t_acc))} % "
-              f"(per seed: {', '.join(f'{100 * a:.1f}' for a in t_acc)}). {results['seconds']:.0f} s wall, "
+              f"(per seed: {', '.join(f'{100 * a:.1f}' for a in t_acc)}).{varied_text} {results['seconds']:.0f} s wall, "
               f"{results['cpu_seconds']:.0f} s CPU, {results['threads']} thread(s) per process "
               f"(load average {load['start'][0]:.1f} at the start, {load['end'][0]:.1f} at the end).")
     table = format_table(rows)
