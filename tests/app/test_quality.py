@@ -9,8 +9,18 @@ import re
 import pytest
 
 from vcrd.app.cli import main
-from vcrd.app.quality import (ARMS, arm_config, mean_ci, paired_difference, parse_arm, split_arms, summarize,
-                              t_quantile, varied_right_traces, vary_arms)
+from vcrd.app.quality import (
+    ARMS,
+    arm_config,
+    mean_ci,
+    paired_difference,
+    parse_arm,
+    split_arms,
+    summarize,
+    t_quantile,
+    varied_right_traces,
+    vary_arms,
+)
 from vcrd.core.config import VCRDConfig
 
 

@@ -301,9 +301,10 @@ def _run_quality(q: QualitySettings, command: Optional[str], log) -> Dict[str, o
                                    "varied_right_traces": varied_right_traces(prep.traces, prep.problem_of, prep.right),
                                    "wall": sum(p["wall"] for p in clock.phases.values()),
                                    "cpu": sum(p["cpu"] for p in clock.phases.values())}
-            log(f"seed {seed}: teacher {t_eval['accuracy']:.1%} held-out, traces right "
-                f"{teachers[str(seed)]['trace_accuracy']:.1%}, right traces of one problem with different steps "
-                f"{teachers[str(seed)]['varied_right_traces']:.1%} ({teachers[str(seed)]['cpu']:.0f} s CPU)", flush=True)
+            t = teachers[str(seed)]
+            log(f"seed {seed}: teacher {t_eval['accuracy']:.1%} held-out, traces right {t['trace_accuracy']:.1%}, "
+                f"right traces of one problem with different steps {t['varied_right_traces']:.1%} "
+                f"({t['cpu']:.0f} s CPU)", flush=True)
             per_seed[str(seed)] = {}
             for arm in q.arms:
                 base = parse_arm(arm)[0]
@@ -343,11 +344,12 @@ def write_report(results: Dict[str, object], out: Path, log=print) -> Dict[str, 
     varied_text = ("" if None in varied else " Problems whose right traces take different intermediate steps: "
                    + ", ".join(f"{100 * v:.1f}" for v in varied) + " % per seed.")
     header = (f"Task {task}, seeds {list(seeds)} (paired across arms); per seed one teacher (128-d, 4 layers, "
-              f"{d['teacher_steps']} steps, batch {d['batch_size']}, {d['n_train']} problems), {d['samples']} sampled traces for "
-              f"{d['n_trace']} problems; students 64-d, 2 layers, {d['student_steps']} steps, batch {d['batch_size']}; "
-              f"{d['n_eval']} held-out problems per seed, greedy. Teacher accuracy {fmt_ci(*mean_ci(t_acc))} % "
-              f"(per seed: {', '.join(f'{100 * a:.1f}' for a in t_acc)}).{varied_text} {results['seconds']:.0f} s wall, "
-              f"{results['cpu_seconds']:.0f} s CPU, {results['threads']} thread(s) per process "
+              f"{d['teacher_steps']} steps, batch {d['batch_size']}, {d['n_train']} problems), {d['samples']} sampled "
+              f"traces for {d['n_trace']} problems; students 64-d, 2 layers, {d['student_steps']} steps, batch "
+              f"{d['batch_size']}; {d['n_eval']} held-out problems per seed, greedy. Teacher accuracy "
+              f"{fmt_ci(*mean_ci(t_acc))} % (per seed: {', '.join(f'{100 * a:.1f}' for a in t_acc)}).{varied_text} "
+              f"{results['seconds']:.0f} s wall, {results['cpu_seconds']:.0f} s CPU, {results['threads']} thread(s) "
+              "per process "
               f"(load average {load['start'][0]:.1f} at the start, {load['end'][0]:.1f} at the end).")
     table = format_table(rows)
     plotted = _plot(rows, out / "quality.png")
