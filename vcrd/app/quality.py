@@ -290,6 +290,7 @@ def _run_quality(q: QualitySettings, command: Optional[str], log) -> Dict[str, o
         })
         (out / "results.json").write_text(json.dumps(results, indent=1, default=list))
 
+    width = max(map(len, q.arms))
     with eager_loss():
         for seed in q.seeds:
             s = replace(q.demo, seed=seed, out=str(out))
@@ -325,7 +326,7 @@ def _run_quality(q: QualitySettings, command: Optional[str], log) -> Dict[str, o
                     acc = evaluate(student, prep.tok, prep.held_out, s)["accuracy"]
                 per_seed[str(seed)][arm] = {"accuracy": acc, "loss": list(head_tail(curves["loss"])),
                                             "kept_right": kept_right, **clock.phases[arm]}
-                log(f"  seed {seed} {arm:<18} {acc:6.1%}  ({clock.phases[arm]['cpu']:.0f} s CPU, "
+                log(f"  seed {seed} {arm:<{width}} {acc:6.1%}  ({clock.phases[arm]['cpu']:.0f} s CPU, "
                     f"{clock.phases[arm]['wall']:.0f} s wall)", flush=True)
                 save()
     save()
