@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
 from vcrd.app.cli import main
-from vcrd.app.quality import ARMS, arm_config, mean_ci, paired_difference, summarize, t_quantile
+from vcrd.app.quality import (
+    ARMS,
+    arm_config,
+    mean_ci,
+    paired_difference,
+    parse_arm,
+    split_arms,
+    summarize,
+    t_quantile,
+    varied_right_traces,
+    vary_arms,
+)
+from vcrd.core.config import VCRDConfig
 
 
 def test_t_quantiles():
@@ -73,3 +86,48 @@ def test_bench_quality_merges_runs_over_other_seeds(tmp_path):
     assert saved["seeds"] == [0, 1] and saved["summary"][1]["n_seeds"] == 2 and "vs_kd" in saved["summary"][1]
     assert main(["bench-quality", "--merge", str(tmp_path / "s0"), str(tmp_path / "s0"), "--out",
                  str(tmp_path / "bad")]) == 2
+
+
+def test_arm_specs_override_config_fields():
+    assert parse_arm(" vcrd [validity_tau=0.5, window_steps=None]") == ("vcrd", {"validity_tau": 0.5,
+                                                                               "window_steps": None})
+    assert split_arms("kd,vcrd[validity=expected,correction=False],per-token window") == (
+        "kd", "vcrd[validity=expected,correction=False]", "per-token window")
+    assert vary_arms("window_steps=2, 8") == ("vcrd[window_steps=2]", "vcrd[window_steps=8]")
+    assert arm_config("vcrd[validity_tau=0.5]") == VCRDConfig(validity_tau=0.5)
+    assert arm_config("per-token window[window_steps=2]") == VCRDConfig(window_steps=2)  # the spec's value wins
+    assert arm_config("kd[temperature=2]") == VCRDConfig.preset("kd", temperature=2.0)
+    for bad, says in [("vcrd[tau=1]", "'tau=1'"), ("vcrd[validity_tau=1,validity_tau=2]", "validity_tau=2"),
+                      ("nope", "'nope'"), ("vcrd[validity_tau=-1]", "validity_tau: expected a number > 0"),
+                      ("vcrd[window_steps=2.5]", "window_steps"), ("vcrd[validity_tau", "vcrd")]:
+        with pytest.raises(ValueError, match=re.escape(says)):
+            split_arms(bad)
+    with pytest.raises(ValueError, match="vary: expected FIELD=VALUE"):
+        vary_arms("validity_tau")
+
+
+def test_bench_quality_override_arms_and_task_end_to_end(tmp_path):
+    out = tmp_path / "q"
+    as_kd = "vcrd[validity=None,correction=False,normalize=tokens]"  # the kd preset, reached by overrides
+    args = ["bench-quality", "--seeds", "1", "--arms", f"kd,vcrd,{as_kd}", "--vary", "validity_tau=0.5",
+            "--task", "totals", "--n-train", "8", "--n-trace", "4", "--n-eval", "4", "--teacher-steps", "2",
+            "--student-steps", "3", "--max-new-tokens", "8", "--out", str(out)]
+    assert main(args) == 0
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["arms"] == ["kd", "vcrd", as_kd, "vcrd[validity_tau=0.5]"] and saved["settings"]["task"] == "totals"
+    runs = saved["per_seed"]["0"]
+    assert runs[as_kd]["loss"] == runs["kd"]["loss"] and runs["vcrd"]["loss"] != runs["kd"]["loss"]
+    assert "vs_vcrd" in saved["summary"][3] and "validity_tau=0.5" in (out / "results.md").read_text()
+    assert "Task totals" in (out / "results.md").read_text()
+    assert main(["bench-quality", "--vary", "validity_tau=0", "--out", str(out)]) == 2
+    assert main(["bench-quality", "--arms", "vcrd[window_steps=2]", "--vary", "window_steps=2", "--out", str(out)]) == 2
+
+
+def test_varied_right_traces_counts_problems_reaching_the_answer_by_other_steps():
+    traces = ["4+3=7\n\n7+5=12\n\nAnswer: 12", "5+3=8\n\n8+4=12\n\nAnswer: 12",  # problem 0: two orders
+              "2+2=4\n\n4+1=5\n\nAnswer: 5", "Ana and Ben have 2+2=4, so far.\n\nWith Eli's 1, so 4+1=5.\n\nAnswer: 5",
+              "1+1=2\n\nAnswer: 2", "1+1=3\n\nAnswer: 3",  # problem 2: one right trace only
+              "3+3=6\n\nAnswer: 6", "3+3=6\n\n6-1=5\n\nAnswer: 5"]  # problem 3: a longer right trace
+    problem_of, right = [0, 0, 1, 1, 2, 2, 3, 3], [True, True, True, True, True, False, True, True]
+    assert varied_right_traces(traces, problem_of, right) == pytest.approx(2 / 3)  # problems 0 and 3 of 0, 1, 3
+    assert varied_right_traces(traces[:4], problem_of[:4], [True, False, True, True]) == 0.0

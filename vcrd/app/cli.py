@@ -10,6 +10,7 @@ import sys
 from typing import List, Optional
 
 from .. import __version__
+from .synthetic import TASKS
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -30,20 +31,20 @@ def demo(args: argparse.Namespace) -> int:
 def bench_quality(args: argparse.Namespace) -> int:
     """``vcrd bench-quality``: the arms over paired seeds (:func:`vcrd.app.quality.run_quality`), or ``--merge``."""
     from .demo import DemoSettings
-    from .quality import ARMS, QualitySettings, merge, run_quality
+    from .quality import ARMS, QualitySettings, merge, run_quality, split_arms, vary_arms
 
     command = "vcrd " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench-quality"] else None
     if args.merge:
         merge(args.merge, args.out, command=command)
         return 0
 
-    arms = tuple(a.strip() for a in args.arms.split(",")) if args.arms else tuple(ARMS)
-    unknown = [a for a in arms if a not in ARMS]
-    if unknown:
-        raise ValueError(f"--arms: unknown {unknown}; expected names from {list(ARMS)}")
+    arms = split_arms(args.arms) if args.arms else tuple(ARMS)
+    arms += tuple(a for item in args.vary for a in vary_arms(item))
+    if len(set(arms)) != len(arms):
+        raise ValueError(f"--arms/--vary: expected distinct arms, got {list(arms)}")
     demo_settings = DemoSettings(n_train=args.n_train, n_trace=args.n_trace, n_eval=args.n_eval,
                                  teacher_steps=args.teacher_steps, student_steps=args.student_steps,
-                                 threads=args.threads, max_new_tokens=args.max_new_tokens)
+                                 threads=args.threads, max_new_tokens=args.max_new_tokens, task=args.task)
     run_quality(QualitySettings(seeds=tuple(range(args.first_seed, args.first_seed + args.seeds)), arms=arms,
                                 demo=demo_settings, out=args.out), command=command)
     return 0
@@ -253,7 +254,12 @@ def add_bench_quality_parser(sub: argparse._SubParsersAction) -> None:
     cmd.add_argument("--out", default="runs/quality", help="output folder (default runs/quality)")
     cmd.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
     cmd.add_argument("--first-seed", type=int, default=0, help="first seed (default 0)")
-    cmd.add_argument("--arms", default="", help="comma-separated arm names (default: all; see vcrd/app/quality.py)")
+    cmd.add_argument("--arms", default="", help="comma-separated arms (default: all; see vcrd/app/quality.py); an "
+                                                "arm may override config fields: 'vcrd[validity_tau=0.5,window_steps=2]'")
+    cmd.add_argument("--vary", action="append", default=[], metavar="FIELD=V1,V2",
+                     help="add one arm vcrd[FIELD=V] per value (repeatable: a one-at-a-time sensitivity grid)")
+    cmd.add_argument("--task", default="two_step", choices=TASKS, help="synthetic task (default two_step; totals: "
+                                                                       "sums whose order of additions is free)")
     add_demo_size_arguments(cmd, student_steps=400, per="arm")
     cmd.add_argument("--max-new-tokens", type=int, default=88, help="generation length (default 88)")
     cmd.add_argument("--merge", nargs="+", metavar="DIR",

@@ -65,8 +65,8 @@ class Clock:
 def prepare(s: DemoSettings, clock: Clock, bar=None, log=print) -> Prepared:
     """Steps 1–3: data, teacher, sampled traces, scores under the initial student."""
     tok = build_char_tokenizer()
-    train = make_dataset(s.n_train, s.seed, "two_step", s.difficulty)
-    held_out = make_dataset(s.n_eval, s.seed + 1, "two_step", s.difficulty, exclude={p.question for p in train})
+    train = make_dataset(s.n_train, s.seed, s.task, s.difficulty)
+    held_out = make_dataset(s.n_eval, s.seed + 1, s.task, s.difficulty, exclude={p.question for p in train})
     with clock("teacher"):
         teacher = llama(tok, 128, 4, s.seed)
         teacher_losses = train_teacher(teacher, tok, train, s.teacher_steps, s.batch_size, s.lr, s.seed, s.group, bar)

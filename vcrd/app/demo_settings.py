@@ -26,6 +26,7 @@ class DemoSettings:
     samples: int = 2               # sampled traces per problem
     temperature: float = 0.8
     difficulty: int = 0
+    task: str = "two_step"         # a task of vcrd.app.synthetic ("two_step" or "totals")
     eval_batch: int = 128
     max_new_tokens: int = 88       # the longest verbose solution is 81 characters, terse ones <= 27
     group: int = 8                 # length grouping: every `group` batches come from one sorted draw

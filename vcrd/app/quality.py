@@ -12,6 +12,10 @@ initial student on the same batches (the seeds are paired across arms), changing
 - offline ``vcrd``: the same student distilled from the teacher's top-64 cache of its kept traces
   (SPEC §10; no teacher runs during distillation), as the demo's offline student.
 
+An arm may override fields of its config: ``vcrd[validity_tau=0.5]`` is the ``vcrd`` arm with
+``validity_tau=0.5`` (:func:`parse_arm`); ``vary_arms`` builds such arms one field at a time, for
+the sensitivity of the defaults.
+
 Reported per arm: held-out exact match, mean ± 95 % confidence interval over seeds (t-distribution),
 and the paired difference to ``kd`` and to ``vcrd`` (mean ± 95 % CI of the per-seed differences).
 """
@@ -21,9 +25,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -102,9 +107,82 @@ class QualitySettings:
     out: str = "runs/quality"
 
 
+CONFIG_FIELDS = tuple(f.name for f in fields(VCRDConfig))
+_SPEC = re.compile(r"(?P<base>[^\[\]]+?)\s*(?:\[(?P<overrides>[^\[\]]*)\])?")
+
+
+def parse_value(text: str) -> object:
+    """A config value written on the command line: ``None``, ``True``/``False``, an int, a float,
+    else the text itself (``tokens``, ``argmax``)."""
+    words = {"None": None, "True": True, "False": False}
+    if text in words:
+        return words[text]
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_arm(spec: str) -> Tuple[str, Dict[str, object]]:
+    """``"vcrd[validity_tau=0.5,window_steps=None]"`` -> ``("vcrd", {"validity_tau": 0.5, "window_steps":
+    None})``: an arm of :data:`ARMS` and the :class:`VCRDConfig` fields it overrides (none without brackets)."""
+    m = _SPEC.fullmatch(spec.strip())
+    if m is None or m["base"] not in ARMS:
+        raise ValueError(f"arms: expected NAME or NAME[FIELD=VALUE,...] with NAME from {list(ARMS)}, got {spec!r}")
+    overrides: Dict[str, object] = {}
+    for item in filter(None, (m["overrides"] or "").split(",")):
+        key, eq, value = (x.strip() for x in item.partition("="))
+        if not eq or key not in CONFIG_FIELDS or key in overrides:
+            raise ValueError(f"arms: {spec!r}: expected distinct FIELD=VALUE items with FIELD from "
+                             f"{list(CONFIG_FIELDS)}, got {item.strip()!r}")
+        overrides[key] = parse_value(value)
+    return m["base"], overrides
+
+
+def arm_name(base: str, overrides: Dict[str, object]) -> str:
+    """The canonical name of an arm: ``base``, or ``base[field=value,...]``."""
+    return base + (f"[{','.join(f'{k}={v}' for k, v in overrides.items())}]" if overrides else "")
+
+
 def arm_config(name: str) -> VCRDConfig:
-    preset, overrides, _ = ARMS[name]
-    return VCRDConfig.preset(preset, **overrides)
+    """The loss config of an arm: its preset with the arm's and the spec's overrides (validated)."""
+    base, extra = parse_arm(name)
+    preset, overrides, _ = ARMS[base]
+    try:
+        return VCRDConfig.preset(preset, **{**overrides, **extra})
+    except ValueError as e:
+        raise ValueError(f"arms: {name!r}: {e}") from e
+
+
+def split_arms(text: str) -> Tuple[str, ...]:
+    """Comma-separated arm specs in canonical form, checked; commas inside brackets separate overrides."""
+    names = tuple(arm_name(*parse_arm(spec)) for spec in re.split(r",(?![^\[]*\])", text))
+    for name in names:
+        arm_config(name)
+    return names
+
+
+def vary_arms(item: str, base: str = "vcrd") -> Tuple[str, ...]:
+    """``"validity_tau=0.125,0.5"`` -> ``("vcrd[validity_tau=0.125]", "vcrd[validity_tau=0.5]")``: one arm
+    per value of one field (a one-at-a-time sensitivity grid around ``base``), checked."""
+    key, eq, values = item.partition("=")
+    if not eq or not values.strip():
+        raise ValueError(f"vary: expected FIELD=VALUE[,VALUE...], got {item!r}")
+    return split_arms(",".join(f"{base}[{key.strip()}={v.strip()}]" for v in values.split(",")))
+
+
+def varied_right_traces(traces: Sequence[str], problem_of: Sequence[int], right: Sequence[bool]) -> float:
+    """Among the problems with two or more right traces, the share whose right traces pass through
+    different intermediate values (the ``=N`` results of their steps): the same answer reached by
+    different steps. ``traces[j]`` solves problem ``problem_of[j]``; ``right[j]`` says whether it is right."""
+    steps: Dict[int, List[Tuple[int, ...]]] = {}
+    for text, i, ok in zip(traces, problem_of, right):
+        if ok:
+            steps.setdefault(i, []).append(tuple(int(v) for v in re.findall(r"=(\d+)", text)))
+    several = [v for v in steps.values() if len(v) > 1]
+    return sum(len(set(v)) > 1 for v in several) / max(1, len(several))
 
 
 def summarize(per_seed: Dict[str, Dict[str, float]], arms: Sequence[str], seeds: Sequence[int]
@@ -129,11 +207,12 @@ def summarize(per_seed: Dict[str, Dict[str, float]], arms: Sequence[str], seeds:
 
 
 def _describe(arm: str) -> str:
-    preset, overrides, sel = ARMS[arm]
+    base, extra = parse_arm(arm)
+    preset, overrides, sel = ARMS[base]
     chosen = "random" if sel == "random" else f"best-{sel.upper()}"
-    source = [f"teacher's top-{OFFLINE_K[arm]} cache"] if arm in OFFLINE_K else []
-    return ", ".join([f"preset {preset}", *(f"{k}={v!r}" for k, v in overrides.items()), f"{chosen} trace",
-                      *source])
+    source = [f"teacher's top-{OFFLINE_K[base]} cache"] if base in OFFLINE_K else []
+    return ", ".join([f"preset {preset}", *(f"{k}={v!r}" for k, v in {**overrides, **extra}.items()),
+                      f"{chosen} trace", *source])
 
 
 def format_table(rows: List[Dict[str, object]]) -> List[str]:
@@ -177,8 +256,7 @@ def run_quality(q: QualitySettings, command: Optional[str] = None, log=print) ->
     """Run every arm on every seed; write ``results.json`` (after every arm), ``results.md`` and
     ``quality.png`` to ``q.out``; return the results."""
     for arm in q.arms:
-        if arm not in ARMS:
-            raise ValueError(f"arms: expected names from {list(ARMS)}, got {arm!r}")
+        arm_config(arm)
     with torch_threads(q.demo.threads):
         return _run_quality(q, command, log)
 
@@ -203,6 +281,7 @@ def _run_quality(q: QualitySettings, command: Optional[str], log) -> Dict[str, o
         })
         (out / "results.json").write_text(json.dumps(results, indent=1, default=list))
 
+    width = max(map(len, q.arms))
     with eager_loss():
         for seed in q.seeds:
             s = replace(q.demo, seed=seed, out=str(out))
@@ -211,22 +290,26 @@ def _run_quality(q: QualitySettings, command: Optional[str], log) -> Dict[str, o
             t_eval = evaluate(prep.teacher, prep.tok, prep.held_out, s)
             data = {}
             teachers[str(seed)] = {"accuracy": t_eval["accuracy"], "trace_accuracy": sum(prep.right) / len(prep.right),
+                                   "varied_right_traces": varied_right_traces(prep.traces, prep.problem_of, prep.right),
                                    "wall": sum(p["wall"] for p in clock.phases.values()),
                                    "cpu": sum(p["cpu"] for p in clock.phases.values())}
-            log(f"seed {seed}: teacher {t_eval['accuracy']:.1%} held-out, traces right "
-                f"{teachers[str(seed)]['trace_accuracy']:.1%} ({teachers[str(seed)]['cpu']:.0f} s CPU)", flush=True)
+            t = teachers[str(seed)]
+            log(f"seed {seed}: teacher {t_eval['accuracy']:.1%} held-out, traces right {t['trace_accuracy']:.1%}, "
+                f"right traces of one problem with different steps {t['varied_right_traces']:.1%} "
+                f"({t['cpu']:.0f} s CPU)", flush=True)
             per_seed[str(seed)] = {}
             for arm in q.arms:
-                sel = ARMS[arm][2]
+                base = parse_arm(arm)[0]
+                sel = ARMS[base][2]
                 if sel not in data:
                     data[sel] = select(prep, sel, seed=seed)
                 examples, kept_right = data[sel]
                 student = fresh_student(prep, s)
                 with clock(arm), tempfile.TemporaryDirectory(prefix="vcrd-quality-cache-") as tmp:
                     teacher, cache = prep.teacher, None
-                    if arm in OFFLINE_K:
+                    if base in OFFLINE_K:
                         with torch.random.fork_rng(devices=[]):
-                            cache = build_teacher_cache(prep.teacher, prep.tok, examples, OFFLINE_K[arm], tmp,
+                            cache = build_teacher_cache(prep.teacher, prep.tok, examples, OFFLINE_K[base], tmp,
                                                         batch_size=s.eval_batch)
                         teacher = None
                     curves = distil(student, teacher, prep.tok, examples, arm_config(arm), s, s.student_steps,
@@ -234,7 +317,7 @@ def _run_quality(q: QualitySettings, command: Optional[str], log) -> Dict[str, o
                     acc = evaluate(student, prep.tok, prep.held_out, s)["accuracy"]
                 per_seed[str(seed)][arm] = {"accuracy": acc, "loss": list(head_tail(curves["loss"])),
                                             "kept_right": kept_right, **clock.phases[arm]}
-                log(f"  seed {seed} {arm:<18} {acc:6.1%}  ({clock.phases[arm]['cpu']:.0f} s CPU, "
+                log(f"  seed {seed} {arm:<{width}} {acc:6.1%}  ({clock.phases[arm]['cpu']:.0f} s CPU, "
                     f"{clock.phases[arm]['wall']:.0f} s wall)", flush=True)
                 save()
     save()
@@ -248,12 +331,17 @@ def write_report(results: Dict[str, object], out: Path, log=print) -> Dict[str, 
     d = results["settings"]
     t_acc = [teachers[str(s)]["accuracy"] for s in seeds]
     load = results["load_average"]
-    header = (f"Seeds {list(seeds)} (paired across arms); per seed one teacher (128-d, 4 layers, {d['teacher_steps']} "
-              f"steps, batch {d['batch_size']}, {d['n_train']} problems), {d['samples']} sampled traces for "
-              f"{d['n_trace']} problems; students 64-d, 2 layers, {d['student_steps']} steps, batch {d['batch_size']}; "
-              f"{d['n_eval']} held-out problems per seed, greedy. Teacher accuracy {fmt_ci(*mean_ci(t_acc))} % "
-              f"(per seed: {', '.join(f'{100 * a:.1f}' for a in t_acc)}). {results['seconds']:.0f} s wall, "
-              f"{results['cpu_seconds']:.0f} s CPU, {results['threads']} thread(s) per process "
+    task = d.get("task", "two_step")  # results written before the task option are two-step runs
+    varied = [teachers[str(s)].get("varied_right_traces") for s in seeds]
+    varied_text = ("" if None in varied else " Problems whose right traces take different intermediate steps: "
+                   + ", ".join(f"{100 * v:.1f}" for v in varied) + " % per seed.")
+    header = (f"Task {task}, seeds {list(seeds)} (paired across arms); per seed one teacher (128-d, 4 layers, "
+              f"{d['teacher_steps']} steps, batch {d['batch_size']}, {d['n_train']} problems), {d['samples']} sampled "
+              f"traces for {d['n_trace']} problems; students 64-d, 2 layers, {d['student_steps']} steps, batch "
+              f"{d['batch_size']}; {d['n_eval']} held-out problems per seed, greedy. Teacher accuracy "
+              f"{fmt_ci(*mean_ci(t_acc))} % (per seed: {', '.join(f'{100 * a:.1f}' for a in t_acc)}).{varied_text} "
+              f"{results['seconds']:.0f} s wall, {results['cpu_seconds']:.0f} s CPU, {results['threads']} thread(s) "
+              "per process "
               f"(load average {load['start'][0]:.1f} at the start, {load['end'][0]:.1f} at the end).")
     table = format_table(rows)
     plotted = _plot(rows, out / "quality.png")

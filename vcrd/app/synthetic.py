@@ -1,10 +1,13 @@
 """The built-in reasoning tasks: arithmetic word problems, solved step by step.
 
-Two tasks share one :class:`Problem` type. ``events`` (:func:`make_problem`): a start amount, then
+Three tasks share one :class:`Problem` type. ``events`` (:func:`make_problem`): a start amount, then
 2–4 events (buying k packs of n, giving some away, sharing equally), 2-digit amounts; too hard for
 a model trained for minutes on a CPU. ``two_step`` (:func:`make_two_step_problem`, what ``vcrd
 demo`` uses): one "gets b more" and one "gives c away" in random order, with a ``difficulty`` knob
-for the operand sizes; a 0.7M-parameter teacher learns it in a few minutes.
+for the operand sizes; a 0.7M-parameter teacher learns it in a few minutes. ``totals``
+(:func:`make_totals_problem`): the total of several people's amounts, whose intermediate steps are
+under-specified (any order of the additions is right; the two reference styles of one problem add
+in two different orders).
 
 In the ``events`` task, each problem is a short story (a start amount, then 2–4 events: buying k packs of n, giving some
 away, sharing equally among m people) whose answer needs one arithmetic step per event. Solutions
@@ -18,7 +21,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Femi", "Gus", "Hana"]
 ITEMS = ["apples", "marbles", "stamps", "coins", "cards", "pens"]
@@ -27,17 +30,23 @@ STYLES = ("terse", "verbose")
 
 @dataclass
 class Problem:
-    """``question``; ``steps``: one ``(equation, sentence)`` pair per step; ``answer``."""
+    """``question``; ``steps``: one ``(equation, sentence)`` pair per step; ``answer``;
+    ``verbose_steps``: the verbose style's own steps when they differ from ``steps`` (another valid
+    order of the same operations), else ``None``."""
 
     question: str
     steps: List[Tuple[str, str]]
     answer: int
+    verbose_steps: Optional[List[Tuple[str, str]]] = None
 
     def solution(self, style: str = "terse") -> str:
         """The step-by-step solution in a teacher style; steps end with a blank line."""
         if style not in STYLES:
             raise ValueError(f"style: expected one of {STYLES}, got {style!r}")
-        lines = [eq if style == "terse" else sentence for eq, sentence in self.steps]
+        if style == "terse":
+            lines = [eq for eq, _ in self.steps]
+        else:
+            lines = [sentence for _, sentence in self.verbose_steps or self.steps]
         return "".join(f"{line}\n\n" for line in lines) + f"Answer: {self.answer}"
 
 
@@ -75,7 +84,7 @@ def make_problem(rng: random.Random, n_events: Optional[int] = None) -> Problem:
 
 
 DIFFICULTIES = {0: (9, 9), 1: (19, 9), 2: (29, 19)}  # difficulty -> (max start, max amount got)
-TASKS = ("events", "two_step")
+TASKS = ("events", "two_step", "totals")
 
 
 def make_two_step_problem(rng: random.Random, difficulty: int = 0) -> Problem:
@@ -105,9 +114,48 @@ def make_two_step_problem(rng: random.Random, difficulty: int = 0) -> Problem:
     return Problem(question, steps, total)
 
 
+TOTALS_DIFFICULTIES = {0: (3, 5), 1: (3, 9), 2: (4, 9)}  # difficulty -> (amounts, max amount)
+
+
+def totals_steps(names: Sequence[str], amounts: Sequence[int], order: Sequence[int]) -> List[Tuple[str, str]]:
+    """The additions of ``amounts`` in ``order`` (a permutation of their indices): running sums,
+    one ``(equation, sentence)`` per addition."""
+    first, second, *rest = order
+    total = amounts[first] + amounts[second]
+    steps = [(f"{amounts[first]}+{amounts[second]}={total}",
+              f"{names[first]} and {names[second]} have {amounts[first]}+{amounts[second]}={total}, so far.")]
+    for i in rest:
+        eq = f"{total}+{amounts[i]}={total + amounts[i]}"
+        steps.append((eq, f"With {names[i]}'s {amounts[i]}, so {eq}."))
+        total += amounts[i]
+    return steps
+
+
+def make_totals_problem(rng: random.Random, difficulty: int = 0) -> Problem:
+    """How many do 3–4 people have in all: the amounts added in any order, one addition per step.
+
+    The terse and verbose reference solutions add in two different random orders (the verbose
+    one never in the terse one's), so the same problem has several right solutions whose
+    intermediate sums differ; the answer is fixed. ``difficulty`` 0: 3 amounts 1–5; 1: 3 amounts
+    1–9; 2: 4 amounts 1–9."""
+    if difficulty not in TOTALS_DIFFICULTIES:
+        raise ValueError(f"difficulty: expected one of {sorted(TOTALS_DIFFICULTIES)}, got {difficulty!r}")
+    n, top = TOTALS_DIFFICULTIES[difficulty]
+    names, item = rng.sample(NAMES, n), rng.choice(ITEMS)
+    amounts = [rng.randint(1, top) for _ in range(n)]
+    terse = rng.sample(range(n), n)
+    verbose = terse
+    while verbose == terse:
+        verbose = rng.sample(range(n), n)
+    has = ", ".join(f"{who} has {a}" for who, a in zip(names[:-1], amounts[:-1]))
+    question = f"{has} and {names[-1]} has {amounts[-1]} {item}. How many in all?"
+    return Problem(question, totals_steps(names, amounts, terse), sum(amounts),
+                   totals_steps(names, amounts, verbose))
+
+
 def make_dataset(n: int, seed: int = 0, task: str = "events", difficulty: int = 0,
                  exclude: Iterable[str] = ()) -> List[Problem]:
-    """``n`` problems of ``task`` (``"events"`` or ``"two_step"`` at ``difficulty``) from one seed
+    """``n`` problems of ``task`` (``"events"``, or ``"two_step"`` or ``"totals"`` at ``difficulty``) from one seed
     (the same arguments give the same problems); questions in ``exclude`` are skipped (held-out
     sets exclude the training questions; keep ``n`` well below the number of distinct questions,
     tens of thousands for the two-step task at difficulty 0)."""
@@ -117,7 +165,10 @@ def make_dataset(n: int, seed: int = 0, task: str = "events", difficulty: int = 
     skip = frozenset(exclude)
     out: List[Problem] = []
     while len(out) < n:
-        p = make_problem(rng) if task == "events" else make_two_step_problem(rng, difficulty)
+        if task == "events":
+            p = make_problem(rng)
+        else:
+            p = (make_two_step_problem if task == "two_step" else make_totals_problem)(rng, difficulty)
         if p.question not in skip:
             out.append(p)
     return out
