@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import random
 import time
@@ -336,7 +335,8 @@ def plot_results(results: Dict[str, object], path: Path) -> bool:
         axes[0].plot([sum(v) / len(v) for v in zip(*runs)], label=preset)
     axes[0].set(title="training loss (mean over seeds)", xlabel="step")
     axes[0].legend(fontsize=8)
-    titles = {"kl": "held-out KL(teacher ‖ student)", "nll": "held-out NLL of the solutions", "agree": "top-1 agreement"}
+    titles = {"kl": "held-out KL(teacher ‖ student)", "nll": "held-out NLL of the solutions",
+              "agree": "top-1 agreement"}
     rows = results["summary"]
     for ax, metric in zip(axes[1:], METRICS):
         mean = [r[metric][0] for r in rows]
@@ -360,7 +360,8 @@ def format_report(results: Dict[str, object]) -> str:
     lines = [f"Held out ({s['n_eval']} CHAMP solutions), mean over {s['seeds']} seed(s) of batch order; "
              f"[95 % bootstrap interval over problems]; {s['steps']} steps of {s['batch_size']} at lr {s['lr']}, "
              f"{s['dtype']}.", "",
-             "| student | KL(teacher ‖ student) | Δ vs kd | NLL of the solutions | Δ vs kd | top-1 agreement | Δ vs kd |",
+             "| student | KL(teacher ‖ student) | Δ vs kd | NLL of the solutions | Δ vs kd | top-1 agreement "
+             "| Δ vs kd |",
              "|---|---|---|---|---|---|---|"]
     for r in results["summary"]:
         cells = [f"{_ci(r[m])} | {_ci(r[m + '_vs_kd']) if m + '_vs_kd' in r else '-'}" for m in METRICS]

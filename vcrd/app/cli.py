@@ -254,8 +254,8 @@ def add_bench_quality_parser(sub: argparse._SubParsersAction) -> None:
     cmd.add_argument("--out", default="runs/quality", help="output folder (default runs/quality)")
     cmd.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
     cmd.add_argument("--first-seed", type=int, default=0, help="first seed (default 0)")
-    cmd.add_argument("--arms", default="", help="comma-separated arms (default: all; see vcrd/app/quality.py); an "
-                                                "arm may override config fields: 'vcrd[validity_tau=0.5,window_steps=2]'")
+    cmd.add_argument("--arms", default="", help="comma-separated arms (default: all; see vcrd/app/quality.py); an arm "
+                                                "may override config fields: 'vcrd[validity_tau=0.5,window_steps=2]'")
     cmd.add_argument("--vary", action="append", default=[], metavar="FIELD=V1,V2",
                      help="add one arm vcrd[FIELD=V] per value (repeatable: a one-at-a-time sensitivity grid)")
     cmd.add_argument("--task", default="two_step", choices=TASKS, help="synthetic task (default two_step; totals: "
@@ -377,11 +377,13 @@ def add_bench_real_parser(sub: argparse._SubParsersAction) -> None:
                     "bootstrap intervals over problems (results.json, results.md in --out).")
     lalp.add_argument("--model", required=True, help="local model folder (the student), e.g. from vcrd fetch-model")
     lalp.add_argument("--out", default="runs/real-lalp", help="output folder (default runs/real-lalp)")
-    lalp.add_argument("--problems", type=int, default=20, help="gradable CHAMP problems, drawn with --seed (default 20)")
+    lalp.add_argument("--problems", type=int, default=20,
+                      help="gradable CHAMP problems, drawn with --seed (default 20)")
     lalp.add_argument("--teachers", default="", help="comma-separated subset of the four teachers (default: all)")
     lalp.add_argument("--variant", default="0-Shot", help="CHAMP prompt variant (default 0-Shot)")
     add_scorer_arguments(lalp, 2, "ids not scored at the start of each step in the drop_first arm (default 2, as "
-                                  "ASLEC)", "bfloat16", "default bfloat16", "torch threads (default 0: torch's default)")
+                                  "ASLEC)", "bfloat16", "default bfloat16",
+                         "torch threads (default 0: torch's default)")
     lalp.add_argument("--seed", type=int, default=0, help="problem draw and bootstrap seed (default 0)")
     lalp.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
     lalp.set_defaults(func=bench_real)
