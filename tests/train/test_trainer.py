@@ -285,6 +285,24 @@ def test_trainer_takes_the_models_post_processing(setup, tmp_path):
                     vcrd_config=KD.replace(student_logit_scale=0.5))
 
 
+@pytest.mark.parametrize("cfg", [KD, WEIGHTED], ids=["kd", "vcrd"])
+def test_trainer_step_on_softcapped_and_scaled_models_equals_the_float64_oracle(setup, tmp_path, cfg):
+    """One SGD step of VCRDTrainer, a Granite student (logits / 8) and a Gemma-2 teacher (soft-cap 30): the
+    update equals −lr · ∇ of the float64 reference on the models' own logits (``model(ids).logits``)."""
+    tok, examples, _, collate = setup
+    init = tiny_family(tok, "granite", 5).train()
+    teacher = tiny_family(tok, "gemma2", 6).eval().requires_grad_(False)
+    lr, batch = 0.5, collate(examples[:8])
+    expected = copy.deepcopy(init)
+    reference_through_logits(expected, teacher, batch, cfg).backward()
+    with torch.no_grad():
+        for p in expected.parameters():
+            p -= lr * p.grad
+    student = copy.deepcopy(init)
+    trainer_for(student, teacher, collate, examples[:8], tmp_path, cfg, max_steps=1, learning_rate=lr).train()
+    assert_same_step(student, expected, init, f"VCRDTrainer {cfg.divergence} step")
+
+
 def test_bad_inputs_raise_clear_errors(setup):
     tok, examples, teacher, collate = setup
     student = tiny_llama(tok, 32, 11)
