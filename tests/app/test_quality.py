@@ -86,6 +86,14 @@ def test_bench_quality_merges_runs_over_other_seeds(tmp_path):
     assert saved["seeds"] == [0, 1] and saved["summary"][1]["n_seeds"] == 2 and "vs_kd" in saved["summary"][1]
     assert main(["bench-quality", "--merge", str(tmp_path / "s0"), str(tmp_path / "s0"), "--out",
                  str(tmp_path / "bad")]) == 2
+    # a part interrupted before its second seed started (it asked for seeds 0-1), that seed rerun elsewhere
+    cut = json.loads((tmp_path / "s0" / "results.json").read_text())
+    cut["seeds"] = [0, 1]
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "results.json").write_text(json.dumps(cut))
+    assert main(["bench-quality", "--merge", str(tmp_path / "cut"), str(tmp_path / "s1"), "--out",
+                 str(tmp_path / "resumed")]) == 0
+    assert json.loads((tmp_path / "resumed" / "results.json").read_text())["per_seed"] == saved["per_seed"]
 
 
 def test_arm_specs_override_config_fields():

@@ -362,8 +362,9 @@ def merge(parts: Sequence[str], out: str, command: Optional[str] = None, log=pri
     for r in loaded[1:]:
         if r["settings"] != first["settings"] or r["arms"] != first["arms"]:
             raise ValueError("merge: the parts differ in settings or arms")
-    seeds = sorted({s for r in loaded for s in r["seeds"]})
-    if len(seeds) != sum(len(r["seeds"]) for r in loaded):
+    ran = [[int(s) for s in r["per_seed"]] for r in loaded]  # the seeds each part started (an interrupted
+    seeds = sorted({s for part in ran for s in part})           # part's unstarted seeds may be rerun elsewhere)
+    if len(seeds) != sum(len(part) for part in ran):
         raise ValueError("merge: a seed appears in two parts")
     results = {"command": command, "parts": [{"dir": str(p), "command": r["command"]} for p, r in zip(parts, loaded)],
                "seeds": seeds, "arms": first["arms"],
