@@ -57,12 +57,14 @@ def summary(group: Dict[str, object]) -> List[Dict[str, object]]:
 
 
 def table(rows: List[Dict[str, object]]) -> str:
-    out = ["| arm | seeds | held-out exact match, % (mean ± 95% CI) | arm − kd, points (paired, mean ± 95% CI) | verdict |",
+    out = ["| arm | seeds | held-out exact match, % (mean ± 95% CI) | arm − kd, points (paired, mean ± 95% CI) "
+           "| verdict |",
            "|---|---|---|---|---|"]
     for r in rows:
         m, h = r["accuracy"]
         diff = f"{100 * r['vs_kd'][0]:+.1f} ± {100 * r['vs_kd'][1]:.1f}" if "vs_kd" in r else "-"
-        out.append(f"| {r['arm']} | {r['n_seeds']} | {100 * m:.1f} ± {100 * h:.1f} | {diff} | {r.get('verdict', '-')} |")
+        out.append(f"| {r['arm']} | {r['n_seeds']} | {100 * m:.1f} ± {100 * h:.1f} | {diff} | "
+                   f"{r.get('verdict', '-')} |")
     return "\n".join(out)
 
 
