@@ -49,3 +49,26 @@ def test_trl_chunked_divergence_provider_is_forward_kl():
 def test_make_inputs_refuses_an_unknown_dtype():
     with pytest.raises(ValueError, match="dtype: expected one of"):
         make_inputs(8, 4, 16, dtype="fp16")
+
+
+def test_bf16_base_is_pytorch_itself_in_bf16_and_the_three_way_rule_fails_wrong_gradients():
+    """The three-way rule's base (``fused_reference(base=True)``) is what autograd gives through a bf16 model
+    (logits GEMMs in bf16, the loss in fp32 on them); vcrd's bf16 mode passes the rule, halved/zeroed fail."""
+    from vcrd import fused_linear_vcrd_loss
+    from vcrd.core import reference
+
+    hs, ws, ht, wt, y, steps = make_inputs(160, 24, 301, dtype="bf16")
+    ref = gradcheck.fused_reference(hs, ws, ht, wt, y, steps, ["vcrd"])["vcrd"]
+    base = gradcheck.fused_reference(hs, ws, ht, wt, y, steps, ["vcrd"], base=True)["vcrd"]
+    # the oracle: plain autograd on bf16 leaves, one GEMM over every row
+    h, w = hs.detach().clone().requires_grad_(), ws.detach().clone().requires_grad_()
+    reference.vcrd_loss((h @ w.T).float(), (ht @ wt.T).float(), y, step_ids=steps, config="vcrd").backward()
+    assert h.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(base["grad_h"], h.grad.double(), rtol=2e-2, atol=2e-2 * h.grad.abs().max().item())
+    torch.testing.assert_close(base["grad_W"], w.grad.double(), rtol=2e-2, atol=2e-2 * w.grad.abs().max().item())
+    assert gradcheck.rel_err(base["grad_h"], ref["grad_h"]) > 1e-3  # bf16 is visibly off the float64 truth
+    fused_linear_vcrd_loss(hs, ws, ht, wt, y, step_ids=steps, config="vcrd", impl="torch").backward()
+    tol = gradcheck.TOL_BY_DTYPE["bf16"]
+    assert gradcheck.check_fused(hs.grad, ws.grad, ref, tol, base)["grad_check"] == "pass"
+    assert gradcheck.check_fused(hs.grad * 0.5, ws.grad, ref, tol, base)["grad_check"] == "FAIL"
+    assert gradcheck.check_fused(hs.grad, ws.grad * 0, ref, tol, base)["grad_check"] == "FAIL"

@@ -1,0 +1,161 @@
+"""The logits-level path across a sweep of configurations, in one process: no cliff (issue 27, item 6).
+
+    python benches/config_sweep.py                    # N=1024, V=151936, fp32, every configuration
+    python benches/config_sweep.py --N 512 --V 32003  # smaller
+    python benches/config_sweep.py --json benches/results/config_sweep.json
+
+One process, in this order: naive PyTorch forward KL (two full log-softmaxes, autograd: the ``naive-fkl``
+of ``benches/bench_logits.py``), the ``vcrd`` preset (``impl="torch"``, the compiled CPU path), then every
+configuration of the sweep (temperatures, divergences and betas, the CE term, token normalisation,
+validity modes, windows, SPEC §1 scale and soft-cap, the presets), then the ``vcrd`` preset again. A
+configuration that exhausted dynamo's recompile limit would fall back to eager and show here as a cliff:
+the last line of the table is the check that the preset is still as fast after the sweep. Each entry is
+the median of ``--repeats`` fwd+bwd calls after one warm-up call (which compiles); the gradient of its last
+timed call is checked against the float64 reference of its configuration (``benches/gradcheck.py``: rows
+0-95 and N-96..N-1, exact because the windows are causal, over the whole batch's ``Z``), ≤ 1e-4 relative.
+Inputs: ``benches.providers.make_inputs`` (std-10 correlated logits, 10 % ignored rows, 30-token steps).
+Timings are wall time on a shared machine: the load average is printed with each row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # benches.* when run as a script
+
+from benches import gradcheck  # noqa: E402
+from benches.providers import make_inputs, naive_fkl  # noqa: E402
+from vcrd import VCRDConfig, vcrd_loss  # noqa: E402
+
+VCRD = VCRDConfig.preset("vcrd")
+
+
+def sweep() -> List[Tuple[str, VCRDConfig]]:
+    """The configurations, named by what differs from the ``vcrd`` preset (or a preset's name)."""
+    named = [("kd", VCRDConfig.preset("kd")), ("discord", VCRDConfig.preset("discord"))]
+    changes = [dict(temperature=2.0), dict(temperature=0.7), dict(divergence="rkl"),
+               dict(divergence="jsd", beta=0.1), dict(divergence="jsd", beta=0.5), dict(divergence="jsd", beta=0.9),
+               dict(ce_weight=0.5), dict(ce_weight=0.5, temperature=2.0), dict(normalize="tokens"),
+               dict(validity="expected"), dict(validity=None), dict(window_steps=1), dict(window_steps=None),
+               dict(correction=False), dict(student_logit_scale=0.125), dict(teacher_softcap=30.0),
+               dict(student_softcap=30.0, teacher_softcap=30.0)]
+    for change in changes:
+        named.append((", ".join(f"{k}={v}" for k, v in change.items()), replace(VCRD, **change)))
+    return named
+
+
+def timed(fn: Callable[[], None], repeats: int) -> float:
+    """Median wall seconds of ``repeats`` calls of ``fn`` after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(name: str, loss: Callable[[torch.Tensor], torch.Tensor], s: torch.Tensor, u: torch.Tensor,
+            y: torch.Tensor, steps: torch.Tensor, cfg: Optional[VCRDConfig], repeats: int,
+            z_cache: Dict) -> Dict:
+    """One row: the median fwd+bwd time of ``loss(x)`` and its last gradient checked against ``cfg``'s reference
+    (``kd`` for the naive loss, which computes it)."""
+    x = s.clone().requires_grad_()
+
+    def call() -> None:
+        x.grad = None
+        loss(x).backward()
+
+    seconds = timed(call, repeats)
+    check = gradcheck.check_logits(x.grad, x, u, y, steps, cfg if cfg is not None else "kd", z_cache=z_cache)
+    return dict(name=name, seconds=seconds, load=os.getloadavg()[0], grad_check=check["grad_check"],
+                grad_rel_err=check["grad_rel_err"])
+
+
+def run(N: int, V: int, repeats: int, log: Callable[[str], None]) -> Dict:
+    """Every row of the sweep, in order (naive, preset, configurations, preset again)."""
+    s, u, y, steps = make_inputs(N, V)
+    z_cache: Dict = {}
+
+    def vcrd_with(cfg: VCRDConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda x: vcrd_loss(x, u, y, step_ids=steps, config=cfg, impl="torch")
+
+    entries = [("naive-fkl", lambda x: naive_fkl(x, u, y, steps), None), ("vcrd (first)", vcrd_with(VCRD), VCRD)]
+    entries += [(name, vcrd_with(cfg), cfg) for name, cfg in sweep()]
+    entries.append(("vcrd (after the sweep)", vcrd_with(VCRD), VCRD))
+    rows = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for name, loss, cfg in entries:
+            row = measure(name, loss, s, u, y, steps, cfg, repeats, z_cache)
+            row["speedup_vs_naive"] = rows[0]["seconds"] / row["seconds"] if rows else 1.0
+            rows.append(row)
+            log(f"{name:45s} {row['seconds']:7.3f} s  {row['speedup_vs_naive']:5.2f}× naive  grad "
+                f"{row['grad_check']} ({row['grad_rel_err']:.1e})  load {row['load']:.1f}")
+    recompile = [str(w.message) for w in caught if "recompile" in str(w.message).lower()]
+    from torch._dynamo.utils import counters
+    return dict(N=N, V=V, repeats=repeats, rows=rows, recompile_warnings=recompile,
+                compiled_graphs=int(counters["stats"]["unique_graphs"]), machine=machine())
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
+    return (f"{cpu}, {torch.get_num_threads()} threads, Python {platform.python_version()}, torch {torch.__version__}, "
+            f"{time.strftime('%Y-%m-%d %H:%M')}")
+
+
+def markdown(result: Dict) -> str:
+    """The sweep as a markdown table (with the machine line and the verdict)."""
+    rows = result["rows"]
+    vcrd_rows = rows[1:]
+    worst = min(vcrd_rows, key=lambda r: r["speedup_vs_naive"])
+    lines = [f"Machine: {result['machine']}; N={result['N']}, V={result['V']}, fp32, median of {result['repeats']}; "
+             f"{result['compiled_graphs']} compiled graphs, {len(result['recompile_warnings'])} recompile warnings.",
+             "", "| configuration (vs the `vcrd` preset) | fwd+bwd (s) | speed-up vs naive | grad check | load |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['seconds']:.3f} | {r['speedup_vs_naive']:.2f}× | {r['grad_check']} "
+                     f"({r['grad_rel_err']:.1e}) | {r['load']:.1f} |")
+    lines += ["", f"Slowest: {worst['name']} at {worst['speedup_vs_naive']:.2f}× naive; every gradient "
+              f"{'passes' if all(r['grad_check'] == 'pass' for r in rows) else 'does NOT pass'}."]
+    return "\n".join(lines)
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--N", type=positive, default=1024, help="rows (default 1024)")
+    p.add_argument("--V", type=positive, default=151936, help="vocabulary (default 151936)")
+    p.add_argument("--repeats", type=positive, default=3, help="timed calls per configuration (default 3)")
+    p.add_argument("--json", type=Path, default=None, help="write the result here")
+    args = p.parse_args(argv)
+    gradcheck.self_test(verbose=False)
+    result = run(args.N, args.V, args.repeats, lambda line: print(line, flush=True))
+    print(markdown(result))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    return 0 if all(r["grad_check"] == "pass" for r in result["rows"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
