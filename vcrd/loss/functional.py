@@ -42,8 +42,6 @@ def vcrd_loss(
         labels: ``[N]`` or ``[B, T]`` integer; ``config.ignore_index`` marks rows with no loss. None: every
             row counts (TRL's ``labels=None``); only for configs that need no trace token
             (``correction=False``, ``ce_weight=0``, e.g. ``"kd"``).
-        **options: ``step_ids``, ``cu_seqlens``, ``config``, ``num_items_in_batch``, ``vocab_size``,
-            ``reduction``, ``impl``, ``return_stats``: :class:`vcrd.core.loss_options.LossOptions`.
         inplace_grad: write the student-logit gradient over ``student_logits`` (Liger's cross-entropy
             convention): no gradient buffer is allocated, and **the logits are destroyed** (after the
             call they hold the gradient, scaled by the upstream gradient once backward runs). Only
@@ -56,6 +54,8 @@ def vcrd_loss(
             issues no host-device synchronisation (for CUDA graphs and larger compiled graphs): the
             caller vouches for the values (wrong ones are not reported clearly: wrong results or an
             indexing error). Shapes, dtypes and devices are checked either way.
+        **options: ``step_ids``, ``cu_seqlens``, ``config``, ``num_items_in_batch``, ``vocab_size``,
+            ``reduction``, ``impl``, ``return_stats``: :class:`vcrd.core.loss_options.LossOptions`.
 
     Returns:
         The loss (0-dim, or shaped like ``labels`` for ``"none"``), in fp32 (fp64 for fp64 input),
