@@ -12,7 +12,8 @@ setup(
     package_dir={"vcrd": "vcrd", "vcrd.kernels": "kernels"},
     # lower bounds: what the code needs; upper bounds: the next major version, untested (the tested
     # versions are pinned in constraints.txt; `make test-latest` tries the newest these ranges allow)
-    install_requires=["torch>=2.4,<3", "numpy>=1.24,<3", "tqdm>=4.60", "transformers>=4.46,<6"],
+    install_requires=["torch>=2.4,<3", "numpy>=1.24,<3", "tqdm>=4.60", "transformers>=4.46,<6",
+                      "typing_extensions>=4.7,<5"],  # Unpack (PEP 692) on Python 3.10
     extras_require={
         "triton": ["triton>=3.1,<4"],
         "test": ["pytest>=8,<10", "triton>=3.1,<4", "trl>=0.19,<2"],

@@ -37,8 +37,8 @@ import torch
 from memory import peak_rss_delta
 
 from vcrd import SparseTeacher, fused_linear_sparse_vcrd_loss, fused_linear_vcrd_loss, sparse_vcrd_loss, vcrd_loss
-from vcrd.core.checks import RowBatch, check_labels, check_rows
-from vcrd.core.config import resolve_config
+from vcrd.core.checks import RowBatch
+from vcrd.core.loss_options import parse_options
 from vcrd.loss.fused_linear import loss_from_hidden
 
 PRESET = "vcrd"
@@ -52,12 +52,11 @@ def densified_logits_loss(s, teacher: SparseTeacher, y, steps):
 
 def densified_fused_loss(h, w, teacher: SparseTeacher, y, steps):
     """``fused_linear_sparse_vcrd_loss`` with the completed teacher densified per chunk (dense backend)."""
-    cfg = resolve_config(PRESET)
+    opts = parse_options("densified_fused_loss", dict(step_ids=steps, config=PRESET, impl="torch"))
     V = w.shape[0]
-    layout = check_rows(check_labels(y, h.shape[:-1], h.device, cfg), h.shape[:-1], h.device, steps, None, cfg, V)
+    layout = opts.layout(y, h.shape[:-1], h.device, V)
     read = teacher.chunk_reader(V, torch.float32)
-    return loss_from_hidden(h, w, None, lambda idx, s, rows: RowBatch(s, read(idx), rows), V, layout, cfg, "torch",
-                            "mean", None, "auto", False)
+    return loss_from_hidden(h, w, None, lambda idx, s, rows: RowBatch(s, read(idx), rows), V, layout, opts, "auto")
 
 
 def sparse_fused_reference(hs, ws, completed: torch.Tensor, y, steps) -> Dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ from importlib import import_module
 
 from .core import reference
 from .core.config import VCRDConfig
+from .core.loss_options import LossOptions
 from .core.sparse_teacher import SparseTeacher
 from .core.stats import VCRDStats
 from .distributed import fused_linear_vocab_parallel_vcrd_loss, vocab_parallel_vcrd_loss
@@ -34,8 +35,9 @@ def __dir__():
     return sorted(set(globals()) | set(LAZY))
 
 
-__all__ = ["FusedLinearVCRDLoss", "ResponseScore", "SparseTeacher", "TeacherRank", "VCRDConfig", "VCRDLoss",
-           "VCRDStats", "VCRDDistillationTrainer", "VCRDTrainer", "distill_loss", "fused_linear_sparse_vcrd_loss",
-           "fused_linear_vcrd_loss", "fused_linear_vocab_parallel_vcrd_loss", "rank_teachers", "reference",
-           "score_responses", "select_responses", "sparse_vcrd_loss", "vcrd_loss", "vocab_parallel_vcrd_loss"]
+__all__ = ["FusedLinearVCRDLoss", "LossOptions", "ResponseScore", "SparseTeacher", "TeacherRank", "VCRDConfig",
+           "VCRDLoss", "VCRDStats", "VCRDDistillationTrainer", "VCRDTrainer", "distill_loss",
+           "fused_linear_sparse_vcrd_loss", "fused_linear_vcrd_loss", "fused_linear_vocab_parallel_vcrd_loss",
+           "rank_teachers", "reference", "score_responses", "select_responses", "sparse_vcrd_loss", "vcrd_loss",
+           "vocab_parallel_vcrd_loss"]
 __version__ = "0.1.0"

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-README_NAMES = ("vcrd_loss", "VCRDLoss", "fused_linear_vcrd_loss", "FusedLinearVCRDLoss", "SparseTeacher",
-                "sparse_vcrd_loss", "fused_linear_sparse_vcrd_loss", "vocab_parallel_vcrd_loss",
+README_NAMES = ("vcrd_loss", "LossOptions", "VCRDLoss", "fused_linear_vcrd_loss", "FusedLinearVCRDLoss",
+                "SparseTeacher", "sparse_vcrd_loss", "fused_linear_sparse_vcrd_loss", "vocab_parallel_vcrd_loss",
                 "fused_linear_vocab_parallel_vcrd_loss", "VCRDConfig", "VCRDStats", "reference", "score_responses",
                 "select_responses", "rank_teachers", "distill_loss", "VCRDTrainer", "VCRDDistillationTrainer")
 

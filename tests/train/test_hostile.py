@@ -272,7 +272,7 @@ def _agreement_worker(rank: int, world: int) -> None:
     group must stay usable after it."""
     import torch.distributed as dist
 
-    import vcrd.distributed.vocab_parallel as vp
+    import vcrd.core.loss_options as row_checks  # where the losses check their rows (ResolvedOptions.layout)
     from vcrd.distributed import fused_linear_vocab_parallel_vcrd_loss, vocab_parallel_vcrd_loss
 
     V, N, H = 13, 6, 5
@@ -311,15 +311,15 @@ def _agreement_worker(rank: int, world: int) -> None:
     expect(fused_call, "rank 1", "num_items_in_batch",
            num_items_in_batch=torch.tensor([10, 3]) if rank == 1 else 10)
     # any exception during the agreement step is shared, not only ValueError / TypeError
-    real = vp.check_rows
+    real = row_checks.check_rows
     if rank == 1:
         def broken(*a, **k):
             raise RuntimeError("device lost while checking the rows")
-        vp.check_rows = broken
+        row_checks.check_rows = broken
     try:
         expect(logits_call, "rank 1", "RuntimeError", "device lost", in_step=False)
     finally:
-        vp.check_rows = real
+        row_checks.check_rows = real
     logits_call().backward()  # the group is still in step
     # student_hidden.requires_grad differing: refused in the forward, before the backward's all_reduce
     expect(fused_call, "requires grad", h=hs.clone() if rank == 1 else None)

@@ -7,12 +7,13 @@ Readable over fast: full ``[N, V]`` log-softmaxes, windows built literally from 
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
+from typing_extensions import Unpack
 
 from .checks import RowLayout
-from .config import VCRDConfig, resolve_config
+from .loss_options import ReferenceOptions, parse_options
 from .stats import VCRDStats
 
 
@@ -110,18 +111,13 @@ def vcrd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     labels: Optional[torch.Tensor],
-    *,
-    step_ids: Optional[torch.Tensor] = None,
-    cu_seqlens: Optional[torch.Tensor] = None,
-    config: Union[VCRDConfig, str, None] = None,
-    num_items_in_batch: Optional[Union[int, torch.Tensor]] = None,
-    vocab_size: Optional[int] = None,
-    reduction: str = "mean",
-    return_stats: bool = False,
+    **options: Unpack[ReferenceOptions],
 ):
-    """The VCRD loss of SPEC §1–7, straight from the formulas. Returns ``loss`` or ``(loss, stats)``."""
-    cfg = resolve_config(config)
-    V = vocab_size if vocab_size is not None else student_logits.shape[-1]
+    """The VCRD loss of SPEC §1–7, straight from the formulas (``options``: :class:`ReferenceOptions`, assumed
+    valid). Returns ``loss`` or ``(loss, stats)``."""
+    opts = parse_options("vcrd_loss", options, ReferenceOptions)
+    cfg = opts.config
+    V = opts.vocab_size if opts.vocab_size is not None else student_logits.shape[-1]
     s = student_logits.reshape(-1, student_logits.shape[-1])[:, :V]
     u = teacher_logits.reshape(-1, teacher_logits.shape[-1])[:, :V].detach()
     shape = student_logits.shape[:-1]
@@ -170,7 +166,7 @@ def vcrd_loss(
             sig = torch.sigmoid((g - cfg.validity_margin) / cfg.validity_tau)
             w_val = cfg.validity_floor + (1 - cfg.validity_floor) * sig
 
-        seq, steps = rows_layout(shape, step_ids, cu_seqlens)
+        seq, steps = rows_layout(shape, opts.step_ids, opts.cu_seqlens)
         W = window_mask(seq, steps, valid, cfg.window_steps).to(s.device)
         # l_r: the support log-ratio, clamped; 0 when both models mask the label (SPEC §5)
         both_masked = (lp_s == -torch.inf) & (lp_u == -torch.inf)
@@ -186,9 +182,9 @@ def vcrd_loss(
         per_row = per_row + cfg.ce_weight * CE
     per_row = torch.where(valid, per_row, torch.zeros_like(per_row))
 
-    loss = reduce_rows_reference(per_row, w, valid, shape, reduction, cfg.normalize, num_items_in_batch,
+    loss = reduce_rows_reference(per_row, w, valid, shape, opts.reduction, cfg.normalize, opts.num_items_in_batch,
                                  labels is not None)
-    if not return_stats:
+    if not opts.return_stats:
         return loss
     rows = dict(D=D, w_val=w_val, w_dc=w_dc, g=g, n=n, lp_s=lp_s, lp_u=lp_u, agree=a_s == a_u)
     layout = RowLayout(y_safe, valid, None, shape, int(valid.sum()), labels is not None)

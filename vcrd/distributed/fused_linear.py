@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Optional, Tuple, Union
 
 import torch
+from typing_extensions import Unpack
 
 from ..backends.chunk_loop import run_chunks
 from ..core import settings
@@ -31,11 +32,9 @@ from ..core.checks import (
     RowBatch,
     RowLayout,
     check_fused_options,
-    check_labels,
-    check_options,
-    check_rows,
 )
-from ..core.config import VCRDConfig, resolve_config
+from ..core.config import VCRDConfig
+from ..core.loss_options import CommonOptions, check_keywords, resolve_options
 from ..core.stats import VCRDStats
 from ..core.windows import CausalWindowMean
 from ..loss.fused_linear import auto_chunk_size, loss_from_hidden
@@ -100,14 +99,9 @@ def fused_linear_vocab_parallel_vcrd_loss(
     group=None,
     student_bias_shard: Optional[torch.Tensor] = None,
     teacher_bias_shard: Optional[torch.Tensor] = None,
-    step_ids: Optional[torch.Tensor] = None,
-    cu_seqlens: Optional[torch.Tensor] = None,
-    config: Union[VCRDConfig, str, None] = None,
-    num_items_in_batch: Optional[Union[int, torch.Tensor]] = None,
-    reduction: str = "mean",
     chunk_size: Union[int, str] = "auto",
     impl: str = "auto",
-    return_stats: bool = False,
+    **options: Unpack[CommonOptions],
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, VCRDStats]]:
     """:func:`vcrd.fused_linear_vcrd_loss` with both LM heads sharded by vocabulary rows over ``group``.
 
@@ -120,9 +114,11 @@ def fused_linear_vocab_parallel_vcrd_loss(
         vocab_size: the full vocabulary V (rows ``>= V`` of a shard are padding: ignored, gradient 0).
         group: the vocab-parallel process group (default: the world; without ``torch.distributed``, one
             process holding every row).
-        labels, step_ids, cu_seqlens, config, num_items_in_batch, reduction, chunk_size, return_stats: as
-            :func:`vcrd.fused_linear_vcrd_loss` (``chunk_size="auto"`` sizes the chunks from the widest
-            shard); ``impl``: ``"auto"`` or ``"torch"`` (the per-shard statistics run in torch).
+        labels, chunk_size: as :func:`vcrd.fused_linear_vcrd_loss` (``chunk_size="auto"`` sizes the chunks from
+            the widest shard).
+        impl: ``"auto"`` or ``"torch"`` (the per-shard statistics run in torch).
+        **options: :class:`vcrd.core.loss_options.CommonOptions` (``reduction`` as in
+            :func:`vcrd.fused_linear_vcrd_loss`).
 
     Returns:
         The loss (fp32), identical on every rank; its ``backward()`` gives each rank ``grad_hidden`` (the
@@ -133,27 +129,25 @@ def fused_linear_vocab_parallel_vcrd_loss(
         ValueError on every rank (never a hang) for a layout that does not tile ``[0, V)``, ranks that
         disagree on V, the config, the rows, the labels or the chunking, or bad input on any rank.
     """
+    check_keywords(CALLER, options, CommonOptions)  # as Python would: before any work
     rank, world = group_info(group)
-    cfg = layout = None
+    opts = layout = None
     try:  # collected, then raised on every rank alike after the metadata exchange
-        cfg = resolve_config(config)
-        check_fused_options(reduction, chunk_size)
         if impl not in ("auto", "torch"):
             raise ValueError(f"impl: expected 'auto' or 'torch' for the vocab-parallel loss, got {impl!r}")
-        check_options(reduction, "torch", num_items_in_batch, cfg, ("torch",))
+        opts = resolve_options(CALLER, options, ("torch",), CommonOptions, impl="torch", vocab_size=vocab_size)
+        check_fused_options(opts.reduction, chunk_size)
         error = _local_error(student_hidden, student_weight_shard, teacher_hidden, teacher_weight_shard,
                              student_bias_shard, teacher_bias_shard, vocab_start, vocab_size)
         if error is None:
-            lead, device = student_hidden.shape[:-1], student_hidden.device
-            layout = check_rows(check_labels(labels, lead, device, cfg), lead, device, step_ids, cu_seqlens, cfg,
-                                vocab_size)
+            layout = opts.layout(labels, student_hidden.shape[:-1], student_hidden.device, vocab_size)
     except Exception as e:  # any failure is shared (agreement.py): a lone raise would hang the other ranks
         error = describe(e)
     meta = local_meta(lambda: dict(  # never raises
         error=None, v0=vocab_start, v1=min(vocab_start + student_weight_shard.shape[0], vocab_size), V=vocab_size,
-        config=config_fields(cfg), rows=(tuple(student_hidden.shape), tuple(teacher_hidden.shape)), chunks=chunk_size,
-        labels=rows_checksum(labels, step_ids, cu_seqlens),
-        options=(reduction, None if num_items_in_batch is None else float(num_items_in_batch)),
+        config=config_fields(opts.config), rows=(tuple(student_hidden.shape), tuple(teacher_hidden.shape)),
+        chunks=chunk_size, labels=rows_checksum(labels, opts.step_ids, opts.cu_seqlens),
+        options=(opts.reduction, None if opts.num_items_in_batch is None else float(opts.num_items_in_batch)),
         dtype=str((student_weight_shard.dtype, student_hidden.dtype)),
         grad=torch.is_grad_enabled() and student_hidden.requires_grad), error)  # the backward all_reduce: all or none
     metas = agree_on_layout(meta, world, group, vocab_size, CALLER)
@@ -177,8 +171,7 @@ def fused_linear_vocab_parallel_vcrd_loss(
         return run_chunks(pair, chunk, cfg, grad_out, grad_scale, window, dtype=dtype)
 
     return loss_from_hidden(SumGradOverRanks.apply(student_hidden, group), student_weight_shard, student_bias_shard,
-                            chunk_batch, width, layout, cfg, "torch", reduction, num_items_in_batch, C, return_stats,
-                            backend=backend)
+                            chunk_batch, width, layout, opts, C, backend=backend)
 
 
 class SumGradOverRanks(torch.autograd.Function):

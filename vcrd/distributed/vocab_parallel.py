@@ -34,17 +34,19 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from typing_extensions import Unpack
 
 from ..backends.autograd import attach_grads
 from ..backends.chunk_loop import Chunk, run_chunks
 from ..backends.divergences import DIVERGENCES, Divergence, weighted, write_gradient
 from ..core import settings
-from ..core.checks import FLOAT_DTYPES, RowBatch, check_labels, check_options, check_rows
-from ..core.config import VCRDConfig, resolve_config
+from ..core.checks import FLOAT_DTYPES, RowBatch
+from ..core.config import VCRDConfig
+from ..core.loss_options import CommonOptions, check_keywords, resolve_options
 from ..core.reduction import reduce_rows, row_normalizer
 from ..core.stats import VCRDStats
 from ..core.weights import Rows
@@ -229,6 +231,9 @@ class ShardPair:
             out.add_(torch.where(valid[:, None], soft, 0.0).to(out.dtype))
 
 
+CALLER = "vocab_parallel_vcrd_loss"
+
+
 def vocab_parallel_vcrd_loss(
     student_logits_shard: torch.Tensor,
     teacher_logits_shard: torch.Tensor,
@@ -237,13 +242,8 @@ def vocab_parallel_vcrd_loss(
     vocab_start: int,
     vocab_size: int,
     group=None,
-    step_ids: Optional[torch.Tensor] = None,
-    cu_seqlens: Optional[torch.Tensor] = None,
-    config: Union[VCRDConfig, str, None] = None,
-    num_items_in_batch=None,
-    reduction: str = "mean",
     chunk_rows: Optional[int] = None,
-    return_stats: bool = False,
+    **options: Unpack[CommonOptions],
 ):
     """The VCRD loss (SPEC §2–6) of logits sharded over the vocabulary of ``group`` (SPEC §11).
 
@@ -256,9 +256,9 @@ def vocab_parallel_vcrd_loss(
             ``[vocab_start, min(vocab_start + W, V))`` must tile ``[0, V)`` (any order of ranks).
         group: the vocab-parallel process group (default: the world; an uninitialised
             ``torch.distributed`` means one process holding every column).
-        step_ids, cu_seqlens, config, num_items_in_batch, reduction, return_stats: as
-            :func:`vcrd.vcrd_loss` (``reduction``: ``"mean"``, ``"sum"`` or ``"none"``).
         chunk_rows: rows per exchange (default ``VCRD_CHUNK_ROWS``); must be equal on every rank.
+        **options: :class:`vcrd.core.loss_options.CommonOptions` (``reduction``: ``"mean"``, ``"sum"`` or
+            ``"none"``).
 
     Returns:
         The loss, identical on every rank; its ``backward()`` gives each rank the gradient of its own
@@ -269,23 +269,21 @@ def vocab_parallel_vcrd_loss(
         ValueError on every rank (never a hang) when the shards do not tile ``[0, V)``, or the ranks
         disagree on ``V``, the config, the rows, the labels or the chunking, or any rank's inputs are bad.
     """
+    check_keywords(CALLER, options, CommonOptions)  # as Python would: before any work
     rank, world = group_info(group)
     # every check of this rank's arguments is collected, not raised, until all ranks have exchanged
     # their metadata: a rank that raised alone would leave the others waiting in a collective
-    cfg = chunk = layout = None
+    opts = chunk = layout = None
     try:
-        cfg = resolve_config(config)
-        if reduction not in ("mean", "sum", "none"):
-            raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
-        check_options(reduction, "torch", num_items_in_batch, cfg, ("torch",))
+        opts = resolve_options(CALLER, options, ("torch",), CommonOptions, impl="torch", vocab_size=vocab_size)
+        if opts.reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {opts.reduction!r}")
         chunk = settings.chunk_rows() if chunk_rows is None else chunk_rows
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise ValueError(f"chunk_rows: expected an int >= 1, got {chunk_rows!r}")
         error = _local_error(student_logits_shard, teacher_logits_shard, vocab_start, vocab_size)
         if error is None:  # labels, step ids, cu_seqlens checked on each rank; a failure is reported to all ranks
-            lead, device = student_logits_shard.shape[:-1], student_logits_shard.device
-            layout = check_rows(check_labels(labels, lead, device, cfg), lead, device, step_ids, cu_seqlens, cfg,
-                                vocab_size)
+            layout = opts.layout(labels, student_logits_shard.shape[:-1], student_logits_shard.device, vocab_size)
     except Exception as e:  # any failure is shared (agreement.py): a lone raise would hang the other ranks
         error = describe(e)
 
@@ -295,19 +293,21 @@ def vocab_parallel_vcrd_loss(
         # [N, W] in chunks of `chunk` rows, [B, T, W] per sequence (a chunk never crosses one)
         n_chunks = math.ceil(lead[0] / chunk) if len(lead) == 1 else lead[0] * math.ceil(lead[1] / chunk)
         return dict(error=None, v0=vocab_start, v1=min(vocab_start + student_logits_shard.shape[-1], vocab_size),
-                    V=vocab_size, config=config_fields(cfg), rows=lead, chunks=(chunk, n_chunks),
-                    labels=rows_checksum(labels, step_ids, cu_seqlens),
-                    options=(reduction, None if num_items_in_batch is None else float(num_items_in_batch)),
+                    V=vocab_size, config=config_fields(opts.config), rows=lead, chunks=(chunk, n_chunks),
+                    labels=rows_checksum(labels, opts.step_ids, opts.cu_seqlens),
+                    options=(opts.reduction,
+                             None if opts.num_items_in_batch is None else float(opts.num_items_in_batch)),
                     dtype=str(student_logits_shard.dtype))
 
     meta = local_meta(build, error)  # never raises
-    agree_on_layout(meta, world, group, vocab_size, "vocab_parallel_vcrd_loss")
+    agree_on_layout(meta, world, group, vocab_size, CALLER)
     v0, v1 = meta["v0"], meta["v1"]
 
     s_full = student_logits_shard
     Vl = v1 - v0
     batch = RowBatch(s_full[..., :Vl], teacher_logits_shard[..., :Vl], layout)
     want_grad = torch.is_grad_enabled() and s_full.requires_grad
+    cfg, reduction, num_items_in_batch = opts.config, opts.reduction, opts.num_items_in_batch
     Z = row_normalizer(reduction, cfg, num_items_in_batch, layout)
     grad = grad_rows = None
     if want_grad:
@@ -320,7 +320,7 @@ def vocab_parallel_vcrd_loss(
         value, post_scale = reduce_rows(rows["per_row"], rows["w"], reduction, cfg, Z, layout.shape, layout.n_valid,
                                         num_items_in_batch)
     loss = attach_grads(value, [(s_full, grad)], post_scale) if want_grad else value
-    if return_stats:
+    if opts.return_stats:
         return loss, VCRDStats.from_rows(rows, layout)
     return loss
 

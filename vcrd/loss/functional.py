@@ -11,13 +11,14 @@ from typing import Optional, Tuple, Union
 
 import torch
 from torch.autograd.graph import increment_version
+from typing_extensions import Unpack
 
 from ..backends import IMPLS, resolve_impl, run_backend
 from ..backends.autograd import attach_grads
 from ..backends.memory import advise_huge_pages
 from ..core import reference
-from ..core.checks import RowBatch, check_options, prepare
-from ..core.config import VCRDConfig, resolve_config
+from ..core.checks import RowBatch, prepare
+from ..core.loss_options import LossOptions, ReferenceOptions, ResolvedOptions, resolve_options
 from ..core.reduction import reduce_rows, row_normalizer
 from ..core.stats import VCRDStats
 
@@ -27,16 +28,9 @@ def vcrd_loss(
     teacher_logits: torch.Tensor,
     labels: Optional[torch.Tensor] = None,
     *,
-    step_ids: Optional[torch.Tensor] = None,
-    cu_seqlens: Optional[torch.Tensor] = None,
-    config: Union[VCRDConfig, str, None] = None,
-    num_items_in_batch: Optional[Union[int, torch.Tensor]] = None,
-    vocab_size: Optional[int] = None,
-    reduction: str = "mean",
-    impl: str = "auto",
-    return_stats: bool = False,
     inplace_grad: bool = False,
     check_inputs: bool = True,
+    **options: Unpack[LossOptions],
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, VCRDStats]]:
     """Validity-weighted, distribution-corrected distillation loss on logits (SPEC.md).
 
@@ -48,17 +42,6 @@ def vcrd_loss(
         labels: ``[N]`` or ``[B, T]`` integer; ``config.ignore_index`` marks rows with no loss. None: every
             row counts (TRL's ``labels=None``); only for configs that need no trace token
             (``correction=False``, ``ce_weight=0``, e.g. ``"kd"``).
-        step_ids: reasoning-step index per token, non-decreasing within a sequence (optional;
-            without it every token is its own step).
-        cu_seqlens: ``[S+1]`` packed sequence boundaries for ``[N, V]`` inputs.
-        config: a :class:`VCRDConfig` or a preset name (``"kd"``, ``"discord"``, ``"vcrd"``, default).
-        num_items_in_batch: the number of valid rows in the whole accumulated (and data-parallel) batch,
-            for gradient accumulation (``reduction="mean"``; SPEC §6 for ``normalize="weights"``).
-        vocab_size: compare columns ``0..V-1`` when the two vocabularies differ.
-        reduction: ``"mean"``, ``"sum"``, ``"none"`` (per-row, shaped like ``labels``) or ``"batchmean"``
-            (TRL's: the sum divided by the valid tokens with labels, by the leading dimension without).
-        impl: ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"``.
-        return_stats: also return a :class:`VCRDStats` of detached per-row statistics.
         inplace_grad: write the student-logit gradient over ``student_logits`` (Liger's cross-entropy
             convention): no gradient buffer is allocated, and **the logits are destroyed** (after the
             call they hold the gradient, scaled by the upstream gradient once backward runs). Only
@@ -71,27 +54,25 @@ def vcrd_loss(
             issues no host-device synchronisation (for CUDA graphs and larger compiled graphs): the
             caller vouches for the values (wrong ones are not reported clearly: wrong results or an
             indexing error). Shapes, dtypes and devices are checked either way.
+        **options: ``step_ids``, ``cu_seqlens``, ``config``, ``num_items_in_batch``, ``vocab_size``,
+            ``reduction``, ``impl``, ``return_stats``: :class:`vcrd.core.loss_options.LossOptions`.
 
     Returns:
         The loss (0-dim, or shaped like ``labels`` for ``"none"``), in fp32 (fp64 for fp64 input),
         and the stats if asked. NaN in a non-ignored row's logits gives a NaN loss; ignored rows
         never affect the result.
     """
-    cfg = resolve_config(config)
     if not isinstance(check_inputs, bool):
         raise TypeError(f"check_inputs: expected True or False, got {type(check_inputs).__name__}")
-    check_options(reduction, impl, num_items_in_batch, cfg, IMPLS, check_values=check_inputs)
-    batch = prepare(student_logits, teacher_logits, labels, step_ids, cu_seqlens, cfg, vocab_size,
-                    check_values=check_inputs)
-    impl = resolve_impl(impl, student_logits)
+    opts = resolve_options("vcrd_loss", options, IMPLS, check_values=check_inputs)
+    batch = prepare(student_logits, teacher_logits, labels, opts.step_ids, opts.cu_seqlens, opts.config,
+                    opts.vocab_size, check_values=check_inputs)
+    impl = resolve_impl(opts.impl, student_logits)
     check_inplace_grad(inplace_grad, student_logits, teacher_logits, impl)
     if impl == "reference":
-        return reference.vcrd_loss(student_logits, teacher_logits, labels, step_ids=step_ids, cu_seqlens=cu_seqlens,
-                                   config=cfg, num_items_in_batch=num_items_in_batch, vocab_size=vocab_size,
-                                   reduction=reduction, return_stats=return_stats)
+        return reference.vcrd_loss(student_logits, teacher_logits, labels, **opts.keywords(ReferenceOptions))
 
-    return loss_from_batch(student_logits, batch, cfg, impl, reduction, num_items_in_batch, return_stats,
-                           inplace_grad=inplace_grad)
+    return loss_from_batch(student_logits, batch, opts, impl, inplace_grad)
 
 
 def check_inplace_grad(inplace_grad: bool, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -117,12 +98,13 @@ def check_inplace_grad(inplace_grad: bool, student_logits: torch.Tensor, teacher
                          "the student would overwrite the teacher")
 
 
-def loss_from_batch(student_logits: torch.Tensor, batch: RowBatch, cfg: VCRDConfig, impl: str, reduction: str,
-                    num_items_in_batch, return_stats: bool, inplace_grad: bool = False):
+def loss_from_batch(student_logits: torch.Tensor, batch: RowBatch, opts: ResolvedOptions, impl: str,
+                    inplace_grad: bool = False):
     """The loss of a checked batch on a resolved backend (``"torch"`` or ``"triton"``): the gradient
     buffer, the sweeps, the reduction and the autograd glue (shared with the sparse-teacher loss: the
     registry picks the backend from the batch's teacher kind). ``inplace_grad``: the gradient is written over
     ``student_logits`` (checked by :func:`check_inplace_grad`)."""
+    cfg, reduction, num_items_in_batch = opts.config, opts.reduction, opts.num_items_in_batch
     want_grad = torch.is_grad_enabled() and student_logits.requires_grad
     Z = row_normalizer(reduction, cfg, num_items_in_batch, batch.rows)
     grad = grad_rows = None
@@ -145,6 +127,6 @@ def loss_from_batch(student_logits: torch.Tensor, batch: RowBatch, cfg: VCRDConf
         value, post_scale = reduce_rows(rows["per_row"], rows["w"], reduction, cfg, Z, batch.shape, batch.n_valid,
                                         num_items_in_batch)
     loss = attach_grads(value, [(student_logits, grad)], post_scale) if want_grad else value
-    if return_stats:
+    if opts.return_stats:
         return loss, VCRDStats.from_rows(rows, batch.rows)
     return loss

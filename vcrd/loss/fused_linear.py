@@ -18,6 +18,7 @@ from typing import Callable, Optional, Tuple, Union
 
 import torch
 from torch import nn
+from typing_extensions import Unpack
 
 from ..backends import IMPLS, Backend, resolve_impl, run_backend
 from ..backends.autograd import attach_grads
@@ -26,12 +27,10 @@ from ..core.checks import (
     RowBatch,
     RowLayout,
     check_fused_options,
-    check_labels,
     check_linear,
-    check_options,
-    check_rows,
 )
 from ..core.config import VCRDConfig, resolve_config
+from ..core.loss_options import LossOptions, ReferenceOptions, ResolvedOptions, resolve_options
 from ..core.reduction import reduce_rows, row_normalizer
 from ..core.stats import VCRDStats
 from ..core.weights import OUTPUT_ROWS, concat_rows
@@ -122,15 +121,8 @@ def fused_linear_vcrd_loss(
     *,
     student_bias: Optional[torch.Tensor] = None,
     teacher_bias: Optional[torch.Tensor] = None,
-    step_ids: Optional[torch.Tensor] = None,
-    cu_seqlens: Optional[torch.Tensor] = None,
-    config: Union[VCRDConfig, str, None] = None,
-    num_items_in_batch: Optional[Union[int, torch.Tensor]] = None,
-    vocab_size: Optional[int] = None,
-    reduction: str = "mean",
     chunk_size: Union[int, str] = "auto",
-    impl: str = "auto",
-    return_stats: bool = False,
+    **options: Unpack[LossOptions],
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, VCRDStats]]:
     """The VCRD loss of ``logits = hidden @ weight^T + bias`` for both models, without storing logits.
 
@@ -138,32 +130,27 @@ def fused_linear_vcrd_loss(
         student_hidden: ``[N, H_s]`` or ``[B, T, H_s]`` final hidden states (row r predicts ``labels[r]``).
         student_weight: ``[V_s, H_s]`` LM head (``student_bias`` ``[V_s]`` optional).
         teacher_hidden, teacher_weight, teacher_bias: the teacher's, ``H_t`` may differ; never require grad.
-        labels, step_ids, cu_seqlens, config, num_items_in_batch, vocab_size, return_stats: as in
-            :func:`vcrd.vcrd_loss`.
-        reduction: ``"mean"``, ``"sum"`` or ``"batchmean"`` (per-row losses would need per-row upstream gradients
-            before the weight-gradient GEMM, which the forward pass has already done).
+        labels: as in :func:`vcrd.vcrd_loss`.
         chunk_size: rows per chunk, or ``"auto"`` (from ``VCRD_FUSED_BUDGET_MB`` and N).
-        impl: ``"auto"``, ``"triton"`` or ``"torch"`` for the per-chunk loss; ``"reference"``
-            materialises both logits and runs :mod:`vcrd.core.reference` (tests, small inputs).
+        **options: :class:`vcrd.core.loss_options.LossOptions`, but ``reduction`` is ``"mean"``, ``"sum"`` or
+            ``"batchmean"`` (per-row losses would need per-row upstream gradients before the weight-gradient
+            GEMM, which the forward pass has already done), and ``impl="reference"`` materialises both
+            logits and runs :mod:`vcrd.core.reference` (tests, small inputs).
 
     Returns:
         The loss (fp32), and ``VCRDStats`` if asked. Gradients flow to the student's hidden states,
         weight and bias (accumulated in fp32, returned in their own dtypes).
     """
-    cfg = resolve_config(config)
-    check_fused_options(reduction, chunk_size)
-    check_options(reduction, impl, num_items_in_batch, cfg, IMPLS)
+    opts = resolve_options("fused_linear_vcrd_loss", options, IMPLS)
+    check_fused_options(opts.reduction, chunk_size)
     V = check_linear(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias,
-                     vocab_size)
-    lead, device = student_hidden.shape[:-1], student_hidden.device
-    layout = check_rows(check_labels(labels, lead, device, cfg), lead, device, step_ids, cu_seqlens, cfg, V)
-    if impl == "reference":
+                     opts.vocab_size)
+    layout = opts.layout(labels, student_hidden.shape[:-1], student_hidden.device, V)
+    if opts.impl == "reference":
         return _reference(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                          labels, step_ids=step_ids, cu_seqlens=cu_seqlens, config=cfg,
-                          num_items_in_batch=num_items_in_batch, vocab_size=vocab_size, reduction=reduction,
-                          return_stats=return_stats)
+                          labels, **opts.keywords(ReferenceOptions))
 
-    plan = plan_for(teacher_weight, cfg.gemm_precision)
+    plan = plan_for(teacher_weight, opts.config.gemm_precision)
     # once per call (exact plan: the GEMMs accumulate and output fp32); in the head's dtype: the head as it is
     w_t = teacher_weight[:V].to(plan.operand_dtype)
     b_t = None if teacher_bias is None else teacher_bias[:V].to(plan.logits_dtype)
@@ -171,23 +158,22 @@ def fused_linear_vcrd_loss(
     def chunk_batch(idx: torch.Tensor, s: torch.Tensor, rows: RowLayout) -> RowBatch:
         return RowBatch(s, _logits(h_t[idx].to(plan.operand_dtype), w_t, b_t, plan.mixed), rows)
 
-    return loss_from_hidden(student_hidden, student_weight, student_bias, chunk_batch, V, layout, cfg, impl, reduction,
-                            num_items_in_batch, chunk_size, return_stats)
+    return loss_from_hidden(student_hidden, student_weight, student_bias, chunk_batch, V, layout, opts, chunk_size)
 
 
 ChunkBatch = Callable[[torch.Tensor, torch.Tensor, RowLayout], RowBatch]
 
 
 def loss_from_hidden(student_hidden: torch.Tensor, student_weight: torch.Tensor, student_bias: Optional[torch.Tensor],
-                     chunk_batch: ChunkBatch, V: int, layout: RowLayout, cfg: VCRDConfig, impl: str, reduction: str,
-                     num_items_in_batch, chunk_size, return_stats: bool, backend: Backend = run_backend,
-                     teacher: str = "dense"):
+                     chunk_batch: ChunkBatch, V: int, layout: RowLayout, opts: ResolvedOptions, chunk_size,
+                     backend: Backend = run_backend, teacher: str = "dense"):
     """The fused-linear loss of checked inputs: ``chunk_batch(idx, s, rows)`` pairs the student's logits
     ``s [C, V]`` of flat rows ``idx`` (layout ``rows``) with the teacher's rows — logits from a GEMM, or
     a sparse teacher's top-K (``teacher="sparse"``, shared with :mod:`vcrd.loss.sparse`). ``backend``
     runs each chunk (:func:`vcrd.backends.run_backend`, or the vocab-parallel loss's shard pair)."""
+    cfg, reduction, num_items_in_batch = opts.config, opts.reduction, opts.num_items_in_batch
     h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
-    impl = resolve_impl(impl, h_s, teacher)
+    impl = resolve_impl(opts.impl, h_s, teacher)
     student = (student_hidden, student_weight, student_bias)
     needs_grad = tuple(x is not None and x.requires_grad and torch.is_grad_enabled() for x in student)
     Z = row_normalizer(reduction, cfg, num_items_in_batch, layout)
@@ -203,7 +189,7 @@ def loss_from_hidden(student_hidden: torch.Tensor, student_weight: torch.Tensor,
                                         num_items_in_batch)
     pairs = [(x, g.reshape(x.shape).to(x.dtype)) for x, g in zip(student, grads) if g is not None]
     loss = attach_grads(value, pairs, post_scale) if pairs else value
-    if not return_stats:
+    if not opts.return_stats:
         return loss
     full = {name: torch.zeros(h_s.shape[0], dtype=kept[name].dtype, device=h_s.device).index_copy(0, kept_idx,
                                                                                                    kept[name])

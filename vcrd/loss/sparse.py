@@ -22,21 +22,19 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
+from typing_extensions import Unpack
 
 from ..backends import IMPLS, resolve_impl
 from ..core import reference
 from ..core.checks import (
     RowLayout,
     check_fused_options,
-    check_labels,
-    check_options,
-    check_rows,
     check_tensor,
     check_vocab,
     rows_view,
 )
-from ..core.config import VCRDConfig, resolve_config
 from ..core.logit_transform import check_sparse_teacher
+from ..core.loss_options import LossOptions, ReferenceOptions, resolve_options
 from ..core.sparse_teacher import TAIL_TOLERANCE, SparseRowBatch, SparseTeacher, complete
 from .functional import loss_from_batch
 from .fused_linear import loss_from_hidden
@@ -46,47 +44,38 @@ def sparse_vcrd_loss(
     student_logits: torch.Tensor,
     teacher: SparseTeacher,
     labels: Optional[torch.Tensor] = None,
-    *,
-    step_ids: Optional[torch.Tensor] = None,
-    cu_seqlens: Optional[torch.Tensor] = None,
-    config: Union[VCRDConfig, str, None] = None,
-    num_items_in_batch: Optional[Union[int, torch.Tensor]] = None,
-    vocab_size: Optional[int] = None,
-    reduction: str = "mean",
-    impl: str = "auto",
-    return_stats: bool = False,
+    **options: Unpack[LossOptions],
 ):
     """:func:`vcrd.vcrd_loss` with the teacher given as a :class:`SparseTeacher` (SPEC §10).
 
     ``student_logits [N, V_s]`` or ``[B, T, V_s]``; the teacher's rows match the student's. The
     vocabulary is ``V = vocab_size`` (default ``V_s``): a student whose logits are padded beyond the
     teacher's vocabulary passes ``vocab_size``; its columns ``>= V`` are left out (gradient 0) and the
-    tail is completed over ``V``. Every other argument as in :func:`vcrd.vcrd_loss`.
+    tail is completed over ``V``. ``labels`` as in :func:`vcrd.vcrd_loss`; ``**options``:
+    :class:`vcrd.core.loss_options.LossOptions`.
     ``impl="reference"`` densifies the whole completed teacher and runs the reference (tests, small inputs).
     """
-    cfg = resolve_config(config)
-    check_sparse_teacher(cfg)
-    check_options(reduction, impl, num_items_in_batch, cfg, IMPLS)
+    opts = resolve_options("sparse_vcrd_loss", options, IMPLS)
+    check_sparse_teacher(opts.config)
     check_tensor("student_logits", student_logits, "float")
     if student_logits.dim() not in (2, 3):
         raise ValueError(f"student_logits: expected shape [N, V] or [B, T, V], got {tuple(student_logits.shape)}")
     if not isinstance(teacher, SparseTeacher):
         raise TypeError(f"teacher: expected a vcrd.SparseTeacher, got {type(teacher).__name__}")
     V_s, lead, device = student_logits.shape[-1], student_logits.shape[:-1], student_logits.device
-    V = check_vocab(V_s, V_s, vocab_size)
+    V = check_vocab(V_s, V_s, opts.vocab_size)
     teacher.check_against(V, lead, device)
-    layout = check_rows(check_labels(labels, lead, device, cfg), lead, device, step_ids, cu_seqlens, cfg, V)
-    if impl == "reference":
+    layout = opts.layout(labels, lead, device, V)
+    if opts.impl == "reference":
         dtype = torch.promote_types(student_logits.dtype, torch.float32)
         dense = teacher.completed_logprobs(slice(None), V, dtype).reshape(*lead, V)
-        return reference.vcrd_loss(student_logits, dense, labels, step_ids=step_ids, cu_seqlens=cu_seqlens,
-                                   config=cfg, num_items_in_batch=num_items_in_batch, reduction=reduction,
-                                   return_stats=return_stats, vocab_size=V if V != V_s else None)
-    impl = resolve_impl(impl, student_logits, "sparse")
+        return reference.vcrd_loss(student_logits, dense, labels,
+                                   **opts.keywords(ReferenceOptions, vocab_size=V if V != V_s else None))
+    impl = resolve_impl(opts.impl, student_logits, "sparse")
     s = rows_view(student_logits, V)
     s = s if s is not None else student_logits[..., :V]
     batch = SparseRowBatch(s, s, layout, *teacher.flat())
-    return loss_from_batch(student_logits, batch, cfg, impl, reduction, num_items_in_batch, return_stats)
+    return loss_from_batch(student_logits, batch, opts, impl)
 
 
 def fused_linear_sparse_vcrd_loss(
@@ -96,25 +85,18 @@ def fused_linear_sparse_vcrd_loss(
     labels: Optional[torch.Tensor] = None,
     *,
     student_bias: Optional[torch.Tensor] = None,
-    step_ids: Optional[torch.Tensor] = None,
-    cu_seqlens: Optional[torch.Tensor] = None,
-    config: Union[VCRDConfig, str, None] = None,
-    num_items_in_batch: Optional[Union[int, torch.Tensor]] = None,
-    vocab_size: Optional[int] = None,
-    reduction: str = "mean",
     chunk_size: Union[int, str] = "auto",
-    impl: str = "auto",
-    return_stats: bool = False,
+    **options: Unpack[LossOptions],
 ):
     """:func:`vcrd.fused_linear_vcrd_loss` with a :class:`SparseTeacher`: three GEMMs (student logits,
     grad of hidden, grad of weight), no teacher forward or GEMM. ``student_hidden [N, H]`` or
     ``[B, T, H]``, ``student_weight [V_s, H]``; the teacher's rows match the hidden states' rows.
     ``vocab_size=V`` (default ``V_s``): only the head's first ``V`` rows take part, as in
-    :func:`sparse_vcrd_loss`."""
-    cfg = resolve_config(config)
-    check_sparse_teacher(cfg)
-    check_fused_options(reduction, chunk_size)
-    check_options(reduction, impl, num_items_in_batch, cfg, IMPLS)
+    :func:`sparse_vcrd_loss`. ``labels``, ``chunk_size`` and ``**options`` (:class:`vcrd.core.loss_options.LossOptions`)
+    as in :func:`vcrd.fused_linear_vcrd_loss`."""
+    opts = resolve_options("fused_linear_sparse_vcrd_loss", options, IMPLS)
+    check_sparse_teacher(opts.config)
+    check_fused_options(opts.reduction, chunk_size)
     for name, x, dims in (("student_hidden", student_hidden, (2, 3)), ("student_weight", student_weight, (2,))):
         check_tensor(name, x, "float")
         if x.dim() not in dims:
@@ -125,23 +107,21 @@ def fused_linear_sparse_vcrd_loss(
     if not isinstance(teacher, SparseTeacher):
         raise TypeError(f"teacher: expected a vcrd.SparseTeacher, got {type(teacher).__name__}")
     lead, device = student_hidden.shape[:-1], student_hidden.device
-    V = check_vocab(student_weight.shape[0], student_weight.shape[0], vocab_size)
+    V = check_vocab(student_weight.shape[0], student_weight.shape[0], opts.vocab_size)
     teacher.check_against(V, lead, device)
-    layout = check_rows(check_labels(labels, lead, device, cfg), lead, device, step_ids, cu_seqlens, cfg, V)
-    if impl == "reference":
+    layout = opts.layout(labels, lead, device, V)
+    if opts.impl == "reference":
         s = student_hidden.double() @ student_weight.double().T
         if student_bias is not None:
             s = s + student_bias.double()
-        return sparse_vcrd_loss(s, teacher, labels, step_ids=step_ids, cu_seqlens=cu_seqlens, config=cfg,
-                                num_items_in_batch=num_items_in_batch, vocab_size=vocab_size, reduction=reduction,
-                                impl="reference", return_stats=return_stats)
+        return sparse_vcrd_loss(s, teacher, labels, **opts.keywords())
     ids, top, tail = teacher.flat()
 
     def chunk_batch(idx: torch.Tensor, s: torch.Tensor, rows: RowLayout) -> SparseRowBatch:
         return SparseRowBatch(s, s, rows, ids[idx], top[idx], tail[idx])
 
-    return loss_from_hidden(student_hidden, student_weight, student_bias, chunk_batch, V, layout, cfg, impl, reduction,
-                            num_items_in_batch, chunk_size, return_stats, teacher="sparse")
+    return loss_from_hidden(student_hidden, student_weight, student_bias, chunk_batch, V, layout, opts, chunk_size,
+                            teacher="sparse")
 
 
 __all__ = ["TAIL_TOLERANCE", "SparseRowBatch", "SparseTeacher", "complete", "fused_linear_sparse_vcrd_loss",
