@@ -48,10 +48,13 @@ def parse_shape(text: str):
     return dtype, N, H, V
 
 
-def worker(tree: str, shape: str, repeats: int) -> None:
+def worker(tree: str, shape: str, repeats: int, threads: int) -> None:
     """Time ``stats`` and ``loss`` with the ``vcrd`` package of ``tree``; print one JSON line."""
     sys.path.insert(0, tree)
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     import vcrd  # before benches.compare, which puts this checkout first on sys.path
     from vcrd.backends.chunk_loop import Chunk
@@ -125,7 +128,7 @@ def orchestrate(args) -> None:
             for shape in args.shape:
                 for side in (("before", "after") if rnd % 2 == 0 else ("after", "before")):
                     cmd = [sys.executable, __file__, "--worker", sides[side], "--shape", shape,
-                           "--repeats", str(args.repeats)]
+                           "--repeats", str(args.repeats), "--threads", str(args.threads)]
                     done = subprocess.run(cmd, capture_output=True, text=True)
                     if done.returncode != 0:
                         sys.exit(f"worker {side} {shape} failed:\n{done.stderr[-3000:]}")
@@ -158,12 +161,14 @@ def main() -> None:
     p.add_argument("--shape", nargs="+", default=list(SHAPES), help="dtype:N,H,V (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=2, help="worker processes per side and shape")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per worker, after one warm-up")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per worker (default 0: torch's own)")
     p.add_argument("--worker", metavar="TREE", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.rounds < 1 or args.repeats < 1:
-        p.error(f"--rounds and --repeats: expected >= 1, got {args.rounds} and {args.repeats}")
+    if args.rounds < 1 or args.repeats < 1 or args.threads < 0:
+        p.error(f"--rounds, --repeats >= 1 and --threads >= 0 expected, got {args.rounds}, {args.repeats}, "
+                f"{args.threads}")
     if args.worker:
-        worker(args.worker, args.shape[0], args.repeats)
+        worker(args.worker, args.shape[0], args.repeats, args.threads)
     else:
         orchestrate(args)
 
