@@ -135,7 +135,8 @@ def orchestrate(args) -> None:
                     row = json.loads(done.stdout.strip().splitlines()[-1])
                     rows[shape, side].append(row)
                     print(f"[round {rnd}] {side:6s} {shape:22s} stats {statistics.median(row['stats_s']):.3f} s  "
-                          f"loss {statistics.median(row['loss_s']):.3f} s  load {row['load'][0]:.2f}-{row['load'][1]:.2f}",
+                          f"loss {statistics.median(row['loss_s']):.3f} s  "
+                          f"load {row['load'][0]:.2f}-{row['load'][1]:.2f}",
                           flush=True)
     first = rows[args.shape[0], "after"][0]
     print(machine_line(first["threads"], first["torch"], args.base))

@@ -43,7 +43,8 @@ def promoted(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def shifted(x: torch.Tensor, row_max: torch.Tensor, temperature: float, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def shifted(x: torch.Tensor, row_max: torch.Tensor, temperature: float,
+            scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(xc, xs)``: ``xc = (x·c - max·c)/T`` (overflow-scaled by ``c = scale``, finite, <= 0) and ``xs = xc/c``,
     i.e. ``(x - max)/T`` (``-inf`` only below fp32's range). The same element-wise formula in the sweep and
     at the gathered entries, so both give the same bits."""
@@ -72,8 +73,9 @@ def row_sweep(divergence: Divergence, s: torch.Tensor, u: torch.Tensor, temperat
     ``max_s``, ``max_u``; ``first_max_s``, ``first_max_u`` (lowest index of the maximum, as a float: exact below
     2^24, vectorised at full width; ``V`` for a NaN row); with ``e = exp((x - max)/T)``: ``sum_s``, ``sum_u``,
     ``ent_u = Σ e_u zs``, ``cross_su = Σ e_s zc`` (overflow-scaled); ``sum_untempered = Σ exp(s - max_s)``
-    (``sum_s`` unless ``untempered_lse``); and the divergence's sums (:meth:`Divergence.dense_sums`) when they need only the
-    row maxima (``one_shard_sweep``), else ``()``: they need both LSEs, so :func:`divergence_sweep` takes them.
+    (``sum_s`` unless ``untempered_lse``); and the divergence's sums (:meth:`Divergence.dense_sums`) when they
+    need only the row maxima (``one_shard_sweep``), else ``()``: they need both LSEs, so :func:`divergence_sweep`
+    takes them.
     """
     x, z = promoted(s), promoted(u)
     V = x.shape[-1]
