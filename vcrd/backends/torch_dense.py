@@ -89,7 +89,7 @@ def row_sweep(divergence: Divergence, s: torch.Tensor, u: torch.Tensor, temperat
         sum_s=sum_s, sum_u=sum_u, ent_u=weighted(t["eu"], t["zs"]).sum(-1),
         cross_su=weighted(t["es"], t["zc"]).sum(-1),
     )
-    # the CE term's Σ exp(s - max s): at T = 1 (or without the term) sum_s itself, so finish_rows has one graph
+    # the CE term's Σ exp(s - max s): at T = 1 (or without the term) sum_s itself
     sums["sum_untempered"] = (x - mx).exp().sum(-1) if untempered_lse else sum_s
     divergence_sums = divergence.dense_sums(with_log_sums(t, sum_s, sum_u), beta) if divergence.one_shard_sweep else ()
     return sums, divergence_sums
