@@ -3,8 +3,9 @@
 A divergence is an object with the few formulas the paths need, each on ``[C]`` rows or ``[C, V]``
 tiles of one chunk:
 
-- ``dense_rows(t, beta, scale)``: ``D`` (and the row its gradient needs) from the dense statistics
-  sweep's shifted rows ``t`` (:func:`vcrd.backends.torch_dense.common_stats`);
+- ``dense_sums(t, beta)``: its ``[C]`` sums over the vocabulary from the dense statistics sweep's shifted
+  rows ``t`` (:func:`vcrd.backends.torch_dense.row_sweep`), and ``dense_rows(sums, t, beta, scale)``: ``D`` (and
+  the row its gradient needs) from those sums and ``t``'s ``[C]`` rows (:func:`vcrd.backends.torch_dense.finish_rows`);
 - ``dense_grad(s, u, lse_s, lse_u, row, T, beta)``: ``∂D/∂(s/T)`` ``[C, V]`` from the logits and LSEs
   (``lse`` ``[C]`` or ``(max/T, log Σe)`` ``[C, 2]``: :func:`minus_lse`);
 - ``sparse_rows(rows, c, beta)``: ``D`` on the completed top-K teacher (:mod:`vcrd.backends.torch_sparse`);
@@ -78,9 +79,17 @@ class Divergence:
 
     name = ""
     grad_row = "D"
-    one_shard_sweep = True  # vocab-parallel: D from one exchange of shard_partial (else a second one)
+    # D from sums against each row's own maxima: vocab-parallel, one exchange of shard_partial (else a second
+    # one); the dense CPU path, its sums in the statistics sweep (else a second sweep once both LSEs are known)
+    one_shard_sweep = True
 
-    def dense_rows(self, t: Rows, beta: float, scale: float) -> Rows:
+    def dense_sums(self, t: Rows, beta: float) -> Tuple[torch.Tensor, ...]:
+        """``[C]`` sums over the vocabulary of the shifted rows ``t`` (``xs, zs, xc, zc, es, eu`` ``[C, V]``;
+        ``sum_s, sum_u, log_sum_s, log_sum_u`` ``[C]``); reductions only."""
+        raise NotImplementedError
+
+    def dense_rows(self, sums: Tuple[torch.Tensor, ...], t: Rows, beta: float, scale: float) -> Rows:
+        """``D`` (and ``grad_row``) ``[C]`` from :meth:`dense_sums` and ``t``'s ``sum_*``, ``log_sum_*`` ``[C]``."""
         raise NotImplementedError
 
     def dense_grad(self, s, u, lse_s, lse_u, row, temperature: float, beta: float) -> torch.Tensor:
@@ -110,10 +119,13 @@ class ClosedFormKL(Divergence):
     a, b = "u", "s"
     LOGITS = {"s": "xc", "u": "zc"}
 
-    def dense_rows(self, t: Rows, beta: float, scale: float) -> Rows:
+    def dense_sums(self, t: Rows, beta: float) -> Tuple[torch.Tensor, ...]:
         a, b, c = self.a, self.b, self.LOGITS
-        kl = weighted(t["e" + a], t[c[a]] - t[c[b]]).sum(-1) / t["sum_" + a] * (1.0 / scale)
-        return dict(D=kl + t["log_sum_" + b] - t["log_sum_" + a])
+        return (weighted(t["e" + a], t[c[a]] - t[c[b]]).sum(-1),)
+
+    def dense_rows(self, sums: Tuple[torch.Tensor, ...], t: Rows, beta: float, scale: float) -> Rows:
+        a, b = self.a, self.b
+        return dict(D=sums[0] / t["sum_" + a] * (1.0 / scale) + t["log_sum_" + b] - t["log_sum_" + a])
 
     def shard_partial(self, xs, zs, es, eu) -> torch.Tensor:
         shifted, e = {"s": xs, "u": zs}, {"s": es, "u": eu}
@@ -190,10 +202,13 @@ class PointwiseDivergence(Divergence):
     def sums(self, p, logp, q, logq, beta: float) -> Tuple[torch.Tensor, ...]:
         return tuple(term.sum(-1) for term in self.terms(p, logp, q, logq, beta))
 
-    def dense_rows(self, t: Rows, beta: float, scale: float) -> Rows:
+    def dense_sums(self, t: Rows, beta: float) -> Tuple[torch.Tensor, ...]:
         logp, logq = t["xs"] - t["log_sum_s"][:, None], t["zs"] - t["log_sum_u"][:, None]
         p, q = t["es"] / t["sum_s"][:, None], t["eu"] / t["sum_u"][:, None]
-        return self.finish(self.sums(p, logp, q, logq, beta), beta)
+        return self.sums(p, logp, q, logq, beta)
+
+    def dense_rows(self, sums: Tuple[torch.Tensor, ...], t: Rows, beta: float, scale: float) -> Rows:
+        return self.finish(sums, beta)
 
     def sparse_rows(self, rows: Rows, c: Rows, beta: float) -> Rows:
         p, lp = c["es"] / c["sum_s"][:, None], c["xs"] - c["log_sum_s"][:, None]
