@@ -3,6 +3,7 @@
     python benches/config_sweep.py                    # N=1024, V=151936, fp32, every configuration
     python benches/config_sweep.py --N 512 --V 32003  # smaller
     python benches/config_sweep.py --json benches/results/config_sweep.json
+    python benches/config_sweep.py --only vcrd kd --alone    # the preset and kd, not interleaved
 
 One process, in this order: naive PyTorch forward KL (two full log-softmaxes, autograd: the ``naive-fkl``
 of ``benches/bench_logits.py``), the ``vcrd`` preset (``impl="torch"``, the compiled CPU path), then every
@@ -82,19 +83,26 @@ def fwd_bwd(loss: Callable[[torch.Tensor], torch.Tensor], s: torch.Tensor) -> Tu
     return x, call
 
 
-def run(N: int, V: int, repeats: int, log: Callable[[str], None]) -> Dict:
+def run(N: int, V: int, repeats: int, log: Callable[[str], None], only: Optional[List[str]] = None,
+        alone: bool = False) -> Dict:
     """Every row of the sweep, in order (the preset, the configurations, the preset again), each timed
-    interleaved with the naive loss; the naive loss's own gradient is checked once."""
+    interleaved with the naive loss (``alone``: the naive loss timed once first, then each configuration on its
+    own); ``only``: just the named configurations. The naive loss's own gradient is checked once."""
     s, u, y, steps = make_inputs(N, V)
     z_cache: Dict = {}
     naive_x, naive = fwd_bwd(lambda x: naive_fkl(x, u, y, steps), s)
     entries = [("vcrd (first)", VCRD)] + sweep() + [("vcrd (after the sweep)", VCRD)]
+    if only:
+        preset = "vcrd" in only
+        entries = [(name, cfg) for name, cfg in entries if name in only or (preset and name.startswith("vcrd ("))]
+    naive_alone = interleaved([naive], repeats)[0] if alone else None
     rows = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for name, cfg in entries:
             x, call = fwd_bwd(lambda x, cfg=cfg: vcrd_loss(x, u, y, step_ids=steps, config=cfg, impl="torch"), s)
-            naive_s, seconds = interleaved([naive, call], repeats)
+            naive_s, seconds = (naive_alone, *interleaved([call], repeats)) if alone else interleaved([naive, call],
+                                                                                                      repeats)
             check = gradcheck.check_logits(x.grad, x, u, y, steps, cfg, z_cache=z_cache)
             row = dict(name=name, seconds=seconds, naive_seconds=naive_s, speedup_vs_naive=naive_s / seconds,
                        load=os.getloadavg()[0], grad_check=check["grad_check"], grad_rel_err=check["grad_rel_err"])
@@ -104,7 +112,7 @@ def run(N: int, V: int, repeats: int, log: Callable[[str], None]) -> Dict:
     naive_check = gradcheck.check_logits(naive_x.grad, naive_x, u, y, steps, "kd", z_cache=z_cache)
     recompile = [str(w.message) for w in caught if "recompile" in str(w.message).lower()]
     from torch._dynamo.utils import counters
-    return dict(N=N, V=V, repeats=repeats, rows=rows, naive_grad_check=naive_check["grad_check"],
+    return dict(N=N, V=V, repeats=repeats, alone=alone, rows=rows, naive_grad_check=naive_check["grad_check"],
                 naive_grad_rel_err=naive_check["grad_rel_err"], recompile_warnings=recompile,
                 compiled_graphs=int(counters["stats"]["unique_graphs"]), machine=machine())
 
@@ -120,8 +128,10 @@ def markdown(result: Dict) -> str:
     """The sweep as a markdown table (with the machine line and the verdict)."""
     rows = result["rows"]
     worst = min(rows, key=lambda r: r["speedup_vs_naive"])
+    how = ("each configuration timed alone, the naive loss once first" if result.get("alone") else
+           "each configuration interleaved with the naive loss")
     lines = [f"Machine: {result['machine']}; N={result['N']}, V={result['V']}, fp32, median of {result['repeats']} "
-             f"(each configuration interleaved with the naive loss); {result['compiled_graphs']} compiled graphs, "
+             f"({how}); {result['compiled_graphs']} compiled graphs, "
              f"{len(result['recompile_warnings'])} recompile warnings; naive gradient {result['naive_grad_check']} "
              f"({result['naive_grad_rel_err']:.1e}).",
              "", "| configuration (vs the `vcrd` preset) | fwd+bwd (s) | naive (s) | speed-up vs naive | grad check "
@@ -148,9 +158,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--V", type=positive, default=151936, help="vocabulary (default 151936)")
     p.add_argument("--repeats", type=positive, default=3, help="timed calls per configuration (default 3)")
     p.add_argument("--json", type=Path, default=None, help="write the result here")
+    names = ["vcrd"] + [name for name, _ in sweep()]
+    p.add_argument("--only", nargs="+", choices=names, metavar="NAME",
+                   help="only these configurations (\"vcrd\": the preset, first and last); one of: " + "; ".join(names))
+    p.add_argument("--alone", action="store_true",
+                   help="time each configuration on its own, not interleaved with the naive loss")
     args = p.parse_args(argv)
     gradcheck.self_test(verbose=False)
-    result = run(args.N, args.V, args.repeats, lambda line: print(line, flush=True))
+    result = run(args.N, args.V, args.repeats, lambda line: print(line, flush=True), args.only, args.alone)
     print(markdown(result))
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
