@@ -17,7 +17,8 @@ both sides), times after one warm-up call (compilation):
 
 and prints one JSON line with the times, the loss value and the 1-minute load average before and after.
 The medians over every round's repeats are printed per side with their ratio; the loss values of the two
-sides must agree to 1e-5 (relative), else the run fails.
+sides must agree to 1e-5 (relative), and each side's last timed gradients (hidden states and head) must
+pass the float64 check of ``benches/gradcheck.py`` (bf16: the three-way rule), else the run fails.
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ def parse_shape(text: str):
     return dtype, N, H, V
 
 
-def worker(tree: str, shape: str, repeats: int, threads: int) -> None:
-    """Time ``stats`` and ``loss`` with the ``vcrd`` package of ``tree``; print one JSON line."""
+def worker(tree: str, shape: str, repeats: int, threads: int, grads: str) -> None:
+    """Time ``stats`` and ``loss`` with the ``vcrd`` package of ``tree``; print one JSON line, and save the
+    gradients of the last timed ``loss`` call (w.r.t. the hidden states and the head) to ``grads``."""
     sys.path.insert(0, tree)
     import torch
 
@@ -96,9 +98,37 @@ def worker(tree: str, shape: str, repeats: int, threads: int) -> None:
         return times
 
     load = os.getloadavg()[0]
-    row = dict(shape=shape, stats_s=timed(stats), loss_s=timed(loss), loss=loss(), load=[load, os.getloadavg()[0]],
+    row = dict(shape=shape, stats_s=timed(stats), loss_s=timed(loss), load=[load, os.getloadavg()[0]],
                threads=torch.get_num_threads(), torch=torch.__version__)
+    torch.save(dict(grad_h=hs.grad, grad_W=ws.grad), grads)
+    row["loss"] = loss()
     print(json.dumps(row))
+
+
+def grads_file(folder: str, shape: str, side: str) -> str:
+    """Where the worker of ``(shape, side)`` leaves its last timed gradients (each round overwrites them)."""
+    return str(Path(folder) / f"{side}-{shape.replace(':', '-').replace(',', '-')}.pt")
+
+
+def check_gradients(shape: str, folder: str) -> dict:
+    """Both sides' last timed gradients against the float64 reference of the same inputs
+    (``benches/gradcheck.py``; bf16: the three-way rule against PyTorch in bf16), printed and returned by side."""
+    import torch
+
+    sys.path.append(str(ROOT))
+    from benches import gradcheck
+    from benches.compare import make_inputs
+
+    dtype, N, H, V = parse_shape(shape)
+    hs, ws, ht, wt, y, steps = make_inputs(N, H, V, dtype=dtype)
+    ref = gradcheck.fused_reference(hs, ws, ht, wt, y, steps, ["vcrd"])["vcrd"]
+    base = gradcheck.fused_reference(hs, ws, ht, wt, y, steps, ["vcrd"], base=True)["vcrd"] if dtype != "fp32" else None
+    checks = {}
+    for side in ("before", "after"):
+        grads = torch.load(grads_file(folder, shape, side), weights_only=True)
+        checks[side] = gradcheck.check_fused(grads["grad_h"], grads["grad_W"], ref, gradcheck.TOL_BY_DTYPE[dtype], base)
+        print(f"[grad check] {side:6s} {shape:22s} {gradcheck.cell(checks[side])}", flush=True)
+    return checks
 
 
 def export(ref: str, dest: str) -> None:
@@ -111,8 +141,10 @@ def machine_line(threads: int, torch_version: str, base: str) -> str:
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
                            text=True).stdout.strip()
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "?")
+    sys.path.append(str(ROOT))
+    from benches.machine import cpu_name
+
+    cpu = cpu_name()
     return (f"Machine: {cpu}, {threads} threads, torch {torch_version}; before = {base}, after = git "
             f"{sha.strip()}{' (dirty)' if dirty else ''}, {time.strftime('%Y-%m-%d %H:%M')}")
 
@@ -120,7 +152,8 @@ def machine_line(threads: int, torch_version: str, base: str) -> str:
 def orchestrate(args) -> None:
     for shape in args.shape:
         parse_shape(shape)
-    with tempfile.TemporaryDirectory(prefix="vcrd-chunk-passes-") as before:
+    with tempfile.TemporaryDirectory(prefix="vcrd-chunk-passes-") as before, \
+            tempfile.TemporaryDirectory(prefix="vcrd-chunk-passes-grads-") as scratch:
         export(args.base, before)
         sides = {"before": before, "after": str(ROOT)}
         rows = {(shape, side): [] for shape in args.shape for side in sides}
@@ -128,7 +161,8 @@ def orchestrate(args) -> None:
             for shape in args.shape:
                 for side in (("before", "after") if rnd % 2 == 0 else ("after", "before")):
                     cmd = [sys.executable, __file__, "--worker", sides[side], "--shape", shape,
-                           "--repeats", str(args.repeats), "--threads", str(args.threads)]
+                           "--repeats", str(args.repeats), "--threads", str(args.threads),
+                           "--grads", grads_file(scratch, shape, side)]
                     done = subprocess.run(cmd, capture_output=True, text=True)
                     if done.returncode != 0:
                         sys.exit(f"worker {side} {shape} failed:\n{done.stderr[-3000:]}")
@@ -138,6 +172,7 @@ def orchestrate(args) -> None:
                           f"loss {statistics.median(row['loss_s']):.3f} s  "
                           f"load {row['load'][0]:.2f}-{row['load'][1]:.2f}",
                           flush=True)
+        checks = {shape: check_gradients(shape, scratch) for shape in args.shape}
     first = rows[args.shape[0], "after"][0]
     print(machine_line(first["threads"], first["torch"], args.base))
     print("| shape (dtype:N,H,V) | stats before (s) | stats after (s) | after/before | fwd+bwd before (s) | "
@@ -149,6 +184,8 @@ def orchestrate(args) -> None:
         losses = [row["loss"] for side in ("before", "after") for row in rows[shape, side]]
         if max(losses) - min(losses) > 1e-5 * max(abs(v) for v in losses):
             sys.exit(f"{shape}: the loss values differ between before and after: {losses}")
+        if any(check["grad_check"] != "pass" for check in checks[shape].values()):
+            sys.exit(f"{shape}: a timed gradient fails its float64 check: {checks[shape]}")
         loads = [v for side in ("before", "after") for row in rows[shape, side] for v in row["load"]]
         print(f"| {shape} | {med['before', 'stats_s']:.3f} | {med['after', 'stats_s']:.3f} | "
               f"{med['after', 'stats_s'] / med['before', 'stats_s']:.2f} | {med['before', 'loss_s']:.3f} | "
@@ -164,12 +201,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed calls per worker, after one warm-up")
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker (default 0: torch's own)")
     p.add_argument("--worker", metavar="TREE", help=argparse.SUPPRESS)
+    p.add_argument("--grads", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.rounds < 1 or args.repeats < 1 or args.threads < 0:
         p.error(f"--rounds, --repeats >= 1 and --threads >= 0 expected, got {args.rounds}, {args.repeats}, "
                 f"{args.threads}")
     if args.worker:
-        worker(args.worker, args.shape[0], args.repeats, args.threads)
+        worker(args.worker, args.shape[0], args.repeats, args.threads, args.grads)
     else:
         orchestrate(args)
 

@@ -236,8 +236,9 @@ def machine_line(rows) -> str:
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
                            text=True).stdout.strip()
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
+    from benches.machine import cpu_name
+
+    cpu = cpu_name()
     r = rows[0]
     return (f"Machine: {cpu}, {r['threads']} threads, Python {platform.python_version()}, torch {r['torch']}, "
             f"git {sha.strip()}{' (dirty)' if dirty else ''}, {time.strftime('%Y-%m-%d')}")

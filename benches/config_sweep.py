@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # benches.* when run as a script
 
 from benches import gradcheck  # noqa: E402
+from benches.machine import cpu_name  # noqa: E402
 from benches.providers import make_inputs, naive_fkl  # noqa: E402
 from vcrd import VCRDConfig, vcrd_loss  # noqa: E402
 
@@ -118,8 +119,7 @@ def run(N: int, V: int, repeats: int, log: Callable[[str], None], only: Optional
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
+    cpu = cpu_name()
     return (f"{cpu}, {torch.get_num_threads()} threads, Python {platform.python_version()}, torch {torch.__version__}, "
             f"{time.strftime('%Y-%m-%d %H:%M')}")
 

@@ -5,8 +5,9 @@
 
 Same inputs as ``benches/compare.py`` (its ``make_inputs``); one warm-up call (``torch.compile``), then one
 profiled call. Prints the wall time of the profiled call, the operators' self CPU time (top ``--top``) and
-each one's share of the summed self time, so "where does the time go" has a number. The profiler adds a
-little overhead of its own; use ``compare.py`` for times to quote.
+each one's share of the summed self time, so "where does the time go" has a number; then the profiled
+call's gradients against the float64 reference (``benches/gradcheck.py``; bf16: the three-way rule), exit 1
+if they fail. The profiler adds a little overhead of its own; use ``compare.py`` for times to quote.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ sys.path.insert(0, str(ROOT))  # benches.* when run as a script
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+from benches import gradcheck  # noqa: E402
 from benches.compare import DTYPES, SHAPES, make_inputs  # noqa: E402
 from vcrd import VCRDConfig, fused_linear_vcrd_loss  # noqa: E402
 
@@ -61,7 +63,13 @@ def main(argv=None) -> int:
     for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:args.top]:
         print(f"  {e.self_cpu_time_total / 1e6:8.3f} s  {100 * e.self_cpu_time_total / total:5.1f} %  "
               f"{e.count:5d} calls  {e.key}")
-    return 0
+    # the profiled call's gradients against float64 (bf16: the three-way rule against PyTorch in bf16)
+    ref = gradcheck.fused_reference(hs, ws, ht, wt, y, steps, [args.preset])[args.preset]
+    base = None if args.dtype == "fp32" else \
+        gradcheck.fused_reference(hs, ws, ht, wt, y, steps, [args.preset], base=True)[args.preset]
+    check = gradcheck.check_fused(hs.grad, ws.grad, ref, gradcheck.TOL_BY_DTYPE[args.dtype], base)
+    print(f"grad check of the profiled call: {gradcheck.cell(check)}")
+    return 0 if check["grad_check"] == "pass" else 1
 
 
 if __name__ == "__main__":
